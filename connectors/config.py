@@ -1,0 +1,117 @@
+"""Typed configuration of one EHR connection (the ``[[ehr]]`` tables of the config file).
+
+Secrets (private keys, bearer tokens, client secrets) are ``SecretStr``: they never show in ``repr``
+or in logs. A private key is either a path to a PEM file or the PEM text itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+DEFAULT_RESOURCE_TYPES: tuple[str, ...] = (
+    "Patient",
+    "Encounter",
+    "CarePlan",
+    "ServiceRequest",
+    "EpisodeOfCare",
+    "Condition",
+    "Procedure",
+    "Coverage",
+    "Location",
+    "Organization",
+    "Task",
+    "Appointment",
+)
+
+Vendor = Literal["generic", "epic", "oracle", "hapi"]
+AuthKind = Literal["none", "bearer", "smart"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AuthConfig(_Strict):
+    """``[ehr.auth]``: how we authenticate to the EHR."""
+
+    kind: AuthKind = "none"
+    client_id: str | None = None
+    private_key: SecretStr | None = Field(
+        default=None, description="PEM file path, or the PEM text itself (RS384/ES384 key)"
+    )
+    token_url: str | None = Field(
+        default=None, description="OAuth token endpoint; discovered from .well-known/smart-configuration"
+    )
+    scopes: str = "system/*.read"
+    kid: str | None = None
+    alg: Literal["RS384", "ES384"] | None = Field(
+        default=None, description="JWT signing algorithm; taken from the key type when unset"
+    )
+    token: SecretStr | None = Field(default=None, description="static bearer token (kind = bearer)")
+
+    @model_validator(mode="after")
+    def _complete(self) -> AuthConfig:
+        if self.kind == "smart" and (self.client_id is None or self.private_key is None):
+            raise ValueError("auth kind 'smart' needs client_id and private_key")
+        if self.kind == "bearer" and self.token is None:
+            raise ValueError("auth kind 'bearer' needs token")
+        return self
+
+    def private_key_pem(self) -> bytes:
+        """The PEM bytes of the private key, read from the file when ``private_key`` is a path."""
+        if self.private_key is None:
+            raise ValueError("no private_key configured")
+        value = self.private_key.get_secret_value()
+        if "-----BEGIN" in value:
+            return value.encode()
+        return Path(value).expanduser().read_bytes()
+
+
+class PanelConfig(_Strict):
+    """Patient panel for servers that refuse searches without a patient (Epic, Oracle)."""
+
+    group_id: str | None = None
+    patients_file: str | None = Field(default=None, description="text file, one patient id per line")
+    concurrency: int = Field(default=4, ge=1, le=64)
+
+
+class EhrConfig(_Strict):
+    """One ``[[ehr]]`` table: an EHR connection."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    base_url: str
+    vendor: Vendor = "generic"
+    timezone: str = "UTC"
+    auth: AuthConfig = AuthConfig()
+    resource_types: tuple[str, ...] = DEFAULT_RESOURCE_TYPES
+    page_size: int = Field(default=200, ge=1, le=5000, description="the _count of each search page")
+    overlap_seconds: int = Field(
+        default=300, ge=0, description="how far before the cursor each incremental pull starts (clock skew)"
+    )
+    mode: Literal["search", "bulk"] = "search"
+    bulk_group_id: str | None = Field(default=None, description="Group-level $export instead of system level")
+    panel: PanelConfig | None = None
+    epic_client_id: str | None = Field(default=None, description="sent as the Epic-Client-ID header")
+    concurrency: int = Field(default=4, ge=1, le=64, description="parallel requests to this EHR")
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    write_back: bool = Field(default=True, description="allow writes to this EHR (where the vendor can)")
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must be an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA time zone {value!r}") from exc
+        return value

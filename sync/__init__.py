@@ -1,0 +1,15 @@
+"""The running service and its CLI: pull, map, publish to Kafka, write back to the EHR."""
+
+from sync.config import KafkaConfig, ServiceConfig, Settings, StoreConfig, load_settings
+from sync.errors import ConfigError, KafkaError, SyncError
+
+__all__ = [
+    "ConfigError",
+    "KafkaConfig",
+    "KafkaError",
+    "ServiceConfig",
+    "Settings",
+    "StoreConfig",
+    "SyncError",
+    "load_settings",
+]

@@ -1,0 +1,142 @@
+"""The service configuration: one TOML file plus environment overrides, read once at the edge.
+
+Environment overrides (documented in README.md):
+
+- ``IOP_BRIDGE_<SECTION>__<KEY>`` sets a key of a section, e.g. ``IOP_BRIDGE_STORE__URL``,
+  ``IOP_BRIDGE_KAFKA__BOOTSTRAP_SERVERS``.
+- ``IOP_BRIDGE_EHR__<NAME>__<KEY>`` (and ``…__AUTH__<KEY>``, ``…__PANEL__<KEY>``) sets a key of the
+  ``[[ehr]]`` table whose ``name`` is NAME (compared case-insensitively, ``-`` and ``.`` written as ``_``),
+  e.g. ``IOP_BRIDGE_EHR__GENERAL_HOSPITAL__AUTH__PRIVATE_KEY=/run/secrets/key.pem``. An EHR that the file
+  does not name is added when the environment gives at least its ``BASE_URL``.
+
+Values from the environment are strings; pydantic converts them to the declared types.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from connectors.config import EhrConfig
+from sync.errors import ConfigError
+
+ENV_PREFIX = "IOP_BRIDGE_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreConfig(_Section):
+    url: str = Field(
+        default="sqlite:///.run/iop-bridge.db",
+        description="SQLAlchemy URL: sqlite:///path (default) or postgresql+psycopg://…",
+    )
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = ""
+    client_id: str = "iop-bridge"
+    group_id: str = "iop-bridge-writeback"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+
+class ServiceConfig(_Section):
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
+    pull_interval_seconds: int = Field(default=300, ge=1)
+    out_dir: str = ".run/out"
+
+
+class Settings(_Section):
+    store: StoreConfig = StoreConfig()
+    kafka: KafkaConfig = KafkaConfig()
+    service: ServiceConfig = ServiceConfig()
+    rules: str | None = Field(default=None, description="a hospital's own level-of-care rule file (TOML)")
+    ehr: tuple[EhrConfig, ...] = ()
+
+    def ehr_named(self, name: str) -> EhrConfig:
+        for ehr in self.ehr:
+            if ehr.name == name:
+                return ehr
+        known = ", ".join(e.name for e in self.ehr) or "none"
+        raise ConfigError(f"no [[ehr]] named {name!r} in the configuration (configured: {known})")
+
+
+def _env_key(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+
+
+def _set_path(target: dict[str, Any], path: list[str], value: str) -> None:
+    for part in path[:-1]:
+        child = target.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            target[part] = child
+        target = child
+    target[path[-1]] = value
+
+
+def apply_env_overrides(raw: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Return a copy of the raw config dict with ``IOP_BRIDGE_*`` overrides applied."""
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    ehrs: list[dict[str, Any]] = [dict(e) for e in raw.get("ehr", [])]
+    by_key = {_env_key(str(e.get("name", ""))): e for e in ehrs}
+    for key in sorted(environ):
+        if not key.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
+        value = environ[key]
+        if parts[0] == "ehr":
+            if len(parts) < 3:
+                raise ConfigError(f"{key}: expected IOP_BRIDGE_EHR__<NAME>__<KEY>")
+            name_key = parts[1].upper()
+            ehr = by_key.get(name_key)
+            if ehr is None:
+                ehr = {"name": parts[1].replace("_", "-")}
+                by_key[name_key] = ehr
+                ehrs.append(ehr)
+            _set_path(ehr, parts[2:], value)
+        elif len(parts) == 1:
+            merged[parts[0]] = value
+        else:
+            section = merged.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"{key}: {parts[0]!r} is not a section")
+            _set_path(section, parts[1:], value)
+    if ehrs:
+        merged["ehr"] = ehrs
+    return merged
+
+
+def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the config file (if any), apply the environment, validate. Errors name the key at fault."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {file}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from exc
+    merged = apply_env_overrides(raw, os.environ if environ is None else environ)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from exc

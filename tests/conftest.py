@@ -1,0 +1,17 @@
+"""Test-suite wide set-up.
+
+Fixtures for the real services live in plugin modules of their own (one owner each):
+``tests/integration/kafka_fixtures.py`` (the Kafka broker) and ``tests/integration/fhir_fixtures.py``
+(the HAPI FHIR sandbox). Each is loaded once it exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_HERE = Path(__file__).parent
+pytest_plugins = [
+    f"tests.integration.{name}"
+    for name in ("kafka_fixtures", "fhir_fixtures")
+    if (_HERE / "integration" / f"{name}.py").exists()
+]

@@ -1,0 +1,25 @@
+"""Identifier systems of the resources iop-bridge writes, and the idempotency keys they carry.
+
+They live beside the event contracts because they are part of the contract with the EHR: a resource we
+wrote comes back on the next pull, and the mappers must recognise it by these systems, never mistake it
+for new care. Each is a URN of ours, so no EHR identifier can collide with it.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: The episode an EpisodeOfCare we wrote stands for: value = episode_id (uuid5). Conditional
+#: create/update of that EpisodeOfCare is keyed on it.
+EPISODE_ID_SYSTEM: Final = "urn:iop-bridge:episode-id"
+#: One IOP session (the program's own session id): value = ``session.id`` of the attendance event.
+#: The attendance Encounter/Appointment for a session is keyed on it, so a later event for the same
+#: session updates the resource instead of creating a second one.
+SESSION_ID_SYSTEM: Final = "urn:iop-bridge:session-id"
+#: Any other resource we create carries the ``event_id`` of the event that caused it (idempotency key).
+EVENT_ID_SYSTEM: Final = "urn:iop-bridge:event-id"
+
+
+def token(system: str, value: str) -> str:
+    """The FHIR search token ``system|value`` (for ``identifier=`` and ``If-None-Exist``)."""
+    return f"{system}|{value}"

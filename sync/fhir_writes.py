@@ -1,0 +1,227 @@
+"""The FHIR R4 resources iop-bridge writes back to the EHR, built from events as plain dicts.
+
+Pure builders (no I/O, no clock: every time is an argument) so that what we write is testable alone and
+validated with ``fhir.resources.R4B`` in the tests. ``sync.writeback`` decides which of them to send, and
+how (conditional create, ``If-Match`` update), per vendor profile.
+
+- attended session  -> ``Encounter`` (finished; class AMB, or VR for telehealth), keyed by the session id
+- absent session    -> ``Appointment`` (noshow), keyed by the session id
+- cancelled session -> the session's resource with status ``cancelled`` (it is voided, never deleted)
+- discharge         -> the episode's ``EpisodeOfCare`` finished (period end, status history), plus a
+                       discharge-summary ``DocumentReference`` keyed by the event id, and the referral
+                       ``Task`` (when there is one) with the BSeR business status
+- every write       -> a ``Provenance`` naming this service as the transmitter
+
+Part 2 episodes give every resource the security labels of the episode.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, SESSION_ID_SYSTEM
+
+ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
+PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+LOINC = "http://loinc.org"
+BSER_BUSINESS_STATUS = "http://hl7.org/fhir/us/bser/CodeSystem/TaskBusinessStatusCS"
+AGENT_NAME = "iop-bridge"
+
+_CLASS_BY_MODALITY = {
+    "telehealth": ("VR", "virtual"),
+    "in-person": ("AMB", "ambulatory"),
+}
+
+# BSeR Task.businessStatus for each discharge reason, and the Task.status that goes with it.
+_TASK_STATUS_BY_REASON: Mapping[str, tuple[str, str, str]] = {
+    "completed": ("completed", "7.0", "Fulfillment completed"),
+    "stepped_down": ("completed", "7.0", "Fulfillment completed"),
+    "stepped_up": ("completed", "7.0", "Fulfillment completed"),
+    "transferred": ("completed", "7.0", "Fulfillment completed"),
+    "left_against_advice": ("cancelled", "6.0", "Fulfillment cancelled"),
+    "other": ("completed", "7.0", "Fulfillment completed"),
+}
+
+
+def _meta(security: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    return {"security": [dict(label) for label in security]} if security else {}
+
+
+def _with_meta(resource: dict[str, Any], security: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    meta = _meta(security)
+    if meta:
+        resource["meta"] = meta
+    return resource
+
+
+def _identifier(system: str, value: str) -> dict[str, str]:
+    return {"system": system, "value": value}
+
+
+def episode_reference(episode_id: str, fhir_id: str | None) -> dict[str, Any]:
+    """A reference to the episode's EpisodeOfCare: literal when we know its server id, else logical."""
+    if fhir_id:
+        return {"reference": f"EpisodeOfCare/{fhir_id}"}
+    return {"identifier": _identifier(EPISODE_ID_SYSTEM, episode_id)}
+
+
+def _period(start: str | None, end: str | None) -> dict[str, str]:
+    period = {}
+    if start:
+        period["start"] = start
+    if end:
+        period["end"] = end
+    return period
+
+
+def attendance_encounter(
+    event: Mapping[str, Any],
+    *,
+    patient_reference: str,
+    episode_fhir_id: str | None = None,
+    security: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """The finished Encounter for an attended session."""
+    session = event["session"]
+    code, display = _CLASS_BY_MODALITY.get(str(session.get("modality", "in-person")), ("AMB", "ambulatory"))
+    encounter: dict[str, Any] = {
+        "resourceType": "Encounter",
+        "identifier": [_identifier(SESSION_ID_SYSTEM, str(session["id"]))],
+        "status": "finished",
+        "class": {"system": ACT_CODE, "code": code, "display": display},
+        "subject": {"reference": patient_reference},
+        "episodeOfCare": [episode_reference(str(event["episode_id"]), episode_fhir_id)],
+    }
+    services = [dict(c) for c in session.get("services") or []]
+    if services:
+        encounter["type"] = [{"coding": services}]
+    period = _period(session.get("start"), session.get("end"))
+    if period:
+        encounter["period"] = period
+    return _with_meta(encounter, security)
+
+
+def noshow_appointment(
+    event: Mapping[str, Any],
+    *,
+    patient_reference: str,
+    security: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """The Appointment marked ``noshow`` for a session the patient missed."""
+    session = event["session"]
+    appointment: dict[str, Any] = {
+        "resourceType": "Appointment",
+        "identifier": [_identifier(SESSION_ID_SYSTEM, str(session["id"]))],
+        "status": "noshow",
+        "participant": [{"actor": {"reference": patient_reference}, "status": "accepted"}],
+    }
+    services = [dict(c) for c in session.get("services") or []]
+    if services:
+        appointment["serviceType"] = [{"coding": services}]
+    if session.get("start"):
+        appointment["start"] = session["start"]
+    if session.get("end"):
+        appointment["end"] = session["end"]
+    return _with_meta(appointment, security)
+
+
+def voided(resource: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a session resource (Encounter or Appointment) with status ``cancelled``."""
+    result = copy.deepcopy(dict(resource))
+    result["status"] = "cancelled"
+    return result
+
+
+def finished_episode_of_care(existing: Mapping[str, Any], *, end_date: str) -> dict[str, Any]:
+    """The EpisodeOfCare closed on ``end_date``: finished, period end, the old status kept in history."""
+    result = copy.deepcopy(dict(existing))
+    previous = str(result.get("status", "active"))
+    period = dict(result.get("period") or {})
+    if previous != "finished":
+        history = list(result.get("statusHistory") or [])
+        history.append({"status": previous, "period": _period(period.get("start"), end_date)})
+        result["statusHistory"] = history
+    result["status"] = "finished"
+    period["end"] = end_date
+    result["period"] = period
+    return result
+
+
+def discharge_document(
+    event: Mapping[str, Any],
+    *,
+    patient_reference: str,
+    episode_start: str | None,
+    episode_fhir_id: str | None = None,
+    security: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """The discharge summary as a DocumentReference (LOINC 18842-5), keyed by the event id."""
+    discharge = event["discharge"]
+    summary = str(discharge.get("summary") or "")
+    lines = [f"Discharge reason: {discharge.get('reason', 'other')}"]
+    if discharge.get("to_level"):
+        lines.append(f"Next level of care: {discharge['to_level']}")
+    disposition = discharge.get("disposition")
+    if disposition:
+        lines.append(f"Disposition: {disposition.get('system', '')}|{disposition.get('code', '')}")
+    if summary:
+        lines.append("")
+        lines.append(summary)
+    text = "\n".join(lines)
+    document: dict[str, Any] = {
+        "resourceType": "DocumentReference",
+        "identifier": [_identifier(EVENT_ID_SYSTEM, str(event["event_id"]))],
+        "status": "current",
+        "docStatus": "final",
+        "type": {"coding": [{"system": LOINC, "code": "18842-5", "display": "Discharge summary"}]},
+        "subject": {"reference": patient_reference},
+        "date": event["occurred_at"],
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "text/plain; charset=utf-8",
+                    "data": base64.b64encode(text.encode("utf-8")).decode("ascii"),
+                    "title": "IOP discharge summary",
+                }
+            }
+        ],
+        "context": {"period": _period(episode_start, str(discharge["date"]))},
+    }
+    if episode_fhir_id:
+        document["context"]["related"] = [{"reference": f"EpisodeOfCare/{episode_fhir_id}"}]
+    return _with_meta(document, security)
+
+
+def task_after_discharge(task: Mapping[str, Any], *, reason: str) -> dict[str, Any]:
+    """The referral Task with the status and BSeR business status that the discharge reason implies."""
+    status, code, display = _TASK_STATUS_BY_REASON.get(reason, _TASK_STATUS_BY_REASON["other"])
+    result = copy.deepcopy(dict(task))
+    result["status"] = status
+    result["businessStatus"] = {
+        "coding": [{"system": BSER_BUSINESS_STATUS, "code": code, "display": display}]
+    }
+    return result
+
+
+def provenance(
+    target_reference: str, *, recorded: str, created: bool, security: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
+    """A Provenance for one write: this service as transmitter, CREATE or UPDATE."""
+    operation = "CREATE" if created else "UPDATE"
+    resource: dict[str, Any] = {
+        "resourceType": "Provenance",
+        "target": [{"reference": target_reference}],
+        "recorded": recorded,
+        "activity": {"coding": [{"system": DATA_OPERATION, "code": operation}]},
+        "agent": [
+            {
+                "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "transmitter"}]},
+                "who": {"display": AGENT_NAME},
+            }
+        ],
+    }
+    return _with_meta(resource, security)

@@ -1,0 +1,321 @@
+"""The service's own tables in the state store: what was published, the outbox, the write-back ledger.
+
+They live in the same database as the connectors' cursors and replica (one SQLAlchemy engine: SQLite by
+default, PostgreSQL for several instances).
+
+- ``sync_published``: the last published version of each episode and referral, by content hash, so a
+  cycle publishes only what changed; it also answers "which episode is this event for?" during write-back
+  and keeps the EpisodeOfCare's server id once we wrote it.
+- ``sync_outbox``: messages staged in the SAME transaction that records them as published. A crash
+  between mapping and producing loses nothing: the outbox is drained (in order) on the next start.
+- ``sync_ledger``: every consumed event by ``event_id`` with its outcome: redelivery is a no-op.
+- ``sync_sessions``: the resource written for each IOP session (by the program's session id), so a later
+  event for the same session updates it instead of creating another (servers' conditional create is
+  racy: the ledger is the second lock).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    delete,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+metadata = MetaData()
+
+published = Table(
+    "sync_published",
+    metadata,
+    Column("ehr", String(200), primary_key=True),
+    Column("kind", String(20), primary_key=True),
+    Column("record_id", String(64), primary_key=True),
+    Column("patient_id", String(200), nullable=False, index=True),
+    Column("content_hash", String(64), nullable=False),
+    Column("record", Text, nullable=False),
+    Column("fhir_id", String(200), nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+outbox = Table(
+    "sync_outbox",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("topic", String(255), nullable=False),
+    Column("message_key", String(500), nullable=False),
+    Column("value", Text, nullable=False),
+    Column("schema_name", String(50), nullable=False),
+    Column("schema_version", Integer, nullable=False),
+    Column("event_id", String(200), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+ledger = Table(
+    "sync_ledger",
+    metadata,
+    Column("event_id", String(200), primary_key=True),
+    Column("topic", String(255), nullable=False),
+    Column("outcome", String(50), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("processed_at", DateTime(timezone=True), nullable=False),
+)
+
+sessions = Table(
+    "sync_sessions",
+    metadata,
+    Column("ehr", String(200), primary_key=True),
+    Column("session_id", String(200), primary_key=True),
+    Column("resource_type", String(50), nullable=False),
+    Column("resource_id", String(200), nullable=False),
+    Column("occurred_at", String(40), nullable=False),
+    Column("status", String(20), nullable=False),
+)
+
+
+def content_hash(record: Mapping[str, Any]) -> str:
+    """A stable hash of a record's content (key order does not matter)."""
+    return hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A record to publish if it changed since the last time."""
+
+    kind: str  # "episode" | "referral"
+    record_id: str
+    patient_id: str
+    record: Mapping[str, Any]
+    topic: str
+    message_key: str
+    schema_name: str
+    schema_version: int
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    seq: int
+    topic: str
+    message_key: str
+    value: dict[str, Any]
+    schema_name: str
+    schema_version: int
+    event_id: str
+
+
+@dataclass(frozen=True)
+class SessionResource:
+    resource_type: str
+    resource_id: str
+    occurred_at: str
+    status: str
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _upsert(conn: Connection, table: Table, values: Mapping[str, Any], keys: Sequence[str]) -> None:
+    """Insert or update one row by its primary key, on SQLite and PostgreSQL alike."""
+    dialect = conn.dialect.name
+    changes = {k: v for k, v in values.items() if k not in keys}
+    if dialect == "sqlite":
+        stmt_sqlite = sqlite.insert(table).values(**values)
+        conn.execute(stmt_sqlite.on_conflict_do_update(index_elements=list(keys), set_=changes))
+    elif dialect == "postgresql":
+        stmt_pg = postgresql.insert(table).values(**values)
+        conn.execute(stmt_pg.on_conflict_do_update(index_elements=list(keys), set_=changes))
+    else:  # pragma: no cover - only the two supported stores
+        raise RuntimeError(f"unsupported database dialect {dialect!r}")
+
+
+class SyncState:
+    """The service's tables on the shared state-store engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        metadata.create_all(engine)
+
+    # -- publishing -------------------------------------------------------------------------------
+
+    def stage_changes(self, ehr: str, items: Iterable[Staged]) -> int:
+        """Record new versions and put the changed ones in the outbox, in one transaction.
+
+        Returns how many messages were staged (unchanged records are skipped).
+        """
+        staged = 0
+        now = _now()
+        with self.engine.begin() as conn:
+            for item in items:
+                digest = content_hash(item.record)
+                row = conn.execute(
+                    select(published.c.content_hash).where(
+                        published.c.ehr == ehr,
+                        published.c.kind == item.kind,
+                        published.c.record_id == item.record_id,
+                    )
+                ).first()
+                if row is not None and row.content_hash == digest:
+                    continue
+                value = orjson.dumps(item.record).decode()
+                _upsert(
+                    conn,
+                    published,
+                    {
+                        "ehr": ehr,
+                        "kind": item.kind,
+                        "record_id": item.record_id,
+                        "patient_id": item.patient_id,
+                        "content_hash": digest,
+                        "record": value,
+                        "updated_at": now,
+                    },
+                    ["ehr", "kind", "record_id"],
+                )
+                conn.execute(
+                    insert(outbox).values(
+                        topic=item.topic,
+                        message_key=item.message_key,
+                        value=value,
+                        schema_name=item.schema_name,
+                        schema_version=item.schema_version,
+                        # The event id of a publication: the record and the version of its content.
+                        event_id=f"{item.kind}:{item.record_id}:{digest[:16]}",
+                        created_at=now,
+                    )
+                )
+                staged += 1
+        return staged
+
+    def outbox_batch(self, limit: int = 500) -> list[OutboxMessage]:
+        """The oldest staged messages, in the order they were staged."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(outbox).order_by(outbox.c.seq).limit(limit)).all()
+        return [
+            OutboxMessage(
+                seq=r.seq,
+                topic=r.topic,
+                message_key=r.message_key,
+                value=orjson.loads(r.value),
+                schema_name=r.schema_name,
+                schema_version=r.schema_version,
+                event_id=r.event_id,
+            )
+            for r in rows
+        ]
+
+    def outbox_done(self, seqs: Iterable[int]) -> None:
+        """Forget messages the broker acknowledged."""
+        done = list(seqs)
+        if not done:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(delete(outbox).where(outbox.c.seq.in_(done)))
+
+    def outbox_size(self) -> int:
+        with self.engine.connect() as conn:
+            return len(conn.execute(select(outbox.c.seq)).all())
+
+    def published_record(self, ehr: str, kind: str, record_id: str) -> dict[str, Any] | None:
+        """The last published record (an episode or referral), or None when we never published it."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(published.c.record).where(
+                    published.c.ehr == ehr, published.c.kind == kind, published.c.record_id == record_id
+                )
+            ).first()
+        return None if row is None else dict(orjson.loads(row.record))
+
+    def published_ids(self, ehr: str, kind: str, patient_id: str) -> dict[str, dict[str, Any]]:
+        """Every record of a kind published for a patient, by id (the previous state of that patient)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(published.c.record_id, published.c.record).where(
+                    published.c.ehr == ehr, published.c.kind == kind, published.c.patient_id == patient_id
+                )
+            ).all()
+        return {r.record_id: dict(orjson.loads(r.record)) for r in rows}
+
+    def episode_fhir_id(self, ehr: str, episode_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(published.c.fhir_id).where(
+                    published.c.ehr == ehr, published.c.kind == "episode", published.c.record_id == episode_id
+                )
+            ).first()
+        return None if row is None else row.fhir_id
+
+    def set_episode_fhir_id(self, ehr: str, episode_id: str, fhir_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(published)
+                .where(
+                    published.c.ehr == ehr, published.c.kind == "episode", published.c.record_id == episode_id
+                )
+                .values(fhir_id=fhir_id)
+            )
+
+    # -- write-back -------------------------------------------------------------------------------
+
+    def event_outcome(self, event_id: str) -> str | None:
+        """The outcome recorded for an event, or None when it was never processed."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(ledger.c.outcome).where(ledger.c.event_id == event_id)).first()
+        return None if row is None else str(row.outcome)
+
+    def record_event(self, event_id: str, *, topic: str, outcome: str, detail: Mapping[str, Any]) -> None:
+        with self.engine.begin() as conn:
+            _upsert(
+                conn,
+                ledger,
+                {
+                    "event_id": event_id,
+                    "topic": topic,
+                    "outcome": outcome,
+                    "detail": orjson.dumps(detail).decode(),
+                    "processed_at": _now(),
+                },
+                ["event_id"],
+            )
+
+    def session_resource(self, ehr: str, session_id: str) -> SessionResource | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(sessions).where(sessions.c.ehr == ehr, sessions.c.session_id == session_id)
+            ).first()
+        if row is None:
+            return None
+        return SessionResource(row.resource_type, row.resource_id, row.occurred_at, row.status)
+
+    def put_session_resource(self, ehr: str, session_id: str, resource: SessionResource) -> None:
+        with self.engine.begin() as conn:
+            _upsert(
+                conn,
+                sessions,
+                {
+                    "ehr": ehr,
+                    "session_id": session_id,
+                    "resource_type": resource.resource_type,
+                    "resource_id": resource.resource_id,
+                    "occurred_at": resource.occurred_at,
+                    "status": resource.status,
+                },
+                ["ehr", "session_id"],
+            )

@@ -1,0 +1,98 @@
+"""The service's tables: publish only what changed, an outbox that survives a crash, an event ledger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine
+
+from sync.state import SessionResource, Staged, SyncState, content_hash
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> SyncState:
+    return SyncState(create_engine(f"sqlite:///{tmp_path / 'state.db'}"))
+
+
+def _episode(episode_id: str, status: str = "active", **extra: Any) -> Staged:
+    record = {"episode_id": episode_id, "status": status, "patient": {"reference": "Patient/p1"}, **extra}
+    return Staged(
+        kind="episode",
+        record_id=episode_id,
+        patient_id="p1",
+        record=record,
+        topic="iop.episodes.v1",
+        message_key="general|Patient/p1",
+        schema_name="episode",
+        schema_version=1,
+    )
+
+
+def test_content_hash_ignores_key_order() -> None:
+    assert content_hash({"a": 1, "b": [1, 2]}) == content_hash({"b": [1, 2], "a": 1})
+    assert content_hash({"a": 1}) != content_hash({"a": 2})
+
+
+def test_only_changed_records_are_staged(state: SyncState) -> None:
+    assert state.stage_changes("general", [_episode("e1"), _episode("e2")]) == 2
+    assert state.stage_changes("general", [_episode("e1"), _episode("e2")]) == 0
+    assert state.stage_changes("general", [_episode("e1", status="finished"), _episode("e2")]) == 1
+    messages = state.outbox_batch()
+    assert [(m.value["episode_id"], m.value["status"]) for m in messages] == [
+        ("e1", "active"),
+        ("e2", "active"),
+        ("e1", "finished"),
+    ]
+    assert len({m.event_id for m in messages}) == 3
+
+
+def test_outbox_survives_a_restart_until_acknowledged(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    first = SyncState(create_engine(url))
+    first.stage_changes("general", [_episode("e1"), _episode("e2")])
+    first.engine.dispose()  # the process dies before producing
+
+    second = SyncState(create_engine(url))
+    pending = second.outbox_batch()
+    assert [m.value["episode_id"] for m in pending] == ["e1", "e2"]
+    second.outbox_done([pending[0].seq])
+    assert [m.value["episode_id"] for m in second.outbox_batch()] == ["e2"]
+    assert second.outbox_size() == 1
+
+
+def test_published_records_and_fhir_ids(state: SyncState) -> None:
+    state.stage_changes("general", [_episode("e1")])
+    assert state.published_record("general", "episode", "e1") == {
+        "episode_id": "e1",
+        "status": "active",
+        "patient": {"reference": "Patient/p1"},
+    }
+    assert state.published_record("other-ehr", "episode", "e1") is None
+    assert set(state.published_ids("general", "episode", "p1")) == {"e1"}
+    assert state.episode_fhir_id("general", "e1") is None
+    state.set_episode_fhir_id("general", "e1", "eoc-7")
+    # a new version of the episode keeps the server id we learnt
+    state.stage_changes("general", [_episode("e1", status="finished")])
+    assert state.episode_fhir_id("general", "e1") == "eoc-7"
+
+
+def test_ledger_and_sessions(state: SyncState) -> None:
+    assert state.event_outcome("evt-1") is None
+    state.record_event("evt-1", topic="iop.attendance.v1", outcome="written", detail={"ref": "Encounter/1"})
+    assert state.event_outcome("evt-1") == "written"
+    state.record_event("evt-1", topic="iop.attendance.v1", outcome="duplicate", detail={})
+    assert state.event_outcome("evt-1") == "duplicate"
+
+    assert state.session_resource("general", "S-1") is None
+    state.put_session_resource(
+        "general", "S-1", SessionResource("Encounter", "e1", "2026-01-01T10:00:00Z", "attended")
+    )
+    state.put_session_resource(
+        "general", "S-1", SessionResource("Encounter", "e1", "2026-01-02T10:00:00Z", "cancelled")
+    )
+    assert state.session_resource("general", "S-1") == SessionResource(
+        "Encounter", "e1", "2026-01-02T10:00:00Z", "cancelled"
+    )
+    assert state.session_resource("other", "S-1") is None

@@ -82,10 +82,15 @@ def attendance_encounter(
     event: Mapping[str, Any],
     *,
     patient_reference: str,
+    episode_id: str,
     episode_fhir_id: str | None = None,
     security: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The finished Encounter for an attended session."""
+    """The finished Encounter for an attended session of the episode ``episode_id``.
+
+    The episode is an argument, not the event's: an event for a superseded episode is written to the
+    episode that replaced it.
+    """
     session = event["session"]
     code, display = _CLASS_BY_MODALITY.get(str(session.get("modality", "in-person")), ("AMB", "ambulatory"))
     encounter: dict[str, Any] = {
@@ -94,7 +99,7 @@ def attendance_encounter(
         "status": "finished",
         "class": {"system": ACT_CODE, "code": code, "display": display},
         "subject": {"reference": patient_reference},
-        "episodeOfCare": [episode_reference(str(event["episode_id"]), episode_fhir_id)],
+        "episodeOfCare": [episode_reference(episode_id, episode_fhir_id)],
     }
     services = [dict(c) for c in session.get("services") or []]
     if services:

@@ -45,7 +45,10 @@ def _valid(resource: dict[str, Any]) -> None:
 @pytest.mark.parametrize(("modality", "klass"), [("in-person", "AMB"), ("telehealth", "VR")])
 def test_attended_session_is_a_finished_encounter_keyed_by_session(modality: str, klass: str) -> None:
     encounter = fhir_writes.attendance_encounter(
-        _attendance(modality=modality), patient_reference="Patient/p1", episode_fhir_id="eoc-9"
+        _attendance(modality=modality),
+        patient_reference="Patient/p1",
+        episode_id="7d2b8f7e-0000-5000-8000-000000000001",
+        episode_fhir_id="eoc-9",
     )
     _valid(encounter)
     assert encounter["status"] == "finished"
@@ -58,7 +61,9 @@ def test_attended_session_is_a_finished_encounter_keyed_by_session(modality: str
 
 
 def test_episode_without_server_id_is_referenced_by_identifier() -> None:
-    encounter = fhir_writes.attendance_encounter(_attendance(), patient_reference="Patient/p1")
+    encounter = fhir_writes.attendance_encounter(
+        _attendance(), patient_reference="Patient/p1", episode_id="7d2b8f7e-0000-5000-8000-000000000001"
+    )
     _valid(encounter)
     assert encounter["episodeOfCare"] == [
         {"identifier": {"system": EPISODE_ID_SYSTEM, "value": "7d2b8f7e-0000-5000-8000-000000000001"}}
@@ -76,7 +81,9 @@ def test_absent_session_is_a_noshow_appointment_with_part2_labels() -> None:
 
 
 def test_voiding_keeps_everything_but_the_status() -> None:
-    encounter = fhir_writes.attendance_encounter(_attendance(), patient_reference="Patient/p1")
+    encounter = fhir_writes.attendance_encounter(
+        _attendance(), patient_reference="Patient/p1", episode_id="7d2b8f7e-0000-5000-8000-000000000001"
+    )
     encounter["id"] = "e1"
     cancelled = fhir_writes.voided(encounter)
     _valid(cancelled)

@@ -1,0 +1,96 @@
+"""Prometheus metrics and the ``/healthz`` + ``/metrics`` endpoint of the running service.
+
+Metric labels are EHR names, resource types, topics and outcome codes: never patient data.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
+
+StartResponse = Callable[..., Any]
+Environ = dict[str, Any]
+
+
+class Metrics:
+    """The service's metrics, in a registry of their own (tests get a fresh one each)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.pulls = Counter(
+            "iop_bridge_pulls", "Pull cycles by EHR and result", ["ehr", "result"], registry=self.registry
+        )
+        self.resources_pulled = Counter(
+            "iop_bridge_resources_pulled",
+            "Resources pulled by EHR and type",
+            ["ehr", "resource_type"],
+            registry=self.registry,
+        )
+        self.published = Counter(
+            "iop_bridge_published", "Messages published by topic", ["topic"], registry=self.registry
+        )
+        self.writebacks = Counter(
+            "iop_bridge_writebacks",
+            "Write-back events by outcome",
+            ["ehr", "outcome"],
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "iop_bridge_dead_letters",
+            "Events sent to the dead-letter topic",
+            ["topic"],
+            registry=self.registry,
+        )
+        self.consumer_lag = Gauge(
+            "iop_bridge_consumer_lag",
+            "Records behind the end of each consumed partition",
+            ["topic", "partition"],
+            registry=self.registry,
+        )
+        self.outbox = Gauge(
+            "iop_bridge_outbox_size", "Messages waiting in the outbox", registry=self.registry
+        )
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Request lines are not logged (they carry nothing useful, and logs stay structured)."""
+
+
+class HealthServer:
+    """``/healthz`` (200 while ``healthy()`` is true, else 503) and ``/metrics``, on a daemon thread."""
+
+    def __init__(self, metrics: Metrics, *, port: int, healthy: Callable[[], bool], host: str = "127.0.0.1"):
+        self._metrics_app = make_wsgi_app(metrics.registry)
+        self._healthy = healthy
+        self._server: WSGIServer = make_server(host, port, self._app, handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_port)
+
+    def _app(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/healthz":
+            ok = self._healthy()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ok\n" if ok else b"unhealthy\n"]
+        if path == "/metrics":
+            body: Iterable[bytes] = self._metrics_app(environ, start_response)
+            return body
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]
+
+    def start(self) -> HealthServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

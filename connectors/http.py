@@ -37,6 +37,7 @@ __all__ = [
     "MAX_ATTEMPTS",
     "RETRY_AFTER_CAP",
     "SLEEP_BUDGET",
+    "TEMPORARY_STATUSES",
     "EhrClient",
     "RequestStats",
     "outcome_diagnostics",
@@ -184,17 +185,18 @@ class EhrClient:
         json: object = None,
         content: bytes | None = None,
         authorize: bool | None = None,
+        temporary: Callable[[httpx.Response], bool] | None = None,
     ) -> httpx.Response:
         """Send one request with retries; returns a 2xx response, raises ``EhrError`` otherwise.
 
         ``authorize`` None sends credentials only to the EHR's own origin (never to a foreign next link
-        or file server); True/False force it.
+        or file server); True/False force it. ``temporary`` overrides which error responses are retried.
         """
         target = self.url(url)
         try:
             for attempt in self.retrying():
                 with attempt:
-                    return self._send(method, target, params, headers, json, content, authorize)
+                    return self._send(method, target, params, headers, json, content, authorize, temporary)
         except _Retryable as exc:
             raise TemporaryEhrError(
                 f"{exc} (gave up after {MAX_ATTEMPTS} attempts or {SLEEP_BUDGET:.0f}s of waiting)",
@@ -282,6 +284,7 @@ class EhrClient:
         json: object,
         content: bytes | None,
         authorize: bool | None,
+        temporary: Callable[[httpx.Response], bool] | None,
     ) -> httpx.Response:
         for reauthorised in (False, True):
             self.count("requests")
@@ -304,7 +307,7 @@ class EhrClient:
                 continue
             if response.is_success:
                 return response
-            self._raise_for_status(method, target, response)
+            self._raise_for_status(method, target, response, temporary)
         raise AssertionError("unreachable")
 
     def _headers(
@@ -321,10 +324,16 @@ class EhrClient:
         sends_credentials = authorize or (authorize is None and _origin(target) == self._origin)
         return bool(sends_credentials) and self.ehr.auth.kind == "smart"
 
-    def _raise_for_status(self, method: str, target: str, response: httpx.Response) -> None:
+    def _raise_for_status(
+        self,
+        method: str,
+        target: str,
+        response: httpx.Response,
+        temporary: Callable[[httpx.Response], bool] | None = None,
+    ) -> None:
         status = response.status_code
         message = f"{self.ehr.name}: {method} {_path(target)} -> HTTP {status}: {_response_reason(response)}"
-        if status in TEMPORARY_STATUSES:
+        if temporary(response) if temporary is not None else status in TEMPORARY_STATUSES:
             retry_after = parse_retry_after(response.headers.get("Retry-After"), self.clock())
             raise _Retryable(
                 message, retry_after=retry_after, ehr=self.ehr.name, status=status, response=response

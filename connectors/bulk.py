@@ -1,0 +1,304 @@
+"""Bulk Data ``$export`` (system or Group level): kick-off, status polling, NDJSON downloads.
+
+Flow: kick-off with ``Prefer: respond-async`` -> ``202`` and ``Content-Location``; poll that status URL
+(``202`` while running, honouring ``Retry-After`` and passing ``X-Progress`` on; ``200`` with the
+manifest when done; ``4xx``/``5xx`` when the job failed); stream each output file to disk line by line,
+each download retried on its own; fetch the manifest's ``error`` files (OperationOutcome NDJSON) and
+log what they say; ``DELETE`` the job at the end so the server can free it (Oracle allows one export at
+a time per client). The next ``_since`` is the returned ``transaction_time``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import httpx
+import orjson
+import structlog
+
+from connectors.errors import BulkExportError, EhrError
+from connectors.http import (
+    RETRY_AFTER_CAP,
+    TEMPORARY_STATUSES,
+    EhrClient,
+    outcome_diagnostics,
+    parse_retry_after,
+)
+
+__all__ = ["BulkResult", "bulk_export"]
+
+log = structlog.get_logger()
+
+POLL_START = 2.0  # first wait between status polls when the server gives no Retry-After
+POLL_MAX = RETRY_AFTER_CAP  # longest wait between polls, whatever the server asks
+POLL_TIMEOUT = 12 * 3600.0  # Epic exports run on the operational database and can take hours
+_NDJSON = "application/fhir+ndjson"
+
+
+@dataclass
+class BulkResult:
+    """A finished export: where each type's NDJSON landed, and the server's error files."""
+
+    transaction_time: str
+    files: dict[str, list[Path]] = field(default_factory=dict)
+    error_files: list[Path] = field(default_factory=list)
+    request_url: str = ""
+    lines: dict[str, int] = field(default_factory=dict)
+    errors: int = 0  # OperationOutcome lines in the error files
+
+
+def bulk_export(
+    client: EhrClient,
+    *,
+    resource_types: Sequence[str],
+    since: str | None,
+    out_dir: Path,
+    group_id: str | None = None,
+    on_progress: Callable[[str], None] | None = None,
+    poll_timeout: float = POLL_TIMEOUT,
+) -> BulkResult:
+    """Run one export to completion and download its files into ``out_dir``."""
+    kickoff = f"Group/{group_id}/$export" if group_id else "$export"
+    params = [("_type", ",".join(resource_types))]
+    if since:
+        params.append(("_since", since))
+    response = client.request(
+        "GET",
+        kickoff,
+        params=params,
+        headers={"Prefer": "respond-async", "Accept": "application/fhir+json"},
+    )
+    status_url = response.headers.get("Content-Location")
+    if response.status_code != 202 or not status_url:
+        raise BulkExportError(
+            f"{client.ehr.name}: $export kick-off answered HTTP {response.status_code} "
+            "without a Content-Location status URL",
+            ehr=client.ehr.name,
+            status=response.status_code,
+            response=response,
+        )
+    log.info("bulk_export_started", ehr=client.ehr.name, types=len(resource_types), group=group_id)
+    manifest = _poll(client, status_url, on_progress, poll_timeout)
+    try:
+        return _download_all(client, manifest, out_dir, str(response.request.url))
+    finally:
+        _delete_job(client, status_url)
+
+
+def _poll(
+    client: EhrClient, status_url: str, on_progress: Callable[[str], None] | None, timeout: float
+) -> dict[str, Any]:
+    deadline = client.clock() + timeout
+    interval = POLL_START
+    while True:
+        retries_before = client.stats.retries
+        try:
+            response = client.request(
+                "GET",
+                status_url,
+                headers={"Accept": "application/json"},
+                temporary=_poll_failure_is_temporary,
+            )
+        except EhrError as exc:
+            raise BulkExportError(
+                f"{client.ehr.name}: $export job failed: {exc}",
+                ehr=client.ehr.name,
+                status=exc.status,
+                response=exc.response,
+            ) from exc
+        if response.status_code == 200:
+            return _manifest(client, response.content)
+        if response.status_code != 202:
+            raise BulkExportError(
+                f"{client.ehr.name}: $export status answered HTTP {response.status_code}",
+                ehr=client.ehr.name,
+                status=response.status_code,
+                response=response,
+            )
+        progress = response.headers.get("X-Progress")
+        if progress and on_progress is not None:
+            on_progress(progress)
+        if client.stats.retries > retries_before:
+            interval = min(interval * 2, POLL_MAX)  # the server pushed back (429/503): poll less often
+        asked = parse_retry_after(response.headers.get("Retry-After"), client.clock())
+        wait = min(asked, POLL_MAX) if asked is not None else interval
+        if client.clock() + wait > deadline:
+            _delete_job(client, status_url)
+            raise BulkExportError(
+                f"{client.ehr.name}: $export still running after {timeout:.0f}s; job cancelled",
+                ehr=client.ehr.name,
+            )
+        log.debug("bulk_export_waiting", ehr=client.ehr.name, progress=progress, wait=wait)
+        client.sleep(wait)
+        if asked is None:
+            interval = min(interval * 1.5, POLL_MAX)
+
+
+def _poll_failure_is_temporary(response: httpx.Response) -> bool:
+    """Whether an error answer to a status poll is worth polling again.
+
+    The spec: an error status means the job failed, unless its OperationOutcome says ``transient``.
+    429 is always back-off; a 502/503/504 without an OperationOutcome comes from a proxy, not the job.
+    """
+    status = response.status_code
+    if status == 429:
+        return True
+    if status not in TEMPORARY_STATUSES:
+        return False
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        body = None
+    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
+        issues = body.get("issue") or []
+        return any(isinstance(i, dict) and i.get("code") == "transient" for i in issues)
+    return status != 500
+
+
+def _manifest(client: EhrClient, content: bytes) -> dict[str, Any]:
+    try:
+        manifest = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        manifest = None
+    if (
+        not isinstance(manifest, dict)
+        or not isinstance(manifest.get("transactionTime"), str)
+        or not isinstance(manifest.get("output"), list)
+    ):
+        raise BulkExportError(
+            f"{client.ehr.name}: $export manifest is not a JSON object with transactionTime and output",
+            ehr=client.ehr.name,
+        )
+    return manifest
+
+
+def _download_all(client: EhrClient, manifest: dict[str, Any], out_dir: Path, kickoff_url: str) -> BulkResult:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    needs_token = bool(manifest.get("requiresAccessToken", False))
+    result = BulkResult(
+        transaction_time=manifest["transactionTime"], request_url=str(manifest.get("request") or kickoff_url)
+    )
+    jobs: list[tuple[str, str, Path, int | None]] = []
+    per_type: dict[str, int] = {}
+    for item in manifest["output"]:
+        kind, url = _item(client, item)
+        index = per_type.get(kind, 0)
+        per_type[kind] = index + 1
+        path = out_dir / f"{kind}.{index:03d}.ndjson"
+        result.files.setdefault(kind, []).append(path)
+        count = item.get("count")
+        jobs.append((kind, url, path, count if isinstance(count, int) else None))
+    for index, item in enumerate(manifest.get("error") or []):
+        _, url = _item(client, item)
+        path = out_dir / f"_errors.{index:03d}.ndjson"
+        result.error_files.append(path)
+        jobs.append(("OperationOutcome", url, path, None))
+
+    def fetch(job: tuple[str, str, Path, int | None]) -> int:
+        kind, url, path, expected = job
+        written = _download(client, url, path, needs_token)
+        if expected is not None and expected != written:
+            log.warning(
+                "bulk_count_mismatch", ehr=client.ehr.name, resource=kind, expected=expected, got=written
+            )
+        return written
+
+    with ThreadPoolExecutor(max_workers=client.ehr.concurrency) as pool:
+        counts = list(pool.map(fetch, jobs))
+    for (kind, _, path, _), written in zip(jobs, counts, strict=True):
+        if path in result.error_files:
+            result.errors += written
+        else:
+            result.lines[kind] = result.lines.get(kind, 0) + written
+    for path in result.error_files:
+        _log_error_file(client, path)
+    log.info(
+        "bulk_export_downloaded",
+        ehr=client.ehr.name,
+        files=sum(len(p) for p in result.files.values()),
+        lines=sum(result.lines.values()),
+        error_lines=result.errors,
+    )
+    return result
+
+
+def _item(client: EhrClient, item: object) -> tuple[str, str]:
+    if not isinstance(item, dict) or not isinstance(item.get("url"), str):
+        raise BulkExportError(f"{client.ehr.name}: $export manifest entry without a url", ehr=client.ehr.name)
+    kind = item.get("type")
+    if not isinstance(kind, str) or not kind.isalnum():
+        raise BulkExportError(
+            f"{client.ehr.name}: $export manifest entry with an unusable type", ehr=client.ehr.name
+        )
+    return kind, item["url"]
+
+
+def _download(client: EhrClient, url: str, path: Path, needs_token: bool) -> int:
+    """Stream one NDJSON file to ``path`` (via a ``.part`` file); the whole download is retried."""
+    partial = path.with_name(path.name + ".part")
+    try:
+        for attempt in client.retrying():
+            with attempt:
+                with (
+                    client.stream("GET", url, headers={"Accept": _NDJSON}, authorize=needs_token) as response,
+                    partial.open("wb") as sink,
+                ):
+                    written = _copy_lines(response.iter_bytes(), sink)
+                partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _copy_lines(chunks: Iterator[bytes], sink: BinaryIO) -> int:
+    """Write the non-blank lines of a byte stream, one at a time; returns how many.
+
+    Splits on ``\\n`` only: JSON strings may hold U+2028 and other characters ``str.splitlines`` breaks on.
+    """
+    written = 0
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.strip():
+                sink.write(line.rstrip(b"\r") + b"\n")
+                written += 1
+    if pending.strip():
+        sink.write(pending.rstrip(b"\r") + b"\n")
+        written += 1
+    return written
+
+
+def _log_error_file(client: EhrClient, path: Path, limit: int = 20) -> None:
+    """Log the first ``limit`` OperationOutcomes of an error file (codes and diagnostics only)."""
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines):
+            if number >= limit:
+                log.warning("bulk_export_more_errors", ehr=client.ehr.name, file=path.name)
+                return
+            try:
+                outcome = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                outcome = None
+            log.warning(
+                "bulk_export_error",
+                ehr=client.ehr.name,
+                file=path.name,
+                outcome=outcome_diagnostics(outcome)[:300],
+            )
+
+
+def _delete_job(client: EhrClient, status_url: str) -> None:
+    """Ask the server to drop the job and its files; a failure here is logged, never raised."""
+    try:
+        client.request("DELETE", status_url)
+    except EhrError as exc:
+        log.warning("bulk_export_delete_failed", ehr=client.ehr.name, status=exc.status)
+    else:
+        log.info("bulk_export_deleted", ehr=client.ehr.name)

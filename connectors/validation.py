@@ -1,0 +1,224 @@
+"""Validation on the way in: parse every pulled resource with ``fhir.resources.R4B``.
+
+Real EHR payloads break the spec in a few recurring ways a strict parser rejects. Each such problem falls
+in a *deviation class*; when the vendor profile tolerates the class, the resource is kept with a warning
+naming it (and normalised where that is safe). Anything else makes the resource unusable and yields an
+error naming the field path and the problem, never the value (values may be PHI).
+
+    id-format         an ``id`` with characters outside [A-Za-z0-9-.] or longer than 64 (kept as is)
+    code-whitespace   a ``code`` with leading/trailing/double spaces (normalised: spaces collapsed)
+    uuid-version      a ``uuid`` that is not version 4 (kept as is)
+    base64-padding    ``base64Binary`` without its ``=`` padding (normalised: padding added)
+    number-as-string  a JSON number where a string belongs, e.g. ``versionId: 94`` (normalised: "94")
+
+The happy path is one ``model_validate``: the pull runs this in a process pool beside the download.
+The kept resource is the input JSON (plus normalisations), not a re-serialised model.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+__all__ = ["Checked", "check_resource"]
+
+_ID_MAX = 64
+_ID_PATTERN = r"[A-Za-z0-9\-.]"
+_NOT_ID_CHAR = re.compile(r"[^A-Za-z0-9\-.]")
+_CODE_PATTERN = r"^[^\s]+(\s[^\s]+)*$"
+_V4_UUID = "00000000-0000-4000-8000-000000000000"
+_MAX_ROUNDS = 4  # normalising can reveal errors pydantic did not reach; a few rounds settle it
+_MAX_REASONS = 3
+
+_Loc = tuple[str | int, ...]
+_NOT_TOLERATED = "({}, not tolerated for this EHR)"
+_DEVIATIONS = {
+    "id-format": "id with characters outside [A-Za-z0-9-.]",
+    "code-whitespace": "code with extra whitespace",
+    "uuid-version": "uuid that is not version 4",
+    "base64-padding": "base64 without padding",
+    "number-as-string": "number where a string belongs",
+}
+
+
+@dataclass
+class Checked:
+    """The outcome for one resource: kept (``resource`` set, maybe with warnings) or ``error``."""
+
+    resource: dict[str, Any] | None
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class _Fix:
+    deviation: str
+    loc: _Loc
+    value: object
+    normalised: bool  # True: the kept resource gets the value; False: only the copy we validate
+
+
+def check_resource(raw: object, *, tolerate: frozenset[str]) -> Checked:
+    """Validate one resource, keeping tolerated deviations (see the module docstring)."""
+    if not isinstance(raw, dict):
+        return Checked(None, error=f"not a FHIR resource: a JSON {_json_kind(raw)}, not an object")
+    resource_type = raw.get("resourceType")
+    if not isinstance(resource_type, str) or not resource_type:
+        return Checked(None, error="not a FHIR resource: resourceType is missing")
+    try:
+        model = get_fhir_model_class(resource_type)
+    except (ValueError, KeyError, AttributeError, ImportError):
+        return Checked(None, error=f"unknown resourceType {resource_type[:64]!r}")
+    label = _label(raw)
+    warnings: list[str] = []
+    kept: dict[str, Any] = raw
+    placeholders: list[_Fix] = []
+    long_id = _long_id(raw)
+    if long_id is not None:
+        if "id-format" not in tolerate:
+            return Checked(
+                None,
+                error=f"{label}: id: longer than {_ID_MAX} characters {_NOT_TOLERATED.format('id-format')}",
+            )
+        warnings.append(f"id-format at id (longer than {_ID_MAX} characters)")
+        placeholders.append(long_id)
+    candidate = _with(kept, placeholders) if placeholders else kept
+    for _ in range(_MAX_ROUNDS):
+        try:
+            model.model_validate(candidate)
+        except ValidationError as exc:
+            problems = exc.errors(include_url=False, include_context=True)
+        except Exception as exc:  # the model's own validators can fail on odd shapes
+            return Checked(None, error=f"{label}: cannot be parsed ({type(exc).__name__})")
+        else:
+            return Checked(kept, warnings=warnings)
+        fixes: list[_Fix] = []
+        reasons: list[str] = []
+        for problem in problems:
+            loc = tuple(problem["loc"])
+            fix = _classify(problem, loc)
+            if fix is None or fix.deviation not in tolerate or not _reachable(candidate, loc):
+                if fix is None:
+                    reasons.append(f"{_path(loc)}: {_message(problem)}")
+                else:
+                    what = _DEVIATIONS[fix.deviation]
+                    reasons.append(f"{_path(loc)}: {what} {_NOT_TOLERATED.format(fix.deviation)}")
+            else:
+                fixes.append(fix)
+        if reasons:
+            more = f" (+{len(reasons) - _MAX_REASONS} more)" if len(reasons) > _MAX_REASONS else ""
+            return Checked(None, error=f"{label}: " + "; ".join(reasons[:_MAX_REASONS]) + more)
+        normalising = [f for f in fixes if f.normalised]
+        if normalising:
+            kept = _with(kept, normalising)
+        placeholders.extend(f for f in fixes if not f.normalised)
+        candidate = _with(kept, placeholders) if placeholders else kept
+        warnings.extend(_warning(f) for f in fixes)
+    return Checked(None, error=f"{label}: still invalid after normalising {len(warnings)} deviations")
+
+
+def _classify(problem: Any, loc: _Loc) -> _Fix | None:
+    """The deviation class of one pydantic error, with its fix; None when it is not a known deviation."""
+    kind = problem["type"]
+    value = problem.get("input")
+    pattern = str((problem.get("ctx") or {}).get("pattern", ""))
+    if kind == "string_pattern_mismatch" and isinstance(value, str):
+        if _ID_PATTERN in pattern:
+            return _Fix("id-format", loc, _NOT_ID_CHAR.sub("-", value)[:_ID_MAX] or "x", normalised=False)
+        if pattern == _CODE_PATTERN and value.split():
+            return _Fix("code-whitespace", loc, " ".join(value.split()), normalised=True)
+    if kind == "uuid_version" and isinstance(value, str):
+        prefix = "urn:uuid:" if value.startswith("urn:uuid:") else ""
+        return _Fix("uuid-version", loc, prefix + _V4_UUID, normalised=False)
+    if kind == "base64_decode" and isinstance(value, str):
+        padded = value.strip() + "=" * (-len(value.strip()) % 4)
+        try:
+            base64.b64decode(padded, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        return _Fix("base64-padding", loc, padded, normalised=True)
+    if kind == "string_type" and isinstance(value, int | float) and not isinstance(value, bool):
+        return _Fix("number-as-string", loc, _number_text(value), normalised=True)
+    return None
+
+
+def _message(problem: Any) -> str:
+    message = str(problem["msg"])
+    return message.removeprefix("Value error, ").rstrip(".")
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _long_id(raw: dict[str, Any]) -> _Fix | None:
+    value = raw.get("id")
+    if isinstance(value, str) and len(value) > _ID_MAX:
+        return _Fix("id-format", ("id",), _NOT_ID_CHAR.sub("-", value)[:_ID_MAX], normalised=False)
+    return None
+
+
+def _reachable(document: object, loc: _Loc) -> bool:
+    node = document
+    for step in loc:
+        if isinstance(node, dict) and isinstance(step, str):
+            found = step in node
+        else:
+            found = isinstance(node, list) and isinstance(step, int) and -len(node) <= step < len(node)
+        if not found:
+            return False
+        node = node[step]  # type: ignore[index]
+    return True
+
+
+def _with(document: dict[str, Any], fixes: Sequence[_Fix]) -> dict[str, Any]:
+    """A deep copy of ``document`` with each fix's value set at its location."""
+    result = copy.deepcopy(document)
+    for fix in fixes:
+        node: Any = result
+        for step in fix.loc[:-1]:
+            node = node[step]
+        node[fix.loc[-1]] = fix.value
+    return result
+
+
+def _warning(fix: _Fix) -> str:
+    action = "normalised" if fix.normalised else "kept as sent"
+    return f"{fix.deviation} at {_path(fix.loc)} ({action})"
+
+
+def _path(loc: _Loc) -> str:
+    text = ""
+    for step in loc:
+        text += f"[{step}]" if isinstance(step, int) else (f".{step}" if text else step)
+    return text or "(resource)"
+
+
+def _label(raw: dict[str, Any]) -> str:
+    resource_id = raw.get("id")
+    shown = resource_id[:_ID_MAX] if isinstance(resource_id, str) and resource_id else "?"
+    return f"{raw['resourceType']}/{shown}"
+
+
+def _json_kind(raw: object) -> str:
+    kinds = {
+        list: "array",
+        str: "string",
+        int: "number",
+        float: "number",
+        bool: "boolean",
+        type(None): "null",
+    }
+    return kinds.get(type(raw), type(raw).__name__)

@@ -1,0 +1,238 @@
+"""SMART Backend Services auth: the signed assertion, discovery, token cache and renewal, 401, secrets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pytest_httpx import HTTPXMock
+from structlog.testing import capture_logs
+
+from connectors.auth import ASSERTION_TYPE, BearerAuth, SmartBackendAuth, authenticator_for
+from connectors.config import EhrConfig
+from connectors.errors import AuthError
+from connectors.http import EhrClient
+from tests.unit.connectors.conftest import BASE, FakeClock, Sleeps, pem_of
+
+TOKEN_URL = "https://auth.example.org/oauth2/token"
+
+
+def _smart(make_ehr: Callable[..., EhrConfig], key: Any, **auth: Any) -> EhrConfig:
+    values = {"kind": "smart", "client_id": "iop-bridge-client", "private_key": pem_of(key), **auth}
+    return make_ehr(auth=values)
+
+
+def _token(httpx_mock: HTTPXMock, access_token: str = "tok-1", expires_in: int = 300) -> None:
+    httpx_mock.add_response(
+        method="POST",
+        url=TOKEN_URL,
+        json={"access_token": access_token, "token_type": "bearer", "expires_in": expires_in},
+    )
+
+
+def _form(request: httpx.Request) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(request.content.decode()).items()}
+
+
+@pytest.mark.parametrize(("key_name", "alg"), [("rsa_key", "RS384"), ("ec_key", "ES384")])
+def test_assertion_is_signed_and_verifiable_with_the_public_key(
+    request: pytest.FixtureRequest,
+    key_name: str,
+    alg: str,
+    httpx_mock: HTTPXMock,
+    make_ehr: Callable[..., EhrConfig],
+    clock: FakeClock,
+) -> None:
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey = request.getfixturevalue(key_name)
+    ehr = _smart(make_ehr, key, token_url=TOKEN_URL, kid="key-2026")
+    _token(httpx_mock, "tok-1")
+    _token(httpx_mock, "tok-2")
+    with httpx.Client() as http:
+        auth = authenticator_for(ehr, http, clock=clock)
+        assert auth.auth_headers() == {"Authorization": "Bearer tok-1"}
+        auth.invalidate()
+        assert auth.auth_headers() == {"Authorization": "Bearer tok-2"}
+    first, second = (_form(r) for r in httpx_mock.get_requests())
+    assert first["grant_type"] == "client_credentials"
+    assert first["client_assertion_type"] == ASSERTION_TYPE
+    assert first["scope"] == "system/*.read"
+    header = jwt.get_unverified_header(first["client_assertion"])
+    assert header == {"alg": alg, "kid": "key-2026", "typ": "JWT"}
+    claims = jwt.decode(
+        first["client_assertion"],
+        key.public_key(),
+        algorithms=[alg],
+        audience=TOKEN_URL,
+        options={"verify_exp": False},  # checked against the fake clock below
+    )
+    assert claims["iss"] == claims["sub"] == "iop-bridge-client"
+    assert claims["aud"] == TOKEN_URL
+    assert clock.now < claims["exp"] <= clock.now + 300
+    other = jwt.decode(
+        second["client_assertion"],
+        key.public_key(),
+        algorithms=[alg],
+        audience=TOKEN_URL,
+        options={"verify_exp": False},
+    )
+    assert other["jti"] != claims["jti"]
+
+
+def test_token_endpoint_is_discovered_from_smart_configuration(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], rsa_key: rsa.RSAPrivateKey, clock: FakeClock
+) -> None:
+    httpx_mock.add_response(
+        url=f"{BASE}/.well-known/smart-configuration",
+        json={"token_endpoint": TOKEN_URL, "token_endpoint_auth_methods_supported": ["private_key_jwt"]},
+    )
+    _token(httpx_mock)
+    with httpx.Client() as http:
+        auth = authenticator_for(_smart(make_ehr, rsa_key), http, clock=clock)
+        auth.auth_headers()
+    assertion = _form(httpx_mock.get_requests()[1])["client_assertion"]
+    assert (
+        jwt.decode(assertion, rsa_key.public_key(), algorithms=["RS384"], audience=TOKEN_URL)["aud"]
+        == TOKEN_URL
+    )
+
+
+def test_discovery_without_token_endpoint_is_an_auth_error(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], rsa_key: rsa.RSAPrivateKey, clock: FakeClock
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/.well-known/smart-configuration", status_code=404)
+    with (
+        httpx.Client() as http,
+        pytest.raises(AuthError, match=r"no token_endpoint.*configure auth.token_url"),
+    ):
+        authenticator_for(_smart(make_ehr, rsa_key), http, clock=clock).auth_headers()
+
+
+def test_oauth_refusal_raises_auth_error_with_description(
+    httpx_mock: HTTPXMock,
+    make_ehr: Callable[..., EhrConfig],
+    ec_key: ec.EllipticCurvePrivateKey,
+    clock: FakeClock,
+) -> None:
+    httpx_mock.add_response(
+        method="POST",
+        url=TOKEN_URL,
+        status_code=400,
+        json={"error": "invalid_client", "error_description": "Client not mapped to a user"},
+    )
+    ehr = _smart(make_ehr, ec_key, token_url=TOKEN_URL)
+    with httpx.Client() as http, pytest.raises(AuthError) as caught:
+        authenticator_for(ehr, http, clock=clock).auth_headers()
+    assert "invalid_client: Client not mapped to a user" in str(caught.value)
+    assert "test-ehr" in str(caught.value)
+    assert caught.value.exit_code == 3
+
+
+def test_token_is_cached_and_renewed_before_it_expires(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], rsa_key: rsa.RSAPrivateKey, clock: FakeClock
+) -> None:
+    _token(httpx_mock, "tok-1", expires_in=300)
+    _token(httpx_mock, "tok-2", expires_in=300)
+    with httpx.Client() as http:
+        auth = authenticator_for(_smart(make_ehr, rsa_key, token_url=TOKEN_URL), http, clock=clock)
+        assert auth.auth_headers()["Authorization"] == "Bearer tok-1"
+        clock.now += 200
+        assert auth.auth_headers()["Authorization"] == "Bearer tok-1"
+        assert len(httpx_mock.get_requests()) == 1
+        clock.now += 50  # 250 s: inside the renewal margin, still 50 s before expiry
+        assert auth.auth_headers()["Authorization"] == "Bearer tok-2"
+    assert len(httpx_mock.get_requests()) == 2
+
+
+def test_a_401_reauthorises_once_without_spending_a_retry(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], rsa_key: rsa.RSAPrivateKey, sleeps: Sleeps
+) -> None:
+    _token(httpx_mock, "revoked")
+    httpx_mock.add_response(
+        url=f"{BASE}/Patient/1", status_code=401, match_headers={"Authorization": "Bearer revoked"}
+    )
+    _token(httpx_mock, "fresh")
+    httpx_mock.add_response(
+        url=f"{BASE}/Patient/1",
+        json={"resourceType": "Patient"},
+        match_headers={"Authorization": "Bearer fresh"},
+    )
+    ehr = _smart(make_ehr, rsa_key, token_url=TOKEN_URL)
+    with EhrClient(ehr, sleep=sleeps, clock=sleeps.clock) as client:
+        assert client.get_json("Patient/1")["resourceType"] == "Patient"
+        assert client.stats.retries == 0
+    assert sleeps.slept == []
+
+
+def test_a_second_401_is_an_auth_error(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], rsa_key: rsa.RSAPrivateKey, sleeps: Sleeps
+) -> None:
+    _token(httpx_mock, "a")
+    _token(httpx_mock, "b")
+    httpx_mock.add_response(url=f"{BASE}/Patient/1", status_code=401, is_reusable=True)
+    ehr = _smart(make_ehr, rsa_key, token_url=TOKEN_URL)
+    with EhrClient(ehr, sleep=sleeps, clock=sleeps.clock) as client, pytest.raises(AuthError):
+        client.get_json("Patient/1")
+    assert len(httpx_mock.get_requests(url=f"{BASE}/Patient/1")) == 2
+
+
+def test_a_temporary_token_endpoint_failure_is_retried(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], rsa_key: rsa.RSAPrivateKey, sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(method="POST", url=TOKEN_URL, status_code=503)
+    _token(httpx_mock, "tok")
+    httpx_mock.add_response(url=f"{BASE}/Patient/1", json={"resourceType": "Patient"})
+    with EhrClient(
+        _smart(make_ehr, rsa_key, token_url=TOKEN_URL), sleep=sleeps, clock=sleeps.clock
+    ) as client:
+        client.get_json("Patient/1")
+        assert client.stats.retries == 1
+
+
+def test_key_and_alg_must_agree(make_ehr: Callable[..., EhrConfig], rsa_key: rsa.RSAPrivateKey) -> None:
+    with httpx.Client() as http, pytest.raises(AuthError, match="ES384 but the private key is for RS384"):
+        authenticator_for(_smart(make_ehr, rsa_key, alg="ES384"), http)
+
+
+def test_unreadable_key_file_is_an_auth_error(make_ehr: Callable[..., EhrConfig], tmp_path: Path) -> None:
+    ehr = make_ehr(auth={"kind": "smart", "client_id": "c", "private_key": str(tmp_path / "missing.pem")})
+    with httpx.Client() as http, pytest.raises(AuthError, match="cannot read private key"):
+        authenticator_for(ehr, http)
+
+
+def test_key_from_a_pem_file_and_default_kid_is_stable(
+    make_ehr: Callable[..., EhrConfig], ec_key: ec.EllipticCurvePrivateKey, tmp_path: Path
+) -> None:
+    path = tmp_path / "key.pem"
+    path.write_text(pem_of(ec_key))
+    ehr = make_ehr(auth={"kind": "smart", "client_id": "c", "private_key": str(path), "token_url": TOKEN_URL})
+    with httpx.Client() as http:
+        first, second = authenticator_for(ehr, http), authenticator_for(ehr, http)
+    assert isinstance(first, SmartBackendAuth)
+    assert isinstance(second, SmartBackendAuth)
+    assert first.alg == "ES384"
+    assert first.kid == second.kid
+    assert len(first.kid) == 43  # base64url of a SHA-256 thumbprint
+
+
+def test_secrets_never_show_in_repr_or_logs(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], rsa_key: rsa.RSAPrivateKey, clock: FakeClock
+) -> None:
+    _token(httpx_mock, "very-secret-token")
+    ehr = _smart(make_ehr, rsa_key, token_url=TOKEN_URL)
+    pem = pem_of(rsa_key)
+    with httpx.Client() as http, capture_logs() as logs:
+        auth = authenticator_for(ehr, http, clock=clock)
+        auth.auth_headers()
+    shown = repr(auth) + repr(ehr) + repr(ehr.auth) + str(logs)
+    assert "very-secret-token" not in shown
+    assert pem.splitlines()[1] not in shown
+    assert any(entry["event"] == "ehr_token_issued" for entry in logs)
+    bearer = BearerAuth("static-secret")
+    assert "static-secret" not in repr(bearer)
+    assert "static-secret" not in repr(make_ehr(auth={"kind": "bearer", "token": "static-secret"}))

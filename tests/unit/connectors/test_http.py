@@ -1,0 +1,210 @@
+"""EhrClient: retry classification, Retry-After, budget, error messages, credentials per origin."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+import time_machine
+from pytest_httpx import HTTPXMock
+
+from connectors.config import EhrConfig
+from connectors.errors import EhrError, TemporaryEhrError
+from connectors.http import MAX_ATTEMPTS, RETRY_AFTER_CAP, SLEEP_BUDGET, EhrClient, parse_retry_after
+from tests.unit.connectors.conftest import BASE, FakeClock, Sleeps
+
+OUTCOME = {
+    "resourceType": "OperationOutcome",
+    "issue": [{"severity": "error", "code": "invalid", "diagnostics": "Unknown search parameter 'foo'"}],
+}
+
+
+def _client(ehr: EhrConfig, sleeps: Sleeps) -> EhrClient:
+    return EhrClient(ehr, sleep=sleeps, clock=sleeps.clock)
+
+
+def test_relative_urls_keep_the_tenant_path(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/Patient/7", json={"resourceType": "Patient", "id": "7"})
+    with _client(make_ehr(vendor="oracle"), sleeps) as client:
+        assert client.get_json("Patient/7")["id"] == "7"
+    assert httpx_mock.get_requests()[0].headers["Accept"] == "application/fhir+json"
+
+
+def test_503_then_success_is_retried_once_with_jittered_backoff(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/metadata", status_code=503)
+    httpx_mock.add_response(url=f"{BASE}/metadata", json={"resourceType": "CapabilityStatement"})
+    with _client(make_ehr(), sleeps) as client:
+        body = client.get_json("metadata")
+        assert body["resourceType"] == "CapabilityStatement"
+        assert (client.stats.requests, client.stats.retries) == (2, 1)
+    assert len(sleeps.slept) == 1
+    assert 1.0 <= sleeps.slept[0] <= 2.0  # initial 1 s plus up to 1 s of jitter
+
+
+def test_429_retry_after_seconds_is_honoured(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/Patient", status_code=429, headers={"Retry-After": "7"})
+    httpx_mock.add_response(url=f"{BASE}/Patient", json={"resourceType": "Bundle"})
+    with _client(make_ehr(), sleeps) as client:
+        client.get_json("Patient")
+    assert sleeps.slept == [7.0]
+
+
+def test_429_retry_after_http_date_is_honoured_in_a_non_utc_zone(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig]
+) -> None:
+    # Frozen just before a DST change in New York: a local-time reading of the date would be off by hours.
+    frozen = datetime(2026, 3, 8, 1, 59, 50, tzinfo=ZoneInfo("America/New_York"))
+    slept: list[float] = []
+    with time_machine.travel(frozen, tick=False):
+        later = email.utils.formatdate(time.time() + 42, usegmt=True)
+        httpx_mock.add_response(url=f"{BASE}/Patient", status_code=429, headers={"Retry-After": later})
+        httpx_mock.add_response(url=f"{BASE}/Patient", json={"resourceType": "Bundle"})
+        with EhrClient(make_ehr(), sleep=slept.append) as client:
+            client.get_json("Patient")
+    assert slept == [42.0]
+
+
+def test_retry_after_is_capped_by_our_policy(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/Patient", status_code=503, headers={"Retry-After": "14400"})
+    httpx_mock.add_response(url=f"{BASE}/Patient", json={"resourceType": "Bundle"})
+    with _client(make_ehr(), sleeps) as client:
+        client.get_json("Patient")
+    assert sleeps.slept == [RETRY_AFTER_CAP]
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("120", 120.0),
+        ("0", 0.0),
+        ("Wed, 21 Oct 2026 07:28:30 GMT", 30.0),
+        ("Wed, 21 Oct 2026 07:27:00 GMT", 0.0),  # already past
+        ("soon", None),
+        ("-5", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_parse_retry_after(header: str | None, expected: float | None) -> None:
+    now = datetime(2026, 10, 21, 7, 28, 0, tzinfo=ZoneInfo("UTC")).timestamp()
+    assert parse_retry_after(header, now) == expected
+
+
+def test_a_fatal_400_is_not_retried_and_names_ehr_method_path_and_diagnostics(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(status_code=400, json=OUTCOME)
+    with _client(make_ehr(), sleeps) as client, pytest.raises(EhrError) as caught:
+        client.get_json("Encounter", params={"identifier": "MRN-12345"})
+    assert len(httpx_mock.get_requests()) == 1
+    assert sleeps.slept == []
+    assert not isinstance(caught.value, TemporaryEhrError)
+    message = str(caught.value)
+    assert "test-ehr" in message
+    assert "GET /r4/tenant-1/Encounter" in message
+    assert "Unknown search parameter 'foo'" in message
+    assert "MRN-12345" not in message  # query strings may hold identifiers
+    assert caught.value.status == 400
+    assert caught.value.response is not None
+
+
+def test_exhausted_attempts_raise_temporary_error(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/Patient", status_code=502, is_reusable=True)
+    with _client(make_ehr(), sleeps) as client, pytest.raises(TemporaryEhrError) as caught:
+        client.get_json("Patient")
+    assert len(httpx_mock.get_requests()) == MAX_ATTEMPTS
+    assert len(sleeps.slept) == MAX_ATTEMPTS - 1
+    assert client.stats.retries == MAX_ATTEMPTS - 1
+    assert caught.value.status == 502
+
+
+def test_the_sleep_budget_stops_retries_before_the_attempt_limit(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(
+        url=f"{BASE}/Patient", status_code=429, headers={"Retry-After": "60"}, is_reusable=True
+    )
+    with _client(make_ehr(), sleeps) as client, pytest.raises(TemporaryEhrError):
+        client.get_json("Patient")
+    assert sum(sleeps.slept) <= SLEEP_BUDGET
+    assert sleeps.slept == [60.0, 60.0, 60.0]
+    assert len(httpx_mock.get_requests()) == 4
+
+
+def test_connect_errors_are_temporary(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_exception(httpx.ConnectError("refused"), url=f"{BASE}/Patient")
+    httpx_mock.add_exception(httpx.ReadTimeout("slow"), url=f"{BASE}/Patient")
+    httpx_mock.add_response(url=f"{BASE}/Patient", json={"resourceType": "Bundle"})
+    with _client(make_ehr(), sleeps) as client:
+        client.get_json("Patient")
+        assert client.stats.retries == 2
+
+
+def test_connect_errors_exhausted_raise_temporary_error(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_exception(httpx.ConnectError("refused"), url=f"{BASE}/Patient", is_reusable=True)
+    with _client(make_ehr(), sleeps) as client, pytest.raises(TemporaryEhrError, match="ConnectError"):
+        client.get_json("Patient")
+    assert len(httpx_mock.get_requests()) == MAX_ATTEMPTS
+
+
+def test_credentials_go_only_to_the_ehr_origin(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/Patient", json={"resourceType": "Bundle"})
+    httpx_mock.add_response(url="https://files.example.net/out/1", json={"resourceType": "Bundle"})
+    ehr = make_ehr(auth={"kind": "bearer", "token": "s3cret-token"})
+    with _client(ehr, sleeps) as client:
+        client.get_json("Patient")
+        client.get_json("https://files.example.net/out/1")
+    own, foreign = httpx_mock.get_requests()
+    assert own.headers["Authorization"] == "Bearer s3cret-token"
+    assert "Authorization" not in foreign.headers
+
+
+def test_non_json_body_is_an_ehr_error(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/Patient", text="<html>maintenance</html>")
+    with _client(make_ehr(), sleeps) as client, pytest.raises(EhrError, match="not JSON"):
+        client.get_json("Patient")
+
+
+def test_epic_client_id_header_is_sent(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/metadata", json={"resourceType": "CapabilityStatement"})
+    with _client(make_ehr(vendor="epic", epic_client_id="abc-123"), sleeps) as client:
+        client.get_json("metadata")
+    assert httpx_mock.get_requests()[0].headers["Epic-Client-ID"] == "abc-123"
+
+
+def test_one_client_serves_many_threads(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], clock: FakeClock
+) -> None:
+    for n in range(20):
+        httpx_mock.add_response(url=f"{BASE}/Patient/{n}", json={"resourceType": "Patient", "id": str(n)})
+    with EhrClient(make_ehr(concurrency=4), sleep=lambda s: None, clock=clock) as client:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            ids = list(pool.map(lambda n: client.get_json(f"Patient/{n}")["id"], range(20)))
+        assert ids == [str(n) for n in range(20)]
+        assert client.stats.requests == 20

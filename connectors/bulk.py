@@ -200,7 +200,15 @@ def _download_all(client: EhrClient, manifest: dict[str, Any], out_dir: Path, ki
 
     def fetch(job: tuple[str, str, Path, int | None]) -> int:
         kind, url, path, expected = job
-        written = _download(client, url, path, needs_token)
+        try:
+            written = _download(client, url, path, needs_token)
+        except EhrError as exc:
+            raise BulkExportError(
+                f"{client.ehr.name}: $export file {path.name} ({kind}) could not be downloaded: {exc}",
+                ehr=client.ehr.name,
+                status=exc.status,
+                response=exc.response,
+            ) from exc
         if expected is not None and expected != written:
             log.warning(
                 "bulk_count_mismatch", ehr=client.ehr.name, resource=kind, expected=expected, got=written

@@ -1,0 +1,288 @@
+"""Bulk Data $export: kick-off, polling, manifest, streamed and retried downloads, error files, DELETE."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pytest_httpx import HTTPXMock, IteratorStream
+from structlog.testing import capture_logs
+
+from connectors.bulk import POLL_START, _copy_lines, bulk_export
+from connectors.config import EhrConfig
+from connectors.errors import BulkExportError
+from connectors.http import EhrClient
+from tests.unit.connectors.conftest import BASE, Sleeps
+
+STATUS = f"{BASE}/bulkstatus/job-1"
+FILES = "https://files.example.net/exports/job-1"
+KICKOFF = f"{BASE}/$export?_type=Patient%2CEncounter&_since=2026-01-01T00%3A00%3A00Z"
+
+
+def _ndjson(*resources: dict[str, Any]) -> bytes:
+    return b"".join(orjson.dumps(r) + b"\n" for r in resources)
+
+
+PATIENTS = _ndjson({"resourceType": "Patient", "id": "p1"}, {"resourceType": "Patient", "id": "p2"})
+# A line break inside a JSON string (U+2028) must not split a line; CRLF line ends are accepted.
+ENCOUNTERS_A = _ndjson({"resourceType": "Encounter", "id": "e1", "text": {"div": "a\u2028b"}})
+ENCOUNTERS_B = b'{"resourceType":"Encounter","id":"e2"}\r\n\r\n{"resourceType":"Encounter","id":"e3"}'
+ERRORS = _ndjson(
+    {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {"severity": "error", "code": "processing", "diagnostics": "Encounter e9 could not be exported"}
+        ],
+    }
+)
+
+
+def _manifest(**extra: Any) -> dict[str, Any]:
+    return {
+        "transactionTime": "2026-03-08T06:59:50.123Z",
+        "request": KICKOFF,
+        "requiresAccessToken": True,
+        "output": [
+            {"type": "Patient", "url": f"{FILES}/Patient-1.ndjson", "count": 2},
+            {"type": "Encounter", "url": f"{FILES}/Encounter-1.ndjson", "count": 1},
+            {"type": "Encounter", "url": f"{FILES}/Encounter-2.ndjson", "count": 2},
+        ],
+        "error": [{"type": "OperationOutcome", "url": f"{FILES}/errors.ndjson"}],
+        **extra,
+    }
+
+
+def _chunks(data: bytes, size: int) -> IteratorStream:
+    return IteratorStream([data[i : i + size] for i in range(0, len(data), size)])
+
+
+def _kickoff(httpx_mock: HTTPXMock, url: str = KICKOFF) -> None:
+    httpx_mock.add_response(
+        url=url,
+        status_code=202,
+        headers={"Content-Location": STATUS},
+        match_headers={"Prefer": "respond-async", "Accept": "application/fhir+json"},
+    )
+
+
+def _client(make_ehr: Callable[..., EhrConfig], sleeps: Sleeps) -> EhrClient:
+    ehr = make_ehr(auth={"kind": "bearer", "token": "tok"}, concurrency=2)
+    return EhrClient(ehr, sleep=sleeps, clock=sleeps.clock)
+
+
+def test_the_whole_export_flow(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    _kickoff(httpx_mock)
+    httpx_mock.add_response(url=STATUS, status_code=202, headers={"Retry-After": "5", "X-Progress": "10%"})
+    httpx_mock.add_response(url=STATUS, status_code=202, headers={"X-Progress": "50% (Encounter)"})
+    httpx_mock.add_response(url=STATUS, json=_manifest())
+    auth = {"Authorization": "Bearer tok"}
+    httpx_mock.add_response(url=f"{FILES}/Patient-1.ndjson", stream=_chunks(PATIENTS, 7), match_headers=auth)
+    httpx_mock.add_response(
+        url=f"{FILES}/Encounter-1.ndjson", stream=_chunks(ENCOUNTERS_A, 5), match_headers=auth
+    )
+    httpx_mock.add_response(url=f"{FILES}/Encounter-2.ndjson", status_code=503)
+    httpx_mock.add_response(
+        url=f"{FILES}/Encounter-2.ndjson", stream=_chunks(ENCOUNTERS_B, 9), match_headers=auth
+    )
+    httpx_mock.add_response(url=f"{FILES}/errors.ndjson", content=ERRORS, match_headers=auth)
+    httpx_mock.add_response(url=STATUS, method="DELETE", status_code=202)
+    progress: list[str] = []
+
+    with _client(make_ehr, sleeps) as client, capture_logs() as logs:
+        result = bulk_export(
+            client,
+            resource_types=["Patient", "Encounter"],
+            since="2026-01-01T00:00:00Z",
+            out_dir=tmp_path / "out",
+            on_progress=progress.append,
+        )
+
+    assert progress == ["10%", "50% (Encounter)"]
+    assert sleeps.slept[:2] == [5.0, POLL_START]
+    assert len(sleeps.slept) == 3  # the 503 on one file, retried on its own
+    assert 1.0 <= sleeps.slept[2] <= 2.0
+    assert result.transaction_time == "2026-03-08T06:59:50.123Z"
+    assert result.request_url == KICKOFF
+    assert sorted(result.files) == ["Encounter", "Patient"]
+    assert result.files["Patient"][0].read_bytes() == PATIENTS
+    encounter_a, encounter_b = result.files["Encounter"]
+    assert encounter_a.read_bytes() == ENCOUNTERS_A
+    assert [orjson.loads(line)["id"] for line in encounter_b.read_bytes().splitlines()] == ["e2", "e3"]
+    assert result.lines == {"Patient": 2, "Encounter": 3}
+    assert result.error_files == [tmp_path / "out" / "_errors.000.ndjson"]
+    assert result.error_files[0].read_bytes() == ERRORS
+    assert result.errors == 1
+    assert not list((tmp_path / "out").glob("*.part"))
+    assert any(
+        "could not be exported" in str(e.get("outcome")) for e in logs if e["event"] == "bulk_export_error"
+    )
+    assert httpx_mock.get_requests()[-1].method == "DELETE"
+
+
+def test_group_export_without_since_and_files_without_token(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    _kickoff(httpx_mock, url=f"{BASE}/Group/iop-panel/$export?_type=Encounter")
+    httpx_mock.add_response(
+        url=STATUS,
+        json={
+            "transactionTime": "2026-03-08T07:00:00Z",
+            "requiresAccessToken": False,
+            "output": [{"type": "Encounter", "url": f"{FILES}/e.ndjson"}],
+        },
+    )
+    httpx_mock.add_response(url=f"{FILES}/e.ndjson", content=ENCOUNTERS_A)
+    httpx_mock.add_response(url=STATUS, method="DELETE")
+    with _client(make_ehr, sleeps) as client:
+        result = bulk_export(
+            client, resource_types=["Encounter"], since=None, out_dir=tmp_path, group_id="iop-panel"
+        )
+    assert result.lines == {"Encounter": 1}
+    assert result.error_files == []
+    download = httpx_mock.get_requests(url=f"{FILES}/e.ndjson")[0]
+    assert "Authorization" not in download.headers
+
+
+def test_429_while_polling_backs_off(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    _kickoff(httpx_mock)
+    httpx_mock.add_response(url=STATUS, status_code=429, headers={"Retry-After": "30"})
+    httpx_mock.add_response(url=STATUS, status_code=202)
+    httpx_mock.add_response(url=STATUS, json={"transactionTime": "2026-03-08T07:00:00Z", "output": []})
+    httpx_mock.add_response(url=STATUS, method="DELETE")
+    with _client(make_ehr, sleeps) as client:
+        result = bulk_export(
+            client, resource_types=["Patient", "Encounter"], since="2026-01-01T00:00:00Z", out_dir=tmp_path
+        )
+    assert result.files == {}
+    assert sleeps.slept == [30.0, POLL_START * 2]  # the server's wait, then a slower poll
+
+
+def test_a_failed_job_raises_with_diagnostics(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    _kickoff(httpx_mock)
+    httpx_mock.add_response(
+        url=STATUS,
+        status_code=500,
+        json={
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "fatal", "code": "exception", "diagnostics": "Export job aborted"}],
+        },
+    )
+    with (
+        _client(make_ehr, sleeps) as client,
+        pytest.raises(BulkExportError, match=r"job failed.*HTTP 500.*Export job aborted"),
+    ):
+        bulk_export(
+            client, resource_types=["Patient", "Encounter"], since="2026-01-01T00:00:00Z", out_dir=tmp_path
+        )
+    assert sleeps.slept == []  # a 500 that is not "transient" ends the job at once
+
+
+def test_a_transient_status_error_keeps_polling(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    _kickoff(httpx_mock)
+    httpx_mock.add_response(
+        url=STATUS,
+        status_code=500,
+        json={"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "transient"}]},
+    )
+    httpx_mock.add_response(url=STATUS, json={"transactionTime": "2026-03-08T07:00:00Z", "output": []})
+    httpx_mock.add_response(url=STATUS, method="DELETE")
+    with _client(make_ehr, sleeps) as client:
+        bulk_export(
+            client, resource_types=["Patient", "Encounter"], since="2026-01-01T00:00:00Z", out_dir=tmp_path
+        )
+    assert len(sleeps.slept) == 1
+
+
+def test_a_download_that_fails_for_good_still_deletes_the_job(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    _kickoff(httpx_mock)
+    manifest = _manifest(output=[{"type": "Patient", "url": f"{FILES}/gone.ndjson"}], error=[])
+    httpx_mock.add_response(url=STATUS, json=manifest)
+    httpx_mock.add_response(url=f"{FILES}/gone.ndjson", status_code=404)
+    httpx_mock.add_response(url=STATUS, method="DELETE")
+    with (
+        _client(make_ehr, sleeps) as client,
+        pytest.raises(BulkExportError, match=r"Patient.000.ndjson \(Patient\) could not be downloaded.*404"),
+    ):
+        bulk_export(
+            client, resource_types=["Patient", "Encounter"], since="2026-01-01T00:00:00Z", out_dir=tmp_path
+        )
+    assert httpx_mock.get_requests()[-1].method == "DELETE"
+    assert not list(tmp_path.glob("*.ndjson*"))
+
+
+def test_a_download_broken_half_way_is_restarted(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    def broken() -> Iterator[bytes]:
+        yield PATIENTS[:10]
+        raise httpx.ReadError("connection reset")
+
+    _kickoff(httpx_mock)
+    httpx_mock.add_response(
+        url=STATUS, json=_manifest(output=[{"type": "Patient", "url": f"{FILES}/p.ndjson"}], error=[])
+    )
+    httpx_mock.add_response(url=f"{FILES}/p.ndjson", stream=IteratorStream(broken()))
+    httpx_mock.add_response(url=f"{FILES}/p.ndjson", content=PATIENTS)
+    httpx_mock.add_response(url=STATUS, method="DELETE")
+    with _client(make_ehr, sleeps) as client:
+        result = bulk_export(
+            client, resource_types=["Patient", "Encounter"], since="2026-01-01T00:00:00Z", out_dir=tmp_path
+        )
+    assert result.files["Patient"][0].read_bytes() == PATIENTS
+
+
+def test_kickoff_without_status_url_is_an_error(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    httpx_mock.add_response(url=KICKOFF, status_code=202)
+    with _client(make_ehr, sleeps) as client, pytest.raises(BulkExportError, match="Content-Location"):
+        bulk_export(
+            client, resource_types=["Patient", "Encounter"], since="2026-01-01T00:00:00Z", out_dir=tmp_path
+        )
+
+
+def test_an_export_that_never_finishes_is_cancelled(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    _kickoff(httpx_mock)
+    httpx_mock.add_response(url=STATUS, status_code=202, headers={"Retry-After": "60"}, is_reusable=True)
+    httpx_mock.add_response(url=STATUS, method="DELETE")
+    with _client(make_ehr, sleeps) as client, pytest.raises(BulkExportError, match="still running"):
+        bulk_export(
+            client,
+            resource_types=["Patient", "Encounter"],
+            since="2026-01-01T00:00:00Z",
+            out_dir=tmp_path,
+            poll_timeout=300,
+        )
+    assert sleeps.slept == [60.0] * 5
+    assert httpx_mock.get_requests()[-1].method == "DELETE"
+
+
+@given(
+    lines=st.lists(st.text(alphabet=st.characters(codec="utf-8"), min_size=1), max_size=8),
+    size=st.integers(min_value=1, max_value=17),
+)
+def test_copy_lines_is_independent_of_chunk_boundaries(lines: list[str], size: int) -> None:
+    data = b"".join(orjson.dumps({"text": line}) + b"\n" for line in lines)  # raw U+2028 etc. stay inside
+    sink = io.BytesIO()
+    written = _copy_lines(iter([data[i : i + size] for i in range(0, len(data), size)]), sink)
+    assert written == len(lines)
+    assert sink.getvalue() == data

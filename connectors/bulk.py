@@ -20,7 +20,7 @@ import httpx
 import orjson
 import structlog
 
-from connectors.errors import BulkExportError, EhrError
+from connectors.errors import BulkExportError, EhrError, TemporaryEhrError
 from connectors.http import (
     RETRY_AFTER_CAP,
     TEMPORARY_STATUSES,
@@ -66,12 +66,19 @@ def bulk_export(
     params = [("_type", ",".join(resource_types))]
     if since:
         params.append(("_since", since))
-    response = client.request(
-        "GET",
-        kickoff,
-        params=params,
-        headers={"Prefer": "respond-async", "Accept": "application/fhir+json"},
-    )
+    try:
+        response = client.request(
+            "GET",
+            kickoff,
+            params=params,
+            headers={"Prefer": "respond-async", "Accept": "application/fhir+json"},
+        )
+    except TemporaryEhrError:
+        raise
+    except EhrError as exc:  # e.g. Epic's "Group requested too recently", Oracle's one-export-at-a-time
+        raise BulkExportError(
+            f"$export kick-off refused: {exc}", ehr=exc.ehr, status=exc.status, response=exc.response
+        ) from exc
     status_url = response.headers.get("Content-Location")
     if response.status_code != 202 or not status_url:
         raise BulkExportError(

@@ -245,11 +245,11 @@ class EhrClient:
         """
         target = self.url(url)
         for reauthorised in (False, True):
-            request = self._http.build_request(
-                method, target, headers=self._headers(target, headers, authorize)
-            )
             self.count("requests")
             try:
+                request = self._http.build_request(
+                    method, target, headers=self._headers(target, headers, authorize)
+                )
                 response = self._http.send(request, stream=True)
             except httpx.TransportError as exc:
                 if isinstance(exc, _TEMPORARY_TRANSPORT):

@@ -286,3 +286,24 @@ def test_copy_lines_is_independent_of_chunk_boundaries(lines: list[str], size: i
     written = _copy_lines(iter([data[i : i + size] for i in range(0, len(data), size)]), sink)
     assert written == len(lines)
     assert sink.getvalue() == data
+
+
+def test_a_refused_kickoff_is_a_bulk_export_error_with_diagnostics(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    httpx_mock.add_response(
+        url=f"{BASE}/Group/g1/$export?_type=Encounter",
+        status_code=400,
+        json={
+            "resourceType": "OperationOutcome",
+            "issue": [
+                {"severity": "error", "code": "processing", "diagnostics": "Group requested too recently"}
+            ],
+        },
+    )
+    with (
+        _client(make_ehr, sleeps) as client,
+        pytest.raises(BulkExportError, match=r"kick-off refused.*Group requested too recently"),
+    ):
+        bulk_export(client, resource_types=["Encounter"], since=None, out_dir=tmp_path, group_id="g1")
+    assert len(httpx_mock.get_requests()) == 1

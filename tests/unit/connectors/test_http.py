@@ -208,3 +208,21 @@ def test_one_client_serves_many_threads(
             ids = list(pool.map(lambda n: client.get_json(f"Patient/{n}")["id"], range(20)))
         assert ids == [str(n) for n in range(20)]
         assert client.stats.requests == 20
+
+
+def test_stream_makes_one_attempt_and_classifies_failures(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/a.ndjson", status_code=503)
+    httpx_mock.add_response(url=f"{BASE}/b.ndjson", status_code=404)
+    httpx_mock.add_response(url=f"{BASE}/c.ndjson", content=b'{"id":"1"}\n')
+    with _client(make_ehr(), sleeps) as client:
+        with pytest.raises(TemporaryEhrError, match="HTTP 503"), client.stream("GET", "a.ndjson"):
+            pass
+        with pytest.raises(EhrError, match="HTTP 404") as caught, client.stream("GET", "b.ndjson"):
+            pass
+        assert not isinstance(caught.value, TemporaryEhrError)
+        with client.stream("GET", "c.ndjson") as response:
+            assert b"".join(response.iter_bytes()) == b'{"id":"1"}\n'
+    assert sleeps.slept == []
+    assert len(httpx_mock.get_requests()) == 3

@@ -9,6 +9,9 @@ per request. A server still failing after that is down, not hiccuping; every pul
 cursor, so giving up and re-running later loses nothing, whereas long waits inside one request hold a
 worker, outlive the (5-minute) access token and hide an outage from the operator.
 
+POST and PATCH are resent only when the server surely did not act on them (no connection, 429, 503):
+resending a create after a read timeout or a 502 could create it twice.
+
 A 401 invalidates the access token and re-authorises once, without spending a retry.
 """
 
@@ -51,7 +54,13 @@ SLEEP_BUDGET = 180.0  # seconds of waiting per request, all retries together
 RETRY_AFTER_CAP = 60.0  # a server asking for longer (Oracle has asked for hours) gets this much
 TEMPORARY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _TEMPORARY_TRANSPORT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+# Idempotent methods (RFC 9110) are resent after any temporary failure. POST and PATCH are resent only
+# when the server surely did not act: the connection never opened, or it answered 429/503.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_NOT_ACTED_ON = frozenset({429, 503})
 _FHIR_JSON = "application/fhir+json"
+_NOT_RESENT_NOTE = " (not resent: the server may have acted on it)"
 Params = Mapping[str, str] | Sequence[tuple[str, str]] | None
 
 
@@ -62,6 +71,10 @@ class RequestStats:
     requests: int = 0
     retries: int = 0
     pages: int = 0
+
+
+class _NotResent(TemporaryEhrError):
+    """A temporary failure of a non-idempotent request the server may have acted on: never resent."""
 
 
 class _Retryable(TemporaryEhrError):
@@ -298,9 +311,10 @@ class EhrClient:
                     content=content,
                 )
             except _TEMPORARY_TRANSPORT as exc:
-                raise _Retryable(
-                    f"{self.ehr.name}: {method} {_path(target)}: {type(exc).__name__}", ehr=self.ehr.name
-                ) from exc
+                message = f"{self.ehr.name}: {method} {_path(target)}: {type(exc).__name__}"
+                if method.upper() not in _IDEMPOTENT and not isinstance(exc, _NOT_SENT):
+                    raise _NotResent(message + _NOT_RESENT_NOTE, ehr=self.ehr.name) from exc
+                raise _Retryable(message, ehr=self.ehr.name) from exc
             if response.status_code == 401 and not reauthorised and self._can_reauthorise(target, authorize):
                 log.info("ehr_reauthorising", ehr=self.ehr.name, method=method, path=_path(target))
                 self.auth.invalidate()
@@ -334,6 +348,10 @@ class EhrClient:
         status = response.status_code
         message = f"{self.ehr.name}: {method} {_path(target)} -> HTTP {status}: {_response_reason(response)}"
         if temporary(response) if temporary is not None else status in TEMPORARY_STATUSES:
+            if method.upper() not in _IDEMPOTENT and status not in _NOT_ACTED_ON:
+                raise _NotResent(
+                    message + _NOT_RESENT_NOTE, ehr=self.ehr.name, status=status, response=response
+                )
             retry_after = parse_retry_after(response.headers.get("Retry-After"), self.clock())
             raise _Retryable(
                 message, retry_after=retry_after, ehr=self.ehr.name, status=status, response=response
@@ -362,7 +380,7 @@ class EhrClient:
 
 
 def _is_temporary(exc: BaseException) -> bool:
-    return isinstance(exc, (TemporaryEhrError, *_TEMPORARY_TRANSPORT))
+    return isinstance(exc, (TemporaryEhrError, *_TEMPORARY_TRANSPORT)) and not isinstance(exc, _NotResent)
 
 
 _backoff = tenacity.wait_exponential_jitter(initial=1.0, max=30.0, jitter=1.0)

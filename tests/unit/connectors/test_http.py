@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -226,3 +227,40 @@ def test_stream_makes_one_attempt_and_classifies_failures(
             assert b"".join(response.iter_bytes()) == b'{"id":"1"}\n'
     assert sleeps.slept == []
     assert len(httpx_mock.get_requests()) == 3
+
+
+@pytest.mark.parametrize(
+    ("failure", "resent"),
+    [
+        ({"status_code": 500}, False),
+        ({"status_code": 502}, False),
+        ({"exception": httpx.ReadTimeout("slow")}, False),
+        ({"status_code": 429}, True),
+        ({"status_code": 503}, True),
+        ({"exception": httpx.ConnectError("refused")}, True),
+    ],
+)
+def test_a_post_is_resent_only_when_the_server_surely_did_not_act(
+    httpx_mock: HTTPXMock,
+    make_ehr: Callable[..., EhrConfig],
+    sleeps: Sleeps,
+    failure: dict[str, Any],
+    resent: bool,
+) -> None:
+    url = f"{BASE}/DocumentReference"
+    if "exception" in failure:
+        httpx_mock.add_exception(failure["exception"], url=url, method="POST")
+    else:
+        httpx_mock.add_response(url=url, method="POST", status_code=failure["status_code"])
+    httpx_mock.add_response(
+        url=url, method="POST", status_code=201, json={"id": "d1"}, is_optional=not resent
+    )
+    with _client(make_ehr(), sleeps) as client:
+        if resent:
+            assert client.request(
+                "POST", "DocumentReference", json={"resourceType": "DocumentReference"}
+            ).json() == {"id": "d1"}
+        else:
+            with pytest.raises(TemporaryEhrError, match="not resent"):
+                client.request("POST", "DocumentReference", json={"resourceType": "DocumentReference"})
+    assert len(httpx_mock.get_requests()) == (2 if resent else 1)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+import httpx
 import structlog
 
 from connectors.errors import EhrError
@@ -93,7 +94,7 @@ def search_pages(client: EhrClient, query: SearchQuery) -> Iterator[SearchPage]:
     while url is not None:
         number += 1
         bundle = _fetch(client, query.resource_type, url, params, number)
-        page = _split(bundle, url)
+        page = _split(bundle, url if params is None else str(httpx.URL(url).copy_merge_params(params)))
         client.count("pages")
         _log_outcomes(client, query.resource_type, page.outcomes)
         log.debug(
@@ -104,7 +105,7 @@ def search_pages(client: EhrClient, query: SearchQuery) -> Iterator[SearchPage]:
             count=len(page.resources),
         )
         yield page
-        seen.add(url if params is None else f"{url}?{params}")
+        seen.add(page.url)
         url, params = _next_link(bundle), None
         if url is not None and url in seen:
             raise EhrError(

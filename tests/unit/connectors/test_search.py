@@ -85,6 +85,7 @@ def test_pages_follow_absolute_next_links_as_given(
         assert client.stats.pages == 2
     assert [[r["id"] for r in p.resources] for p in pages] == [["e1", "e2"], ["e3"]]
     assert str(httpx_mock.get_requests()[1].url) == next_url
+    assert pages[0].url == f"{BASE}/Encounter?status=finished&_count=2"
     assert pages[1].url == next_url
 
 
@@ -174,6 +175,18 @@ def test_a_non_bundle_answer_is_an_error(
         pytest.raises(EhrError, match=r"Encounter search, page 1: expected a Bundle.*too-costly"),
     ):
         list(search_pages(client, SearchQuery("Encounter")))
+
+
+def test_a_next_link_back_to_the_first_page_is_stopped(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    first = f"{BASE}/Patient?_count=200"
+    httpx_mock.add_response(url=first, json=_bundle(next_url=first))
+    with (
+        EhrClient(make_ehr(), sleep=sleeps, clock=sleeps.clock) as client,
+        pytest.raises(EhrError, match="paging loop"),
+    ):
+        list(search_pages(client, SearchQuery("Patient")))
 
 
 def test_a_next_link_loop_is_stopped(

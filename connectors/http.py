@@ -199,17 +199,23 @@ class EhrClient:
         content: bytes | None = None,
         authorize: bool | None = None,
         temporary: Callable[[httpx.Response], bool] | None = None,
+        idempotent: bool | None = None,
     ) -> httpx.Response:
         """Send one request with retries; returns a 2xx response, raises ``EhrError`` otherwise.
 
         ``authorize`` None sends credentials only to the EHR's own origin (never to a foreign next link
         or file server); True/False force it. ``temporary`` overrides which error responses are retried.
+        ``idempotent`` None goes by the method; True lets a POST be resent like a PUT (e.g. a
+        transaction of PUTs or conditional creates).
         """
+        resendable = method.upper() in _IDEMPOTENT if idempotent is None else idempotent
         target = self.url(url)
         try:
             for attempt in self.retrying():
                 with attempt:
-                    return self._send(method, target, params, headers, json, content, authorize, temporary)
+                    return self._send(
+                        method, target, params, headers, json, content, authorize, temporary, resendable
+                    )
         except _Retryable as exc:
             raise TemporaryEhrError(
                 f"{exc} (gave up after {MAX_ATTEMPTS} attempts or {SLEEP_BUDGET:.0f}s of waiting)",
@@ -298,6 +304,7 @@ class EhrClient:
         content: bytes | None,
         authorize: bool | None,
         temporary: Callable[[httpx.Response], bool] | None,
+        resendable: bool,
     ) -> httpx.Response:
         for reauthorised in (False, True):
             self.count("requests")
@@ -312,7 +319,7 @@ class EhrClient:
                 )
             except _TEMPORARY_TRANSPORT as exc:
                 message = f"{self.ehr.name}: {method} {_path(target)}: {type(exc).__name__}"
-                if method.upper() not in _IDEMPOTENT and not isinstance(exc, _NOT_SENT):
+                if not resendable and not isinstance(exc, _NOT_SENT):
                     raise _NotResent(message + _NOT_RESENT_NOTE, ehr=self.ehr.name) from exc
                 raise _Retryable(message, ehr=self.ehr.name) from exc
             if response.status_code == 401 and not reauthorised and self._can_reauthorise(target, authorize):
@@ -321,7 +328,7 @@ class EhrClient:
                 continue
             if response.is_success:
                 return response
-            self._raise_for_status(method, target, response, temporary)
+            self._raise_for_status(method, target, response, temporary, resendable)
         raise AssertionError("unreachable")
 
     def _headers(
@@ -344,11 +351,12 @@ class EhrClient:
         target: str,
         response: httpx.Response,
         temporary: Callable[[httpx.Response], bool] | None = None,
+        resendable: bool = True,
     ) -> None:
         status = response.status_code
         message = f"{self.ehr.name}: {method} {_path(target)} -> HTTP {status}: {_response_reason(response)}"
         if temporary(response) if temporary is not None else status in TEMPORARY_STATUSES:
-            if method.upper() not in _IDEMPOTENT and status not in _NOT_ACTED_ON:
+            if not resendable and status not in _NOT_ACTED_ON:
                 raise _NotResent(
                     message + _NOT_RESENT_NOTE, ehr=self.ehr.name, status=status, response=response
                 )

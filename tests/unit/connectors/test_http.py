@@ -264,3 +264,14 @@ def test_a_post_is_resent_only_when_the_server_surely_did_not_act(
             with pytest.raises(TemporaryEhrError, match="not resent"):
                 client.request("POST", "DocumentReference", json={"resourceType": "DocumentReference"})
     assert len(httpx_mock.get_requests()) == (2 if resent else 1)
+
+
+def test_a_post_declared_idempotent_is_resent(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/", method="POST", status_code=502)
+    httpx_mock.add_response(url=f"{BASE}/", method="POST", json={"resourceType": "Bundle"})
+    with _client(make_ehr(), sleeps) as client:
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": []}
+        assert client.request("POST", "", json=bundle, idempotent=True).json()["resourceType"] == "Bundle"
+        assert client.stats.retries == 1

@@ -67,6 +67,7 @@ class FhirClient(Protocol):
         headers: Mapping[str, str] | None = None,
         json: Any = None,
         content: Any = None,
+        idempotent: bool | None = None,
     ) -> httpx.Response: ...
 
 

@@ -1,0 +1,153 @@
+"""Dead letters: a record we cannot process, kept whole with where it came from and why.
+
+The envelope (the value of a ``iop.deadletter.v1`` record) is the ``deadletter.v1`` contract: the
+original key, value and headers byte for byte (base64), the original topic, partition, offset and
+timestamp, the reason and the time we gave up. ``original(envelope)`` gives back what replay needs.
+Pure functions: producing is ``sync.kafka.EventProducer.dead_letter``.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Protocol
+
+from schemas import (
+    HEADER_DLQ_OFFSET,
+    HEADER_DLQ_PARTITION,
+    HEADER_DLQ_REASON,
+    HEADER_DLQ_TOPIC,
+    HEADER_EVENT_ID,
+    HEADER_SCHEMA,
+    HEADER_SCHEMA_VERSION,
+    HEADER_TRACEPARENT,
+)
+
+SCHEMA: Final = "deadletter"
+VERSION: Final = 1
+#: The envelope's limit for the reason (``deadletter.v1``); a header carries at most ``HEADER_REASON_MAX``.
+REASON_MAX: Final = 4000
+HEADER_REASON_MAX: Final = 1000
+
+Header = tuple[str, bytes | None]
+
+
+class SourceRecord(Protocol):
+    """What a dead letter needs of a consumed record (``kafka.consumer.fetcher.ConsumerRecord``)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> int | None: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[Header]: ...
+
+
+@dataclass(frozen=True)
+class OriginalRecord:
+    """A dead-lettered record as it was: enough to re-publish it where it came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[Header, ...]
+    reason: str
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str | None) -> bytes | None:
+    return None if text is None else base64.b64decode(text, validate=True)
+
+
+def _text(data: bytes | None) -> str | None:
+    if data is None:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _header(headers: Sequence[Header], name: str) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def clip_reason(reason: str, limit: int = REASON_MAX) -> str:
+    """The reason, one line, at most ``limit`` characters (never empty)."""
+    one_line = " ".join(reason.split()) or "unspecified"
+    return one_line if len(one_line) <= limit else one_line[: limit - 1] + "…"
+
+
+def envelope(
+    record: SourceRecord, reason: str, *, failed_at: datetime, contract: tuple[str, int] | None
+) -> dict[str, Any]:
+    """The ``deadletter.v1`` value for a record. ``failed_at`` must be timezone-aware."""
+    if failed_at.tzinfo is None:
+        raise ValueError("failed_at must be timezone-aware")
+    headers = list(record.headers or ())
+    return {
+        "reason": clip_reason(reason),
+        "failed_at": failed_at.isoformat(),
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "timestamp": record.timestamp,
+        "key": _text(record.key),
+        "key_base64": _b64(record.key),
+        "value_base64": _b64(record.value),
+        "headers": [{"key": key, "value_base64": _b64(value)} for key, value in headers],
+        "event_id": _text(_header(headers, HEADER_EVENT_ID)),
+        "schema": contract[0] if contract else None,
+        "schema_version": contract[1] if contract else None,
+    }
+
+
+def headers(record: SourceRecord, reason: str) -> list[tuple[str, bytes]]:
+    """The dead-letter record's own headers: what it is, and where from and why (no parsing needed)."""
+    original = list(record.headers or ())
+    result: list[tuple[str, bytes]] = [
+        (HEADER_SCHEMA, SCHEMA.encode()),
+        (HEADER_SCHEMA_VERSION, str(VERSION).encode()),
+    ]
+    for name in (HEADER_EVENT_ID, HEADER_TRACEPARENT):
+        value = _header(original, name)
+        if value is not None:
+            result.append((name, value))
+    result += [
+        (HEADER_DLQ_REASON, clip_reason(reason, HEADER_REASON_MAX).encode()),
+        (HEADER_DLQ_TOPIC, record.topic.encode()),
+        (HEADER_DLQ_PARTITION, str(record.partition).encode()),
+        (HEADER_DLQ_OFFSET, str(record.offset).encode()),
+    ]
+    return result
+
+
+def original(value: Mapping[str, Any]) -> OriginalRecord:
+    """The original record inside a ``deadletter.v1`` envelope (validate the envelope first)."""
+    return OriginalRecord(
+        topic=str(value["topic"]),
+        partition=int(value["partition"]),
+        offset=int(value["offset"]),
+        key=_unb64(value["key_base64"]),
+        value=_unb64(value["value_base64"]),
+        headers=tuple((str(h["key"]), _unb64(h["value_base64"])) for h in value["headers"]),
+        reason=str(value["reason"]),
+    )

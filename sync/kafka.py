@@ -1,0 +1,629 @@
+"""Kafka for the service: a validating idempotent producer and an at-least-once consumer.
+
+- ``client_kwargs`` / ``producer_kwargs`` / ``consumer_kwargs``: kafka-python settings from
+  ``[kafka]`` (security protocol, SASL and TLS passed through). They hold the SASL password in clear,
+  as kafka-python needs it: never log them.
+- ``EventProducer.publish`` validates a record against its contract *before* producing (a
+  ``ContractError`` means nothing was produced), keys it ``{ehr}|Patient/{id}`` and sets the headers
+  ``schema``, ``schema_version``, ``event_id`` and a W3C ``traceparent``. The producer is idempotent
+  (``enable_idempotence``, ``acks=all``), so its own retries never duplicate a record.
+- ``EventProducer.dead_letter`` sends a record we cannot process to ``iop.deadletter.v1`` with its
+  original key, value, headers, topic, partition, offset and the reason (``sync.deadletter``).
+- ``EventConsumer`` processes records at least once: auto-commit off; every record is decoded and
+  validated against its topic's contract (an invalid one is dead-lettered and the partition moves on);
+  the handler runs; only then is ``offset + 1`` committed for that partition. A handler failure that is
+  not permanent leaves the offset uncommitted, rewinds the partition to that record and pauses it for
+  ``retry_pause_s``: the record is retried later, by this consumer or, after a rebalance, by another.
+  Offsets are committed before every poll, so when a rebalance revokes partitions there is no finished
+  but uncommitted work to lose, and the rebalance listener only abandons what belonged to them.
+
+Errors from kafka-python are retried when the client marks them ``retriable`` (its own classification,
+not a list kept here), a bounded number of times; then they become ``sync.errors.KafkaError``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any, Final, TypeVar
+
+import orjson
+import structlog
+from jsonschema import Draft202012Validator
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka import errors as kafka_errors
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from schemas import (
+    DEADLETTER,
+    HEADER_EVENT_ID,
+    HEADER_SCHEMA,
+    HEADER_SCHEMA_VERSION,
+    HEADER_TRACEPARENT,
+    ContractError,
+    Topics,
+    contract_name,
+    load_schema,
+    parse_message_key,
+)
+from sync import deadletter
+from sync.config import KafkaConfig
+from sync.errors import KafkaError
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+
+#: How often a retriable client error is tried before it becomes ``KafkaError``.
+RETRY_ATTEMPTS: Final = 5
+#: How long one produce waits for the broker's acknowledgement, in seconds.
+SEND_TIMEOUT_S: Final = 60.0
+_TRACEPARENT = re.compile(r"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def client_kwargs(config: KafkaConfig) -> dict[str, Any]:
+    """Connection and security settings shared by producers, consumers and admin clients."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": [s.strip() for s in config.bootstrap_servers.split(",") if s.strip()],
+        "client_id": config.client_id,
+        "security_protocol": config.security_protocol,
+    }
+    optional: dict[str, Any] = {
+        "sasl_mechanism": config.sasl_mechanism,
+        "sasl_plain_username": config.sasl_plain_username,
+        "sasl_plain_password": (
+            config.sasl_plain_password.get_secret_value() if config.sasl_plain_password else None
+        ),
+        "ssl_cafile": config.ssl_cafile,
+        "ssl_certfile": config.ssl_certfile,
+        "ssl_keyfile": config.ssl_keyfile,
+    }
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    return kwargs
+
+
+def producer_kwargs(config: KafkaConfig) -> dict[str, Any]:
+    """An idempotent producer: the broker de-duplicates the producer's own retries, acks from all ISRs.
+
+    ``enable_idempotence=True`` is explicit so that a conflicting setting fails loudly instead of
+    silently turning idempotence off.
+    """
+    return {**client_kwargs(config), "enable_idempotence": True, "acks": "all"}
+
+
+def consumer_kwargs(config: KafkaConfig, group_id: str | None = None) -> dict[str, Any]:
+    """A group consumer that never commits by itself and starts at the beginning of a new topic."""
+    return {
+        **client_kwargs(config),
+        "group_id": group_id or config.group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+    }
+
+
+def new_traceparent() -> str:
+    """A W3C Trace Context ``traceparent`` for a new trace (version 00, sampled)."""
+    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+
+
+def is_retriable(error: BaseException) -> bool:
+    """kafka-python's own verdict: its errors carry ``retriable``."""
+    return isinstance(error, kafka_errors.KafkaError) and bool(error.retriable)
+
+
+def with_retries(
+    action: Callable[[], T], *, what: str, sleep: Callable[[float], None] = time.sleep, **context: Any
+) -> T:
+    """Run ``action``, retrying errors kafka-python marks retriable; any other failure, or running out
+    of attempts, raises ``KafkaError`` naming ``what``."""
+    retrying = Retrying(
+        retry=retry_if_exception(is_retriable),
+        stop=stop_after_attempt(RETRY_ATTEMPTS),
+        wait=wait_exponential(multiplier=0.2, max=5),
+        sleep=sleep,
+        before_sleep=lambda state: log.warning(
+            "kafka_retry",
+            what=what,
+            attempt=state.attempt_number,
+            error=type(state.outcome.exception()).__name__ if state.outcome else None,
+            **context,
+        ),
+        reraise=True,
+    )
+    try:
+        return retrying(action)
+    except kafka_errors.KafkaError as exc:
+        raise KafkaError(f"Kafka: {what} failed: {exc}") from exc
+
+
+@cache
+def _validator(name: str, version: int) -> Draft202012Validator:
+    return Draft202012Validator(
+        load_schema(name, version), format_checker=Draft202012Validator.FORMAT_CHECKER
+    )
+
+
+def contract_problems(name: str, version: int, record: Any) -> list[str]:
+    """Where and how a record breaks its contract, without its values (they may be PHI): field paths,
+    the JSON Schema keyword that failed, and the names of missing or unexpected fields."""
+    problems: list[str] = []
+    for error in _validator(name, version).iter_errors(record):
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        detail = str(error.validator)
+        if error.validator == "required" and isinstance(error.instance, Mapping):
+            missing = [p for p in error.validator_value if p not in error.instance]
+            detail = "missing " + ", ".join(missing)
+        elif error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
+            allowed = set(error.schema.get("properties", {}))
+            extra = sorted(str(p) for p in error.instance if p not in allowed)
+            detail = "unexpected " + ", ".join(extra)
+        problems.append(f"{where}: {detail}")
+    return sorted(problems)
+
+
+def check_contract(name: str, version: int, record: Any) -> None:
+    """Raise ``ContractError`` (naming fields, never values) unless the record satisfies its contract."""
+    problems = contract_problems(name, version, record)
+    if problems:
+        raise ContractError(contract_name(name, version), problems)
+
+
+class EventProducer:
+    """Publishes contract-checked records with an idempotent producer. One per process; thread-safe."""
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        **overrides: Any,
+    ) -> None:
+        self.topics = Topics(config.topic_prefix)
+        self._sleep = sleep
+        kwargs = {**producer_kwargs(config), **overrides}
+        self._producer: KafkaProducer = with_retries(
+            lambda: KafkaProducer(**kwargs), what="connecting the producer", sleep=sleep
+        )
+        log.info("kafka_producer_ready", security_protocol=config.security_protocol)
+
+    def publish(
+        self,
+        topic: str,
+        key: str,
+        value: Mapping[str, Any],
+        *,
+        schema: str,
+        version: int,
+        event_id: str,
+        traceparent: str | None = None,
+    ) -> Any:
+        """Validate ``value`` against ``<schema>.v<version>``, then produce it to ``topic``.
+
+        ``topic`` is a full name (``producer.topics.episodes``); ``key`` is ``{ehr}|Patient/{id}``.
+        Returns kafka-python's future (``.get()`` waits for the acknowledgement; ``flush()`` waits for
+        all). Raises ``ContractError`` (nothing produced) or ``KafkaError``.
+        """
+        parse_message_key(key)
+        if traceparent is not None and not _TRACEPARENT.match(traceparent):
+            raise ValueError(
+                f"traceparent {traceparent!r} is not W3C Trace Context (00-<trace>-<span>-<flags>)"
+            )
+        try:
+            check_contract(schema, version, value)
+        except ContractError as exc:
+            log.warning(
+                "publish_rejected",
+                topic=topic,
+                contract=exc.contract,
+                event_id=event_id,
+                problems=exc.problems,
+            )
+            raise
+        body = orjson.dumps(value)
+        headers = [
+            (HEADER_SCHEMA, schema.encode()),
+            (HEADER_SCHEMA_VERSION, str(version).encode()),
+            (HEADER_EVENT_ID, event_id.encode()),
+            (HEADER_TRACEPARENT, (traceparent or new_traceparent()).encode()),
+        ]
+        return with_retries(
+            lambda: self._producer.send(topic, key=key.encode(), value=body, headers=headers),
+            what=f"producing to {topic}",
+            sleep=self._sleep,
+            topic=topic,
+        )
+
+    def dead_letter(
+        self,
+        record: deadletter.SourceRecord,
+        reason: str,
+        *,
+        contract: tuple[str, int] | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        """Produce ``record`` to the dead-letter topic with ``reason`` and wait for the acknowledgement
+        (the caller commits past the record only after this returns). ``reason`` must hold no PHI."""
+        value = deadletter.envelope(record, reason, failed_at=now(), contract=contract)
+        check_contract(deadletter.SCHEMA, deadletter.VERSION, value)
+        topic = self.topics.name(DEADLETTER)
+        body = orjson.dumps(value)
+        headers = deadletter.headers(record, reason)
+
+        def send() -> Any:
+            future = self._producer.send(topic, key=record.key, value=body, headers=headers)
+            return future.get(timeout=SEND_TIMEOUT_S)
+
+        with_retries(send, what=f"dead-lettering to {topic}", sleep=self._sleep, topic=topic)
+        log.warning(
+            "event_dead_lettered",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            event_id=value["event_id"],
+        )
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until every produced record is acknowledged (or raise ``KafkaError``)."""
+        try:
+            self._producer.flush(timeout=timeout_s)
+        except kafka_errors.KafkaError as exc:
+            raise KafkaError(f"Kafka: flushing the producer failed: {exc}") from exc
+
+    def close(self, timeout_s: float | None = None) -> None:
+        self._producer.close(timeout=timeout_s)
+
+    def __enter__(self) -> EventProducer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class PermanentEventError(Exception):
+    """Raised by a handler: this event can never be processed; dead-letter it with this message as
+    the reason (no PHI in it) and move on."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """A consumed record that satisfies its topic's contract."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: dict[str, Any]
+    schema: str
+    version: int
+    event_id: str | None
+    traceparent: str | None
+    headers: tuple[tuple[str, bytes | None], ...]
+
+
+Handler = Callable[[Event], None]
+
+
+@dataclass
+class PollStats:
+    """What one poll (or a whole drain) did."""
+
+    processed: int = 0
+    dead_lettered: int = 0
+    failed: int = 0
+    abandoned: int = 0
+
+    def add(self, other: PollStats) -> None:
+        self.processed += other.processed
+        self.dead_lettered += other.dead_lettered
+        self.failed += other.failed
+        self.abandoned += other.abandoned
+
+    @property
+    def records(self) -> int:
+        return self.processed + self.dead_lettered + self.failed + self.abandoned
+
+
+class _NotValid(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _header(headers: Sequence[tuple[str, bytes | None]], name: str) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def decode(record: deadletter.SourceRecord, contract: tuple[str, int]) -> Event:
+    """The record as an ``Event``, or ``_NotValid`` with a PHI-free reason."""
+    name, version = contract
+    headers = tuple(record.headers or ())
+    claimed = _header(headers, HEADER_SCHEMA)
+    claimed_version = _header(headers, HEADER_SCHEMA_VERSION)
+    if claimed is not None and claimed != name.encode():
+        raise _NotValid(f"schema_mismatch: header schema is not {name!r}, the contract of {record.topic}")
+    if claimed_version is not None and claimed_version != str(version).encode():
+        raise _NotValid(f"schema_mismatch: header schema_version is not {version} on {record.topic}")
+    try:
+        key = None if record.key is None else record.key.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _NotValid("undecodable: the key is not UTF-8") from None
+    if record.value is None:
+        raise _NotValid("undecodable: the value is empty (tombstone)")
+    try:
+        value = orjson.loads(record.value)
+    except orjson.JSONDecodeError:
+        raise _NotValid("undecodable: the value is not UTF-8 JSON") from None
+    problems = contract_problems(name, version, value)
+    if problems:
+        raise _NotValid(f"schema_invalid: {contract_name(name, version)}: " + "; ".join(problems))
+    event_id = value.get("event_id") if isinstance(value.get("event_id"), str) else None
+    if event_id is None and (raw := _header(headers, HEADER_EVENT_ID)) is not None:
+        event_id = raw.decode("utf-8", "replace")
+    trace = _header(headers, HEADER_TRACEPARENT)
+    traceparent = trace.decode("ascii", "replace") if trace is not None else None
+    return Event(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=key,
+        value=value,
+        schema=name,
+        version=version,
+        event_id=event_id,
+        traceparent=traceparent if traceparent and _TRACEPARENT.match(traceparent) else None,
+        headers=headers,
+    )
+
+
+@dataclass
+class _PartitionState:
+    """Per assigned partition: where a retry will start, and when."""
+
+    resume_at: float | None = None
+    failures: int = 0
+
+
+@dataclass
+class _Assignment:
+    """The partitions this member owns, shared with the rebalance listener (which runs on
+    kafka-python's I/O thread), hence the lock."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    owned: set[TopicPartition] = field(default_factory=set)
+    states: dict[TopicPartition, _PartitionState] = field(default_factory=dict)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Finishes or abandons in-flight work when partitions move to another member.
+
+    Offsets of finished records are committed before every poll, and rebalances run inside poll, so at
+    revocation there is nothing finished left to commit; what is dropped is the partition's retry
+    state. A record being handled when the member is evicted is abandoned: its offset stays
+    uncommitted and the new owner processes it again (the handlers are idempotent).
+    """
+
+    def __init__(self, assignment: _Assignment) -> None:
+        self._assignment = assignment
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        revoked = set(revoked)
+        with self._assignment.lock:
+            self._assignment.owned -= revoked
+            for tp in revoked:
+                self._assignment.states.pop(tp, None)
+        if revoked:
+            log.info("partitions_revoked", count=len(revoked))
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        assigned = set(assigned)
+        with self._assignment.lock:
+            self._assignment.owned |= assigned
+        log.info("partitions_assigned", count=len(assigned))
+
+
+class EventConsumer:
+    """At-least-once processing of our topics by a consumer group (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        topics: Sequence[str],
+        producer: EventProducer,
+        *,
+        group_id: str | None = None,
+        permanent: tuple[type[Exception], ...] = (PermanentEventError,),
+        retry_pause_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        **overrides: Any,
+    ) -> None:
+        names = Topics(config.topic_prefix)
+        self._contracts = {topic: names.contract(topic) for topic in topics}
+        self._producer = producer
+        self._permanent = permanent
+        self._retry_pause_s = retry_pause_s
+        self._clock = clock
+        self._sleep = sleep
+        self._assignment = _Assignment()
+        kwargs = {**consumer_kwargs(config, group_id), **overrides}
+        self._consumer: KafkaConsumer = with_retries(
+            lambda: KafkaConsumer(**kwargs), what="connecting the consumer", sleep=sleep
+        )
+        self._consumer.subscribe(list(topics), listener=_Listener(self._assignment))
+        self.group_id = kwargs["group_id"]
+        log.info("kafka_consumer_ready", group=self.group_id, topics=list(topics))
+
+    # -- one poll ---------------------------------------------------------------------------------
+    def poll_once(self, handler: Handler, timeout_ms: int = 1000) -> PollStats:
+        """Resume partitions whose retry pause is over, poll once, process what came, commit."""
+        self._resume_due()
+        batches = with_retries(
+            lambda: self._consumer.poll(timeout_ms=timeout_ms), what="polling", sleep=self._sleep
+        )
+        stats = PollStats()
+        for tp, records in batches.items():
+            stats.add(self._process_partition(tp, records, handler))
+        return stats
+
+    def _owned(self, tp: TopicPartition) -> bool:
+        with self._assignment.lock:
+            return tp in self._assignment.owned
+
+    def _process_partition(self, tp: TopicPartition, records: Sequence[Any], handler: Handler) -> PollStats:
+        stats = PollStats()
+        done: Any = None
+        for index, record in enumerate(records):
+            if not self._owned(tp):
+                stats.abandoned += len(records) - index
+                log.info(
+                    "partition_work_abandoned", topic=tp.topic, partition=tp.partition, count=stats.abandoned
+                )
+                return stats
+            outcome = self._process_record(record, handler)
+            if outcome == "failed":
+                stats.failed += 1
+                stats.abandoned += len(records) - index - 1
+                self._commit(tp, done)
+                self._retry_later(tp, record)
+                return stats
+            if outcome == "dead_lettered":
+                stats.dead_lettered += 1
+            else:
+                stats.processed += 1
+            done = record
+        self._commit(tp, done)
+        with self._assignment.lock:
+            self._assignment.states.pop(tp, None)
+        return stats
+
+    def _process_record(self, record: Any, handler: Handler) -> str:
+        contract = self._contracts[record.topic]
+        context = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+        try:
+            event = decode(record, contract)
+        except _NotValid as invalid:
+            return self._dead_letter(record, invalid.reason, contract, context)
+        try:
+            handler(event)
+        except self._permanent as exc:
+            return self._dead_letter(record, str(exc) or type(exc).__name__, contract, context)
+        except Exception as exc:
+            log.warning("event_failed", event_id=event.event_id, error=type(exc).__name__, **context)
+            return "failed"
+        return "processed"
+
+    def _dead_letter(
+        self, record: Any, reason: str, contract: tuple[str, int], context: dict[str, Any]
+    ) -> str:
+        try:
+            self._producer.dead_letter(record, reason, contract=contract)
+        except KafkaError:
+            log.warning("dead_letter_failed", **context)
+            return "failed"
+        return "dead_lettered"
+
+    def _commit(self, tp: TopicPartition, record: Any) -> None:
+        """Commit ``record.offset + 1`` for its partition (nothing when ``record`` is None)."""
+        if record is None:
+            return
+        offsets = {tp: OffsetAndMetadata(record.offset + 1, "", record.leader_epoch)}
+        try:
+            with_retries(lambda: self._consumer.commit(offsets), what="committing", sleep=self._sleep)
+        except KafkaError as exc:
+            # Typically CommitFailedError: the group rebalanced and the partition has a new owner,
+            # which will process these records again. Nothing is lost; the handlers are idempotent.
+            log.warning(
+                "commit_failed",
+                topic=tp.topic,
+                partition=tp.partition,
+                offset=record.offset + 1,
+                error=type(exc.__cause__).__name__,
+            )
+
+    def _retry_later(self, tp: TopicPartition, record: Any) -> None:
+        """Rewind the partition to the failed record and pause it for ``retry_pause_s``."""
+        if not self._owned(tp):
+            return
+        self._consumer.seek(tp, record.offset)
+        self._consumer.pause(tp)
+        with self._assignment.lock:
+            state = self._assignment.states.setdefault(tp, _PartitionState())
+            state.failures += 1
+            state.resume_at = self._clock() + self._retry_pause_s
+        log.info(
+            "partition_paused",
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=record.offset,
+            failures=state.failures,
+            pause_s=self._retry_pause_s,
+        )
+
+    def _resume_due(self) -> None:
+        now = self._clock()
+        with self._assignment.lock:
+            due = [
+                tp
+                for tp, s in self._assignment.states.items()
+                if s.resume_at is not None and s.resume_at <= now
+            ]
+            for tp in due:
+                self._assignment.states[tp].resume_at = None
+        owned_paused = [tp for tp in due if tp in self._consumer.paused()]
+        if owned_paused:
+            self._consumer.resume(*owned_paused)
+
+    def paused(self) -> set[TopicPartition]:
+        """Partitions waiting to retry a failed record."""
+        return set(self._consumer.paused())
+
+    # -- loops ------------------------------------------------------------------------------------
+    def run(self, handler: Handler, should_stop: Callable[[], bool], *, timeout_ms: int = 1000) -> PollStats:
+        """Process until ``should_stop()`` (checked between polls; SIGTERM sets it): in-flight work
+        finishes and is committed before returning."""
+        total = PollStats()
+        while not should_stop():
+            total.add(self.poll_once(handler, timeout_ms))
+        return total
+
+    def drain(
+        self,
+        handler: Handler,
+        *,
+        idle_polls: int = 3,
+        max_seconds: float = 300.0,
+        timeout_ms: int = 1000,
+    ) -> PollStats:
+        """Process until ``idle_polls`` polls in a row, with partitions assigned, bring nothing and no
+        partition waits to retry, or ``max_seconds`` have passed (``--once``)."""
+        total = PollStats()
+        idle = 0
+        deadline = self._clock() + max_seconds
+        while idle < idle_polls and self._clock() < deadline:
+            stats = self.poll_once(handler, timeout_ms)
+            total.add(stats)
+            # Not idle while the group join is still under way (no assignment yet), nor while a
+            # partition waits to retry a record.
+            busy = stats.records or self.paused() or not self._consumer.assignment()
+            idle = 0 if busy else idle + 1
+        return total
+
+    def close(self) -> None:
+        """Leave the group. Finished records are already committed; nothing else is."""
+        self._consumer.close(autocommit=False)
+        log.info("kafka_consumer_closed", group=self.group_id)
+
+    def __enter__(self) -> EventConsumer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

@@ -1,0 +1,243 @@
+"""sync.kafka against the real broker: validated publish, at-least-once consume, dead letters."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+
+from schemas import ContractError, Topics, message_key
+from sync import deadletter
+from sync.config import KafkaConfig
+from sync.kafka import Event, EventConsumer, EventProducer, PermanentEventError
+from tests.integration.kafka_fixtures import TopicFactory, unique_name
+
+pytestmark = pytest.mark.integration
+
+EPISODE_ID = "6f1c8f4e-2b1d-5c3a-9e7f-0a1b2c3d4e5f"
+KEY = message_key("general-hospital", "123")
+
+
+def attendance(n: int, status: str = "attended") -> dict[str, Any]:
+    return {
+        "event_id": f"evt-{n}",
+        "occurred_at": "2026-03-02T18:05:00-05:00",
+        "ehr": "general-hospital",
+        "episode_id": EPISODE_ID,
+        "patient": {"reference": "Patient/123"},
+        "session": {
+            "id": f"sess-{n}",
+            "start": "2026-03-02T09:00:00-05:00",
+            "end": "2026-03-02T12:00:00-05:00",
+            "status": status,
+        },
+    }
+
+
+@pytest.fixture
+def config(kafka_bootstrap: str, topic_prefix: str) -> KafkaConfig:
+    return KafkaConfig(
+        bootstrap_servers=kafka_bootstrap, topic_prefix=topic_prefix, group_id=unique_name("g")
+    )
+
+
+@pytest.fixture
+def topics(config: KafkaConfig, make_topic: TopicFactory) -> Topics:
+    named = Topics(config.topic_prefix)
+    make_topic(named.attendance, partitions=2)
+    make_topic(named.deadletter)
+    return named
+
+
+@pytest.fixture
+def producer(config: KafkaConfig, topics: Topics) -> Iterator[EventProducer]:
+    with EventProducer(config) as made:
+        yield made
+
+
+def publish(producer: EventProducer, topics: Topics, events: list[dict[str, Any]]) -> None:
+    for event in events:
+        producer.publish(
+            topics.attendance, KEY, event, schema="attendance", version=1, event_id=event["event_id"]
+        ).get(timeout=30)
+
+
+def consumer_for(
+    config: KafkaConfig, topics: Topics, producer: EventProducer, **kwargs: Any
+) -> EventConsumer:
+    return EventConsumer(config, [topics.attendance], producer, retry_pause_s=0.0, **kwargs)
+
+
+def committed(config: KafkaConfig, topic: str, partition: int) -> int | None:
+    reader = KafkaConsumer(bootstrap_servers=config.bootstrap_servers, group_id=config.group_id)
+    try:
+        result: int | None = reader.committed(TopicPartition(topic, partition))
+        return result
+    finally:
+        reader.close(autocommit=False)
+
+
+def test_published_events_are_consumed_with_their_headers(
+    config: KafkaConfig,
+    topics: Topics,
+    producer: EventProducer,
+    consume: Callable[[str, int], list[ConsumerRecord]],
+) -> None:
+    events = [attendance(n) for n in range(3)]
+    publish(producer, topics, events)
+
+    [raw, *_] = consume(topics.attendance, 3)
+    headers = dict(raw.headers)
+    assert raw.key == KEY.encode()
+    assert headers["schema"] == b"attendance"
+    assert headers["schema_version"] == b"1"
+    assert headers["event_id"] == b"evt-0"
+    version, trace_id, span_id, flags = headers["traceparent"].decode().split("-")
+    assert (version, len(trace_id), len(span_id), flags) == ("00", 32, 16, "01")
+
+    seen: list[Event] = []
+    with consumer_for(config, topics, producer) as consumer:
+        stats = consumer.drain(seen.append, idle_polls=2, timeout_ms=200)
+    assert stats.processed == 3
+    assert [e.value for e in seen] == events, "one key, so one partition, in order"
+    assert [e.event_id for e in seen] == ["evt-0", "evt-1", "evt-2"]
+    assert seen[0].traceparent == headers["traceparent"].decode()
+    assert all(e.traceparent for e in seen)
+    assert committed(config, topics.attendance, seen[-1].partition) == 3
+
+
+def test_an_invalid_event_is_refused_and_not_produced(
+    config: KafkaConfig, topics: Topics, producer: EventProducer
+) -> None:
+    bad = attendance(1, status="present")
+
+    with pytest.raises(ContractError, match=r"attendance\.v1: session/status: enum"):
+        producer.publish(topics.attendance, KEY, bad, schema="attendance", version=1, event_id="evt-1")
+    producer.flush()
+
+    reader = KafkaConsumer(bootstrap_servers=config.bootstrap_servers)
+    try:
+        partitions = [TopicPartition(topics.attendance, p) for p in (0, 1)]
+        assert set(reader.end_offsets(partitions).values()) == {0}
+    finally:
+        reader.close()
+
+
+def test_schema_invalid_event_goes_to_the_dead_letter_topic_and_the_rest_is_processed(
+    config: KafkaConfig,
+    topics: Topics,
+    producer: EventProducer,
+    produce: Callable[..., list[tuple[int, int]]],
+    consume: Callable[[str, int], list[ConsumerRecord]],
+) -> None:
+    bad_value = orjson.dumps(attendance(1, status="present"))
+    bad_headers = [("schema", b"attendance"), ("schema_version", b"1"), ("event_id", b"evt-1")]
+    produce(
+        topics.attendance,
+        [
+            (KEY.encode(), orjson.dumps(attendance(0)), []),
+            (KEY.encode(), bad_value, bad_headers),
+            (KEY.encode(), b"\xff not json", []),
+            (KEY.encode(), orjson.dumps(attendance(3)), []),
+        ],
+    )
+
+    seen: list[Event] = []
+    with consumer_for(config, topics, producer) as consumer:
+        stats = consumer.drain(seen.append, idle_polls=2, timeout_ms=200)
+
+    assert (stats.processed, stats.dead_lettered) == (2, 2)
+    assert [e.event_id for e in seen] == ["evt-0", "evt-3"]
+    invalid, undecodable = consume(topics.deadletter, 2)
+    assert invalid.key == KEY.encode()
+    headers = dict(invalid.headers)
+    assert headers["dlq_topic"] == topics.attendance.encode()
+    assert headers["dlq_offset"] == b"1"
+    assert headers["schema"] == b"deadletter"
+    assert headers["event_id"] == b"evt-1"
+    assert headers["dlq_reason"].startswith(b"schema_invalid: attendance.v1: session/status: enum")
+    envelope = orjson.loads(invalid.value)
+    original = deadletter.original(envelope)
+    assert (original.topic, original.offset, original.key) == (topics.attendance, 1, KEY.encode())
+    assert original.value == bad_value
+    assert list(original.headers) == bad_headers
+    assert base64.b64decode(envelope["value_base64"]) == bad_value
+    assert (envelope["schema"], envelope["schema_version"], envelope["event_id"]) == (
+        "attendance",
+        1,
+        "evt-1",
+    )
+    assert orjson.loads(undecodable.value)["reason"] == "undecodable: the value is not UTF-8 JSON"
+    assert committed(config, topics.attendance, invalid.partition) == 4
+
+
+def test_a_permanent_handler_error_dead_letters_with_its_reason(
+    config: KafkaConfig,
+    topics: Topics,
+    producer: EventProducer,
+    consume: Callable[[str, int], list[ConsumerRecord]],
+) -> None:
+    publish(producer, topics, [attendance(0), attendance(1)])
+    written: list[str | None] = []
+
+    def handler(event: Event) -> None:
+        if event.event_id == "evt-0":
+            raise PermanentEventError(f"unknown_episode: {EPISODE_ID}")
+        written.append(event.event_id)
+
+    with consumer_for(config, topics, producer) as consumer:
+        stats = consumer.drain(handler, idle_polls=2, timeout_ms=200)
+
+    assert (stats.processed, stats.dead_lettered) == (1, 1)
+    assert written == ["evt-1"]
+    [letter] = consume(topics.deadletter, 1)
+    assert orjson.loads(letter.value)["reason"] == f"unknown_episode: {EPISODE_ID}"
+
+
+def test_a_failed_handler_leaves_the_offset_uncommitted_and_a_new_consumer_gets_the_record(
+    config: KafkaConfig, topics: Topics, producer: EventProducer
+) -> None:
+    publish(producer, topics, [attendance(n) for n in range(3)])
+
+    def fail_on_second(event: Event) -> None:
+        if event.event_id == "evt-1":
+            raise RuntimeError("EHR unavailable")
+
+    with consumer_for(config, topics, producer) as first:
+        stats = first.poll_once(fail_on_second, timeout_ms=1000)
+        for _ in range(30):
+            if stats.records:
+                break
+            stats = first.poll_once(fail_on_second, timeout_ms=1000)
+        assert (stats.processed, stats.failed) == (1, 1)
+        partition = next(iter(first.paused())).partition
+    assert committed(config, topics.attendance, partition) == 1
+
+    seen: list[Event] = []
+    with consumer_for(config, topics, producer) as second:
+        second.drain(seen.append, idle_polls=2, timeout_ms=200)
+    assert [(e.offset, e.event_id) for e in seen] == [(1, "evt-1"), (2, "evt-2")]
+    assert committed(config, topics.attendance, partition) == 3
+
+
+def test_a_paused_partition_is_retried_by_the_same_consumer(
+    config: KafkaConfig, topics: Topics, producer: EventProducer
+) -> None:
+    publish(producer, topics, [attendance(0), attendance(1)])
+    attempts: list[str | None] = []
+
+    def flaky(event: Event) -> None:
+        attempts.append(event.event_id)
+        if attempts.count("evt-0") == 1:
+            raise TimeoutError("EHR timed out")
+
+    with consumer_for(config, topics, producer) as consumer:
+        stats = consumer.drain(flaky, idle_polls=2, timeout_ms=200)
+
+    assert attempts == ["evt-0", "evt-0", "evt-1"]
+    assert (stats.failed, stats.processed) == (1, 2)

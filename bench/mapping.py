@@ -1,0 +1,227 @@
+"""map: generated NDJSON to episode records, against the floor of parsing the same files with orjson.
+
+Floor: every line of every ``<Type>.ndjson`` file through ``orjson.loads``, nothing else.
+
+Ours (``map_episodes``): the same files read patient by patient (the generated files are in patient
+order, so a batch of patients is gathered from all files at once without holding the rest), each batch
+of ``batch`` patients plus the shared Organizations/Locations/Practitioners given to
+``mappers.episodes.map_episodes`` with the default rules, in one process. Reading and parsing are part
+of ours, as they are part of any real map run.
+
+Ours (``iop-bridge map``), when the command exists: the CLI on the whole folder, output to a file; its
+interpreter start-up and imports (about half a second) are included.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+
+from bench.generate import ANCHOR, dataset, manifest, size_label
+from bench.harness import ROOT, Measurement, Row, Runner, timed, unavailable
+
+BENCH = "map"
+METRIC = "Encounters/s per core"
+#: The as-of time of every mapping: the end of the generated data's day 0.
+AS_OF = datetime(ANCHOR.year, ANCHOR.month, ANCHOR.day, 23, 59, tzinfo=UTC)
+SHARED_TYPES = frozenset(
+    {"Organization", "Location", "Practitioner", "PractitionerRole", "HealthcareService"}
+)
+DEFAULT_BATCH = 500
+
+
+def rows(runner: Runner, sizes: list[int], *, batch: int = DEFAULT_BATCH) -> list[Row]:
+    out = []
+    missing = mapper_missing()
+    cli = (ROOT / "sync" / "commands" / "map.py").exists()
+    for size in sizes:
+        label = size_label(size)
+        folder = str(dataset(size))
+        floor = runner.run("mapping", "floor", folder=folder)
+        load = os.getloadavg()[0]
+        if missing:
+            out.append(_row(label, "map_episodes", None, floor, f"not available yet: {missing}", load))
+        else:
+            ours = runner.run("mapping", "ours", folder=folder, batch=batch)
+            note = f"{ours.extra['episodes']} episodes, {ours.extra['rejects']} rejects, batches of {batch}"
+            out.append(_row(label, "map_episodes", ours, floor, note, load))
+        if cli:
+            ours = runner.run("mapping", "ours_cli", folder=folder)
+            out.append(_row(label, "iop-bridge map", ours, floor, "CLI, start-up included", load))
+        elif size == sizes[0]:
+            out.append(
+                unavailable(BENCH, label, f"{METRIC} (iop-bridge map)", "not available yet: no map command")
+            )
+    return out
+
+
+def _row(label: str, what: str, ours: Measurement | None, floor: Measurement, note: str, load: float) -> Row:
+    return Row(
+        bench=BENCH,
+        size=label,
+        metric=f"{METRIC} ({what})",
+        ours=ours.per_core if ours else None,
+        floor=floor.per_core,
+        rss_ours_mb=ours.peak_rss_mb if ours else None,
+        rss_floor_mb=floor.peak_rss_mb,
+        note=note,
+        load=load,
+        extra={
+            "encounters": floor.items,
+            "ours_wall_s": ours.wall if ours else None,
+            "ours_cpu_s": ours.cpu if ours else None,
+            "floor_wall_s": floor.wall,
+            "floor_cpu_s": floor.cpu,
+        },
+    )
+
+
+def mapper_missing() -> str | None:
+    """Why ``map_episodes`` cannot be benchmarked yet, or None when it can."""
+    try:
+        episodes = importlib.import_module("mappers.episodes")
+        rules = importlib.import_module("mappers.rules")
+    except Exception as exc:  # an absent module, or one still being written
+        return f"{type(exc).__name__}: {exc}"
+    for module, name in ((episodes, "map_episodes"), (rules, "default_rules")):
+        if not hasattr(module, name):
+            return f"{module.__name__}.{name} is missing"
+    return None
+
+
+def floor(folder: str) -> Measurement:
+    encounters = manifest(Path(folder))["encounters"]
+
+    def work() -> int:
+        for path in sorted(Path(folder).glob("*.ndjson")):
+            with path.open("rb") as handle:
+                for line in handle:
+                    orjson.loads(line)
+        return int(encounters)
+
+    return timed(work)
+
+
+def ours(folder: str, batch: int) -> Measurement:
+    from mappers.episodes import map_episodes
+    from mappers.rules import default_rules
+
+    rules = default_rules()
+    totals = {"episodes": 0, "rejects": 0}
+
+    def work() -> int:
+        encounters = 0
+        for resources in patient_batches(Path(folder), batch):
+            encounters += sum(1 for r in resources if r.get("resourceType") == "Encounter")
+            result = map_episodes(resources, ehr="bench", as_of=AS_OF, rules=rules)
+            totals["episodes"] += len(getattr(result, "episodes", ()))
+            totals["rejects"] += len(getattr(result, "rejects", ()))
+        return encounters
+
+    measurement = timed(work)
+    measurement.extra.update(totals)
+    return measurement
+
+
+def ours_cli(folder: str) -> Measurement:
+    encounters = int(manifest(Path(folder))["encounters"])
+    command = ROOT / ".venv" / "bin" / "iop-bridge"
+    program = [str(command)] if command.exists() else [sys.executable, "-m", "sync.cli"]
+    with tempfile.TemporaryDirectory(prefix="bench-map-") as tmp:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        subprocess.run(
+            [
+                *program,
+                "map",
+                folder,
+                "--out",
+                str(Path(tmp) / "episodes.ndjson"),
+                "--as-of",
+                AS_OF.isoformat(),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return Measurement(items=encounters, wall=wall, cpu=cpu)
+
+
+def patient_of(resource: dict[str, Any]) -> str | None:
+    """The id of the patient a resource belongs to (None for shared resources)."""
+    kind = resource.get("resourceType")
+    if kind == "Patient":
+        return str(resource.get("id"))
+    for key in ("subject", "patient", "beneficiary", "for"):
+        ref = resource.get(key)
+        if isinstance(ref, dict) and str(ref.get("reference", "")).startswith("Patient/"):
+            return str(ref["reference"])[len("Patient/") :]
+    for participant in resource.get("participant") or ():
+        ref = str((participant.get("actor") or {}).get("reference", ""))
+        if ref.startswith("Patient/"):
+            return ref[len("Patient/") :]
+    return None
+
+
+class _Cursor:
+    """One type's file, read one resource ahead."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.pending: dict[str, Any] | None = None
+        self.advance()
+
+    def advance(self) -> None:
+        line = self.handle.readline()
+        self.pending = orjson.loads(line) if line else None
+
+
+def patient_batches(folder: Path, batch: int) -> Iterator[list[dict[str, Any]]]:
+    """Lists of the resources of ``batch`` patients each (plus the shared resources), in file order."""
+    shared: list[dict[str, Any]] = []
+    cursors: list[_Cursor] = []
+    handles = []
+    try:
+        for path in sorted(folder.glob("*.ndjson")):
+            if path.stem in SHARED_TYPES:
+                shared.extend(orjson.loads(line) for line in path.read_bytes().splitlines() if line)
+            elif path.stem != "Patient":
+                handles.append(path.open("rb"))
+                cursors.append(_Cursor(handles[-1]))
+        patients = folder / "Patient.ndjson"
+        with patients.open("rb") as handle:
+            while True:
+                group = [orjson.loads(line) for _, line in zip(range(batch), handle, strict=False)]
+                if not group:
+                    break
+                ids = {str(p.get("id")) for p in group}
+                resources = [*shared, *group]
+                for cursor in cursors:
+                    while cursor.pending is not None and patient_of(cursor.pending) in ids:
+                        resources.append(cursor.pending)
+                        cursor.advance()
+                yield resources
+        leftovers = []  # resources of patients not in Patient.ndjson: mapped last, never dropped
+        for cursor in cursors:
+            while cursor.pending is not None:
+                leftovers.append(cursor.pending)
+                cursor.advance()
+        if leftovers:
+            yield [*shared, *leftovers]
+    finally:
+        for handle in handles:
+            handle.close()

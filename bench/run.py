@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable for ``bench.*``
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: import ``bench.*`` from the repository root, and let
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # no bench/ module shadow a library's
 
 from bench import mapping, pull, validate, writeback
 from bench.generate import parse_size

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import generate, run
+from bench import generate, mapping, run
 from bench.harness import Row, Runner
 
 SIZE = 150
@@ -84,3 +84,24 @@ def test_every_bench_gives_rows_of_the_table_shape(data_dir: Path) -> None:
     document = json.loads(json.dumps(run.report(rows, 0.0, [SIZE])))
     assert len(document["rows"]) == len(rows)
     assert set(document["rows"][0]) >= {"bench", "size", "metric", "ours", "floor", "ratio", "rss_ours_mb"}
+
+
+def test_map_batches_hold_each_patient_whole(data_dir: Path) -> None:
+    folder = generate.dataset(SIZE)
+    info = generate.manifest(folder)
+    seen: dict[str, int] = {}
+    total = 0
+    for resources in mapping.patient_batches(folder, batch=7):
+        patients = {r["id"] for r in resources if r["resourceType"] == "Patient"}
+        assert len(patients) <= 7
+        for resource in resources:
+            owner = mapping.patient_of(resource)
+            if owner is None:
+                assert resource["resourceType"] in mapping.SHARED_TYPES
+            else:
+                assert owner in patients  # never split from its patient's batch
+                seen[resource["resourceType"]] = seen.get(resource["resourceType"], 0) + 1
+        total += 1
+    expected = {k: v for k, v in info["resources"].items() if k not in mapping.SHARED_TYPES}
+    assert seen == expected
+    assert total == -(-info["patients"] // 7)

@@ -128,7 +128,7 @@ class SessionResource:
     status: str
 
 
-def _now() -> datetime:
+def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
@@ -161,7 +161,7 @@ class SyncState:
         Returns how many messages were staged (unchanged records are skipped).
         """
         staged = 0
-        now = _now()
+        now = now_utc()
         with self.engine.begin() as conn:
             for item in items:
                 digest = content_hash(item.record)
@@ -290,7 +290,7 @@ class SyncState:
                     "topic": topic,
                     "outcome": outcome,
                     "detail": orjson.dumps(detail).decode(),
-                    "processed_at": _now(),
+                    "processed_at": now_utc(),
                 },
                 ["event_id"],
             )

@@ -142,6 +142,15 @@ def with_retries(
         raise KafkaError(f"Kafka: {what} failed: {exc}") from exc
 
 
+def connect(factory: Callable[[], T], *, what: str, bootstrap: str) -> T:
+    """Build a kafka-python client. Its constructor already retries the bootstrap until
+    ``bootstrap_timeout_ms``, so a failure here is final: ``KafkaError`` naming the servers."""
+    try:
+        return factory()
+    except kafka_errors.KafkaError as exc:
+        raise KafkaError(f"Kafka: {what}: cannot reach {bootstrap} ({type(exc).__name__})") from exc
+
+
 @cache
 def _validator(name: str, version: int) -> Draft202012Validator:
     return Draft202012Validator(
@@ -187,8 +196,8 @@ class EventProducer:
         self.topics = Topics(config.topic_prefix)
         self._sleep = sleep
         kwargs = {**producer_kwargs(config), **overrides}
-        self._producer: KafkaProducer = with_retries(
-            lambda: KafkaProducer(**kwargs), what="connecting the producer", sleep=sleep
+        self._producer: KafkaProducer = connect(
+            lambda: KafkaProducer(**kwargs), what="producer", bootstrap=config.bootstrap_servers
         )
         log.info("kafka_producer_ready", security_protocol=config.security_protocol)
 
@@ -455,8 +464,8 @@ class EventConsumer:
         self._sleep = sleep
         self._assignment = _Assignment()
         kwargs = {**consumer_kwargs(config, group_id), **overrides}
-        self._consumer: KafkaConsumer = with_retries(
-            lambda: KafkaConsumer(**kwargs), what="connecting the consumer", sleep=sleep
+        self._consumer: KafkaConsumer = connect(
+            lambda: KafkaConsumer(**kwargs), what="consumer", bootstrap=config.bootstrap_servers
         )
         self._consumer.subscribe(list(topics), listener=_Listener(self._assignment))
         self.group_id = kwargs["group_id"]
@@ -569,18 +578,22 @@ class EventConsumer:
         )
 
     def _resume_due(self) -> None:
+        """Resume every paused partition whose retry time has come, and any whose retry state the
+        rebalance listener dropped (kafka-python may keep a retained partition paused across a
+        rebalance; it restarts from its committed offset)."""
         now = self._clock()
+        paused = set(self._consumer.paused())
+        if not paused:
+            return
         with self._assignment.lock:
-            due = [
+            waiting = {
                 tp
-                for tp, s in self._assignment.states.items()
-                if s.resume_at is not None and s.resume_at <= now
-            ]
-            for tp in due:
-                self._assignment.states[tp].resume_at = None
-        owned_paused = [tp for tp in due if tp in self._consumer.paused()]
-        if owned_paused:
-            self._consumer.resume(*owned_paused)
+                for tp, state in self._assignment.states.items()
+                if state.resume_at is not None and state.resume_at > now
+            }
+        due = paused - waiting
+        if due:
+            self._consumer.resume(*due)
 
     def paused(self) -> set[TopicPartition]:
         """Partitions waiting to retry a failed record."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -241,3 +242,67 @@ def test_a_paused_partition_is_retried_by_the_same_consumer(
 
     assert attempts == ["evt-0", "evt-0", "evt-1"]
     assert (stats.failed, stats.processed) == (1, 2)
+
+
+def test_a_rebalance_moves_partitions_without_losing_or_skipping_records(
+    config: KafkaConfig, topics: Topics, producer: EventProducer
+) -> None:
+    keys = [message_key("general-hospital", str(n)) for n in range(8)]
+    for n, key in enumerate(keys):
+        producer.publish(
+            topics.attendance, key, attendance(n), schema="attendance", version=1, event_id=f"evt-{n}"
+        )
+    producer.flush()
+    seen: list[tuple[str, Event]] = []
+    ehr_down = threading.Event()
+    ehr_down.set()
+
+    def handler_of(member: str) -> Callable[[Event], None]:
+        def handle(event: Event) -> None:
+            if ehr_down.is_set():
+                raise ConnectionError("EHR unavailable")
+            seen.append((member, event))
+
+        return handle
+
+    def all_seen() -> bool:
+        return len({e.event_id for _, e in seen}) == len(keys)
+
+    stop = threading.Event()
+    crashed: list[BaseException] = []
+
+    def second_member() -> None:
+        try:
+            with consumer_for(config, topics, producer) as second:
+                second.run(handler_of("second"), stop.is_set, timeout_ms=100)
+        except BaseException as exc:
+            crashed.append(exc)
+
+    # The first member fails once on each partition and would wait an hour to retry...
+    with EventConsumer(config, [topics.attendance], producer, retry_pause_s=3600) as first:
+        for _ in range(50):
+            first.poll_once(handler_of("first"), timeout_ms=200)
+            if len(first.paused()) == 2:
+                break
+        assert len(first.paused()) == 2, "one failed record per partition; both partitions wait"
+        ehr_down.clear()
+        # ...but a second member joins: the group rebalances, the first drops its retry state for
+        # what it gives up, and every partition restarts from its committed offset at its new owner.
+        thread = threading.Thread(target=second_member)
+        thread.start()
+        try:
+            for _ in range(600):
+                first.poll_once(handler_of("first"), timeout_ms=100)
+                if all_seen():
+                    break
+        finally:
+            stop.set()
+            thread.join(timeout=120)
+
+    assert crashed == []
+    assert all_seen()
+    assert {member for member, _ in seen} == {"first", "second"}, "each member got a partition"
+    for partition in (0, 1):
+        offsets = sorted(e.offset for _, e in seen if e.partition == partition)
+        assert offsets == list(range(len(offsets))), "from the committed offset on, nothing skipped"
+        assert committed(config, topics.attendance, partition) == len(offsets)

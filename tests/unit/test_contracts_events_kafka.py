@@ -19,6 +19,7 @@ from sync.kafka import (
     _NotValid,
     check_contract,
     client_kwargs,
+    connect,
     consumer_kwargs,
     contract_problems,
     decode,
@@ -212,3 +213,14 @@ def test_retry_warnings_name_the_error_class_only() -> None:
         with_retries(failing, what="x", sleep=lambda _: None)
     assert [entry["error"] for entry in logs] == ["KafkaTimeoutError"] * (RETRY_ATTEMPTS - 1)
     assert PLANTED_NAME not in repr(logs)
+
+
+def test_a_client_that_cannot_bootstrap_is_a_kafka_error_naming_the_servers() -> None:
+    def no_bootstrap() -> None:
+        raise kafka_errors.KafkaTimeoutError("Unable to bootstrap from 127.0.0.1:1")
+
+    with pytest.raises(
+        KafkaError, match=r"^Kafka: producer: cannot reach 127\.0\.0\.1:1 \(KafkaTimeoutError\)$"
+    ) as caught:
+        connect(no_bootstrap, what="producer", bootstrap="127.0.0.1:1")
+    assert caught.value.exit_code == 5

@@ -216,9 +216,14 @@ class EventProducer:
 
         ``topic`` is a full name (``producer.topics.episodes``); ``key`` is ``{ehr}|Patient/{id}``.
         Returns kafka-python's future (``.get()`` waits for the acknowledgement; ``flush()`` waits for
-        all). Raises ``ContractError`` (nothing produced) or ``KafkaError``.
+        all). Raises ``ContractError`` (nothing produced), ``ValueError`` for a key, topic or
+        traceparent that is not ours, or ``KafkaError``.
         """
         parse_message_key(key)
+        if self.topics.contract(topic) != (schema, version):
+            raise ValueError(
+                f"{topic} carries {contract_name(*self.topics.contract(topic))} records, not {schema}"
+            )
         if traceparent is not None and not _TRACEPARENT.match(traceparent):
             raise ValueError(
                 f"traceparent {traceparent!r} is not W3C Trace Context (00-<trace>-<span>-<flags>)"

@@ -119,6 +119,12 @@ def test_an_invalid_event_is_refused_and_not_produced(
 
     with pytest.raises(ContractError, match=r"attendance\.v1: session/status: enum"):
         producer.publish(topics.attendance, KEY, bad, schema="attendance", version=1, event_id="evt-1")
+    with pytest.raises(ValueError, match=r"carries attendance\.v1 records, not discharge"):
+        producer.publish(topics.attendance, KEY, attendance(2), schema="discharge", version=1, event_id="e")
+    with pytest.raises(ValueError, match="message key"):
+        producer.publish(
+            topics.attendance, "Patient/123", attendance(3), schema="attendance", version=1, event_id="e"
+        )
     producer.flush()
 
     reader = KafkaConsumer(bootstrap_servers=config.bootstrap_servers)

@@ -1,0 +1,550 @@
+"""Incremental pull of one EHR into ``<out>/<ResourceType>.ndjson`` and the state store's replica.
+
+Modes
+-----
+- ``search``: per resource type ``_lastUpdated=gt<cursor - overlap>``; ``since`` overrides the cursor.
+  Types the vendor refuses to search without a patient (``profile.patient_scoped_types``) fan out over
+  the configured panel (a Group's members or a file of ids), ``panel.concurrency`` patients at a time.
+- ``bulk``: one ``$export`` with ``_since`` = the oldest stored cursor of the types asked for; the next
+  cursor of every type is the manifest's ``transactionTime`` (the server's own safe point).
+
+Overlap de-duplication: a resource whose (id, ``meta.versionId``) — or (id, ``meta.lastUpdated``) when the
+server keeps no versions — is already in the replica was delivered by an earlier run and is skipped.
+With an explicit ``since`` nothing is skipped: the caller asked for everything after that instant.
+
+Validation: every resource goes through ``check_resource`` with the vendor's tolerated deviations.
+Small pulls validate in-process; past ``inline_limit`` resources a process pool across the cores takes
+chunks, with a bounded number in flight, while this thread keeps downloading, so the network never waits
+on the parser. Results are consumed in submission order. Rejects go to ``_rejected.ndjson`` as
+``{"resource": …, "error": …}``; kept-with-warning resources are counted and logged (id + class only).
+
+Crash safety (a pull killed at any point and re-run leaves no gap and no duplicate in its output)
+----------------------------------------------------------------------------------------------------
+1. All of a run's files are written as ``.part`` files (``connectors.output``); nothing final changes.
+2. At the end they are fsynced and renamed into place (atomic per file), the folder fsynced.
+3. THEN one database transaction upserts every resource into the replica and advances every cursor.
+
+Replica and cursors move only together, in step 3, and after the output is durable. A run killed before
+step 3 committed leaves the cursors (and the replica, which the overlap de-duplication reads) exactly
+as the last complete run left them, so the re-run fetches the same window again (plus anything newer)
+and its files REPLACE whatever the killed run managed to write: never appended, so no duplicate; the
+window starts at the old cursor, so no gap. A run killed after step 3 is complete. Because all types
+commit in one transaction, the output folder never mixes a committed type with an uncommitted one.
+
+Cursor choice (clock skew)
+--------------------------
+The server evaluates ``_lastUpdated`` against its OWN clock, so the cursor must be in the server's clock
+domain: the highest ``meta.lastUpdated`` seen, never our clock (if our clock ran ahead of the server's,
+a cursor taken from it would skip resources the server stamps "earlier"). Resources committed on the
+server with a stamp a little below that maximum (long transactions, replicas catching up) are what the
+overlap re-reads. One stamp from the future (bad data or a broken server clock) would otherwise push the
+cursor past resources still to come: the cursor is capped at our search start + overlap, which, after
+the next pull subtracts the overlap again, is never later than our search start. A type that brought
+nothing keeps its cursor. Cursors never move backwards.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import shutil
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import structlog
+
+from connectors.bulk import bulk_export
+from connectors.config import EhrConfig
+from connectors.errors import ConnectorError
+from connectors.http import EhrClient
+from connectors.output import RunOutput
+from connectors.panel import load_panel
+from connectors.search import SearchPage, SearchQuery, search_pages
+from connectors.store import Increment, StateStore, rank_of, version_token
+from connectors.validation import check_resource
+
+__all__ = ["PullError", "PullSummary", "pull"]
+
+log = structlog.get_logger()
+
+Mode = Literal["search", "bulk"]
+Progress = Callable[[str, int], None]
+_CHUNK = 250  # resources per validation task: large enough to amortise pickling, small enough to spread
+_INLINE_LIMIT = 2_000  # a pull smaller than this validates in-process (no pool start-up cost)
+_STAGING = ".bulk-staging"
+
+
+class PullError(ConnectorError):
+    """The pull cannot run as configured (e.g. a panel file that cannot be read)."""
+
+    exit_code = 2
+
+
+@dataclass
+class PullSummary:
+    """What one pull did."""
+
+    ehr: str
+    mode: str
+    counts: dict[str, int] = field(default_factory=dict)
+    rejected: int = 0
+    warnings: int = 0
+    duplicates: int = 0  # already delivered by an earlier run (overlap) and skipped
+    pages: int = 0
+    requests: int = 0
+    retries: int = 0
+    bulk_error_lines: int = 0
+    patients: int = 0
+    duration_seconds: float = 0.0
+    cursors: dict[str, str] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+    deviations: Counter[str] = field(default_factory=Counter)
+
+
+def pull(
+    ehr: EhrConfig,
+    store: StateStore,
+    out_dir: Path,
+    *,
+    since: str | None = None,
+    mode: Mode | None = None,
+    resource_types: Sequence[str] | None = None,
+    client_factory: Callable[[EhrConfig], EhrClient] = EhrClient,
+    progress: Progress | None = None,
+    workers: int | None = None,
+    inline_limit: int = _INLINE_LIMIT,
+    clock: Callable[[], float] = time.time,
+) -> PullSummary:
+    """Pull ``ehr`` into ``out_dir`` and the store (see the module docstring for the guarantees).
+
+    ``progress(resource_type, n)`` is called as resources arrive (the CLI draws a bar with it).
+    ``workers`` is the validation pool size (default: the machine's cores; 0 validates in-process).
+    """
+    started = time.monotonic()
+    chosen: Mode = mode or ehr.mode
+    types = tuple(resource_types or ehr.resource_types)
+    if since is not None:
+        _check_instant(since, "since")
+    summary = PullSummary(ehr=ehr.name, mode=chosen)
+    output = RunOutput(out_dir)
+    try:
+        with client_factory(ehr) as client:
+            run = _Run(ehr, store, client, output, summary, since, progress, clock)
+            tolerate = client.profile.tolerated_deviations
+            with _Validator(run.take, tolerate, workers, inline_limit) as validator:
+                run.validator = validator
+                if chosen == "bulk":
+                    run.bulk(types)
+                else:
+                    run.search(types)
+            summary.pages = client.stats.pages
+            summary.requests = client.stats.requests
+            summary.retries = client.stats.retries
+        summary.counts = output.counts()
+        summary.rejected = output.rejected
+        summary.files = output.publish()
+    except BaseException:
+        output.discard()
+        raise
+    increments = [
+        Increment(kind, output.read(kind), run.new_cursors.get(kind) if kind in types else None)
+        for kind in output.types()
+    ]
+    store.commit_increments(ehr.name, increments)
+    summary.cursors = {kind: v for kind in types if (v := store.get_cursor(ehr.name, kind)) is not None}
+    summary.duration_seconds = time.monotonic() - started
+    log.info(
+        "pull_done",
+        ehr=ehr.name,
+        mode=chosen,
+        resources=sum(summary.counts.values()),
+        rejected=summary.rejected,
+        warnings=summary.warnings,
+        duplicates=summary.duplicates,
+        pages=summary.pages,
+        retries=summary.retries,
+        seconds=round(summary.duration_seconds, 3),
+    )
+    return summary
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+class _Run:
+    def __init__(
+        self,
+        ehr: EhrConfig,
+        store: StateStore,
+        client: EhrClient,
+        output: RunOutput,
+        summary: PullSummary,
+        since: str | None,
+        progress: Progress | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.ehr = ehr
+        self.store = store
+        self.client = client
+        self.output = output
+        self.summary = summary
+        self.since = since
+        self.progress = progress
+        self.clock = clock
+        self.validator: _Validator | None = None
+        self.new_cursors: dict[str, str] = {}
+        self._max_seen: dict[str, datetime] = {}
+
+    # search mode
+
+    def search(self, types: Sequence[str]) -> None:
+        scoped = [t for t in types if t in self.client.profile.patient_scoped_types]
+        panel: list[str] | None = None
+        if scoped and self.ehr.panel is not None:
+            try:
+                panel = load_panel(self.client, self.ehr.panel)
+            except ValueError as exc:
+                raise PullError(f"{self.ehr.name}: {exc}") from exc
+            self.summary.patients = len(panel)
+        elif scoped:
+            log.warning("patient_scoped_without_panel", ehr=self.ehr.name, types=len(scoped))
+        for kind in types:
+            self.output.open_type(kind)
+            started = self.clock()
+            query = SearchQuery(kind)
+            lower = self._lower_bound(kind)
+            if lower is not None:
+                query = query.since(lower)
+            if panel is not None and kind in scoped:
+                pages = _fan_out(
+                    self.client, query, panel, self.ehr.panel.concurrency if self.ehr.panel else 1
+                )
+            else:
+                pages = search_pages(self.client, query)
+            for page in pages:
+                self._page(kind, page.resources)
+            self._settle(kind)
+            self._advance(kind, started)
+
+    def _lower_bound(self, kind: str) -> str | None:
+        if self.since is not None:
+            return self.since
+        cursor = self.store.get_cursor(self.ehr.name, kind)
+        if cursor is None:
+            return None
+        instant = _parse_instant(cursor)
+        if instant is None:
+            return cursor
+        return _fhir_instant(instant - timedelta(seconds=self.ehr.overlap_seconds))
+
+    def _page(self, kind: str, resources: list[dict[str, Any]]) -> None:
+        if self.progress is not None:
+            self.progress(kind, len(resources))
+        fresh = self._not_seen_before(kind, resources)
+        for resource in fresh:
+            self._note_stamp(kind, resource)
+        assert self.validator is not None
+        self.validator.submit([orjson.dumps(r) for r in fresh])
+
+    def _not_seen_before(self, kind: str, resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.since is not None or not resources:
+            return resources
+        ids = [r["id"] for r in resources if isinstance(r.get("id"), str)]
+        known = self.store.seen_versions(self.ehr.name, kind, ids) if ids else {}
+        fresh: list[dict[str, Any]] = []
+        for resource in resources:
+            resource_id = resource.get("id")
+            token = version_token(resource)
+            if (
+                isinstance(resource_id, str)
+                and resource_id in known
+                and token is not None
+                and str(token) == known[resource_id]
+                and resource.get("resourceType") == kind
+            ):
+                self.summary.duplicates += 1
+                continue
+            fresh.append(resource)
+        return fresh
+
+    def _note_stamp(self, kind: str, resource: dict[str, Any]) -> None:
+        if resource.get("resourceType") != kind:
+            return
+        meta = resource.get("meta")
+        stamp = _parse_instant(meta.get("lastUpdated")) if isinstance(meta, dict) else None
+        if stamp is not None and (kind not in self._max_seen or stamp > self._max_seen[kind]):
+            self._max_seen[kind] = stamp
+
+    def _settle(self, kind: str) -> None:
+        """Wait for the validation of everything downloaded so far (so a type's counts are final)."""
+        assert self.validator is not None
+        self.validator.drain(block=True)
+
+    def _advance(self, kind: str, started: float) -> None:
+        seen = self._max_seen.get(kind)
+        if seen is None:
+            return
+        cap = datetime.fromtimestamp(started, UTC) + timedelta(seconds=self.ehr.overlap_seconds)
+        if seen > cap:
+            log.warning("future_last_updated", ehr=self.ehr.name, resource=kind, capped_at=_fhir_instant(cap))
+            seen = cap
+        old = _parse_instant(self.store.get_cursor(self.ehr.name, kind))
+        if old is not None and old > seen:
+            return
+        self.new_cursors[kind] = _fhir_instant(seen)
+
+    # bulk mode
+
+    def bulk(self, types: Sequence[str]) -> None:
+        since = self.since
+        if since is None:
+            cursors = [self.store.get_cursor(self.ehr.name, kind) for kind in types]
+            known = [c for c in cursors if c is not None]
+            # One _since for every type: the oldest cursor; a type never pulled means a full export.
+            if len(known) == len(cursors) and known:
+                since = min(known, key=lambda c: _parse_instant(c) or datetime.min.replace(tzinfo=UTC))
+        staging = self.output.out_dir / _STAGING
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            result = bulk_export(
+                self.client,
+                resource_types=types,
+                since=since,
+                out_dir=staging,
+                group_id=self.ehr.bulk_group_id,
+                on_progress=lambda text: log.info("bulk_progress", ehr=self.ehr.name, progress=text[:100]),
+            )
+            self.summary.bulk_error_lines = result.errors
+            for kind in types:
+                self.output.open_type(kind)
+            assert self.validator is not None
+            for kind, paths in sorted(result.files.items()):
+                for path in paths:
+                    for chunk in _ndjson_chunks(path, _CHUNK):
+                        if self.progress is not None:
+                            self.progress(kind, len(chunk))
+                        self.validator.submit(self._bulk_fresh(kind, chunk))
+            self.validator.drain(block=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if _parse_instant(result.transaction_time) is None:
+            raise PullError(f"{self.ehr.name}: $export transactionTime is not an instant")
+        for kind in types:
+            self.new_cursors[kind] = result.transaction_time
+
+    def _bulk_fresh(self, kind: str, lines: list[bytes]) -> list[bytes]:
+        if self.since is not None:
+            return lines
+        parsed: list[tuple[bytes, dict[str, Any] | None]] = []
+        for line in lines:
+            try:
+                value = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                value = None
+            parsed.append((line, value if isinstance(value, dict) else None))
+        dicts = [v for _, v in parsed if v is not None]
+        fresh = {id(v) for v in self._not_seen_before(kind, dicts)}
+        return [line for line, v in parsed if v is None or id(v) in fresh]
+
+    # validated results, in submission order
+
+    def take(self, lines: list[bytes], results: list[_Result]) -> None:
+        for line, (kept, warnings, error) in zip(lines, results, strict=True):
+            if error is not None or kept is None:
+                self._reject(line, error or "rejected")
+                continue
+            resource = orjson.loads(kept)
+            resource_id = resource.get("id")
+            kind = resource["resourceType"]
+            if not isinstance(resource_id, str) or not resource_id:
+                self._reject(line, f"{kind}/?: id is missing (cannot be de-duplicated or kept)")
+                continue
+            if warnings:
+                self.summary.warnings += 1
+                classes = sorted({w.split(" ", 1)[0] for w in warnings})
+                self.summary.deviations.update(classes)
+                log.info(
+                    "resource_kept_with_deviation",
+                    ehr=self.ehr.name,
+                    resource=kind,
+                    id=resource_id,
+                    classes=classes,
+                )
+            meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
+            self.output.write(
+                kind, resource_id, rank_of(meta.get("versionId"), meta.get("lastUpdated")), kept
+            )
+
+    def _reject(self, line: bytes, error: str) -> None:
+        try:
+            raw: object = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raw = line.decode("utf-8", errors="replace")
+        log.warning("resource_rejected", ehr=self.ehr.name, error=error[:300])
+        self.output.reject(raw, error)
+
+
+# -- fan-out over a panel -------------------------------------------------------------------------
+
+
+def _fan_out(
+    client: EhrClient, query: SearchQuery, patients: Sequence[str], concurrency: int
+) -> Iterator[SearchPage]:
+    """Every page of ``query`` for each patient, ``concurrency`` patients at a time, in panel order."""
+
+    def one(patient_id: str) -> list[SearchPage]:
+        return list(search_pages(client, query.for_patient(patient_id)))
+
+    window = max(1, concurrency) * 2  # patients fetched ahead of the consumer: bounds memory
+    with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="panel") as pool:
+        pending: deque[concurrent.futures.Future[list[SearchPage]]] = deque()
+        queue = iter(patients)
+        try:
+            for patient_id in queue:
+                pending.append(pool.submit(one, patient_id))
+                if len(pending) >= window:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+# -- validation beside the download ---------------------------------------------------------------
+
+_Result = tuple[bytes | None, list[str], str | None]
+
+
+def validate_lines(lines: list[bytes], tolerate: frozenset[str]) -> list[_Result]:
+    """Validate NDJSON lines (runs in the worker processes): (kept JSON, warnings, error) per line."""
+    results: list[_Result] = []
+    for line in lines:
+        try:
+            raw = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            results.append((None, [], f"not JSON: {str(exc).split(':', 1)[0]}"))
+            continue
+        checked = check_resource(raw, tolerate=tolerate)
+        if checked.error is not None or checked.resource is None:
+            results.append((None, [], checked.error or "rejected"))
+        else:
+            kept = line if checked.resource is raw else orjson.dumps(checked.resource)
+            results.append((kept, checked.warnings, None))
+    return results
+
+
+class _Validator:
+    """Runs ``validate_lines`` inline or in a process pool; hands results to ``sink`` in order."""
+
+    def __init__(
+        self,
+        sink: Callable[[list[bytes], list[_Result]], None],
+        tolerate: frozenset[str],
+        workers: int | None,
+        inline_limit: int,
+    ) -> None:
+        self.sink = sink
+        self.tolerate = tolerate
+        self.workers = (os.cpu_count() or 1) if workers is None else workers
+        self.inline_limit = inline_limit
+        self.seen = 0
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._pending: deque[tuple[list[bytes], concurrent.futures.Future[list[_Result]]]] = deque()
+        self._buffer: list[bytes] = []
+
+    def __enter__(self) -> _Validator:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, lines: Iterable[bytes]) -> None:
+        for line in lines:
+            self._buffer.append(line)
+            if len(self._buffer) >= _CHUNK:
+                self._flush()
+        self.drain(block=False)
+
+    def drain(self, *, block: bool) -> None:
+        if block:
+            self._flush()
+        while self._pending and (block or self._pending[0][1].done()):
+            lines, future = self._pending.popleft()
+            self.sink(lines, future.result())
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        chunk, self._buffer = self._buffer, []
+        self.seen += len(chunk)
+        if self.workers <= 0 or self.seen <= self.inline_limit:
+            # In-process: keep the order with whatever is still in the pool.
+            self.drain(block=False)
+            if not self._pending:
+                self.sink(chunk, validate_lines(chunk, self.tolerate))
+                return
+        if self._pool is None:
+            # spawn, not fork: the download threads (panel fan-out, httpx) must not be forked mid-flight.
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=max(1, self.workers), mp_context=multiprocessing.get_context("spawn")
+            )
+        self._pending.append((chunk, self._pool.submit(validate_lines, chunk, self.tolerate)))
+        # Bounded in flight: the download waits only when the workers are this far behind.
+        while len(self._pending) > 4 * max(1, self.workers):
+            lines, future = self._pending.popleft()
+            self.sink(lines, future.result())
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _ndjson_chunks(path: Path, size: int) -> Iterator[list[bytes]]:
+    chunk: list[bytes] = []
+    with path.open("rb") as lines:
+        for line in lines:
+            stripped = line.strip()
+            if not stripped:
+                continue
+            chunk.append(stripped)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def _parse_instant(value: object) -> datetime | None:
+    if not isinstance(value, str) or "T" not in value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    return parsed.astimezone(UTC) if parsed.tzinfo is not None else None
+
+
+def _check_instant(value: str, name: str) -> None:
+    text = value.strip()
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise PullError(f"{name} must be an ISO date or instant with a zone, got {value!r}") from exc
+    if "T" in text and parsed.tzinfo is None:
+        raise PullError(f"{name} needs a zone (Z or ±hh:mm): {value!r}")
+
+
+def _fhir_instant(moment: datetime) -> str:
+    moment = moment.astimezone(UTC)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if moment.microsecond:
+        text += f".{moment.microsecond // 1000:03d}"
+    return text + "Z"

@@ -36,7 +36,14 @@ from typing import Any, Final, TypeVar
 import orjson
 import structlog
 from jsonschema import Draft202012Validator
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka import (
+    ConsumerRebalanceListener,
+    KafkaAdminClient,
+    KafkaConsumer,
+    KafkaProducer,
+    OffsetAndMetadata,
+    TopicPartition,
+)
 from kafka import errors as kafka_errors
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
@@ -149,6 +156,29 @@ def connect(factory: Callable[[], T], *, what: str, bootstrap: str) -> T:
         return factory()
     except kafka_errors.KafkaError as exc:
         raise KafkaError(f"Kafka: {what}: cannot reach {bootstrap} ({type(exc).__name__})") from exc
+
+
+def ensure_topics(config: KafkaConfig, *, partitions: int = 6) -> list[str]:
+    """Create those of our topics (with the configured prefix) that the cluster lacks; returns their
+    names. For the local broker and the demo, which do not auto-create topics; in production the
+    topics (and their ACLs, the Part 2 ones above all) are usually provisioned by the platform."""
+    wanted = Topics(config.topic_prefix).all()
+    admin = connect(
+        lambda: KafkaAdminClient(**client_kwargs(config)),
+        what="admin client",
+        bootstrap=config.bootstrap_servers,
+    )
+    try:
+        existing = set(with_retries(admin.list_topics, what="listing topics"))
+        missing = [name for name in wanted if name not in existing]
+        if missing:
+            # replication_factor -1: the broker's default.replication.factor.
+            spec = {name: {"num_partitions": partitions, "replication_factor": -1} for name in missing}
+            with_retries(lambda: admin.create_topics(spec, wait_for_metadata=True), what="creating topics")
+            log.info("topics_created", count=len(missing), partitions=partitions)
+        return missing
+    finally:
+        admin.close()
 
 
 @cache

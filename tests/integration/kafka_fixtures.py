@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,7 +88,7 @@ class TopicFactory:
     def __call__(self, name: str | None = None, *, partitions: int = 1) -> str:
         topic = name or unique_name()
         self.admin.create_topics(
-            [NewTopic(topic, num_partitions=partitions, replication_factor=1)], wait_for_metadata=True
+            {topic: {"num_partitions": partitions, "replication_factor": 1}}, wait_for_metadata=True
         )
         self.created.append(topic)
         return topic

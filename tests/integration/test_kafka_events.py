@@ -15,7 +15,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from schemas import ContractError, Topics, message_key
 from sync import deadletter
 from sync.config import KafkaConfig
-from sync.kafka import Event, EventConsumer, EventProducer, PermanentEventError
+from sync.kafka import Event, EventConsumer, EventProducer, PermanentEventError, ensure_topics
 from tests.integration.kafka_fixtures import TopicFactory, unique_name
 
 pytestmark = pytest.mark.integration
@@ -312,3 +312,18 @@ def test_a_rebalance_moves_partitions_without_losing_or_skipping_records(
         offsets = sorted(e.offset for _, e in seen if e.partition == partition)
         assert offsets == list(range(len(offsets))), "from the committed offset on, nothing skipped"
         assert committed(config, topics.attendance, partition) == len(offsets)
+
+
+def test_ensure_topics_creates_only_what_is_missing(
+    kafka_bootstrap: str, topic_prefix: str, make_topic: TopicFactory, kafka_admin: Any
+) -> None:
+    config = KafkaConfig(bootstrap_servers=kafka_bootstrap, topic_prefix=topic_prefix)
+    named = Topics(topic_prefix)
+    make_topic(named.attendance)
+
+    created = ensure_topics(config, partitions=2)
+    make_topic.created.extend(created)
+
+    assert sorted(created) == sorted(set(named.all()) - {named.attendance})
+    assert ensure_topics(config, partitions=2) == []
+    assert set(named.all()) <= set(kafka_admin.list_topics())

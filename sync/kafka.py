@@ -17,6 +17,8 @@
   Offsets are committed before every poll, so when a rebalance revokes partitions there is no finished
   but uncommitted work to lose, and the rebalance listener only abandons what belonged to them.
 
+``ensure_topics`` creates our missing topics on a broker that does not auto-create them.
+
 Errors from kafka-python are retried when the client marks them ``retriable`` (its own classification,
 not a list kept here), a bounded number of times; then they become ``sync.errors.KafkaError``.
 """

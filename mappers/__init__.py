@@ -1,3 +1,28 @@
 """Pure mappers: FHIR R4 resources -> IOP episodes, EpisodeOfCare resources and referral records."""
 
-__all__: list[str] = []
+from mappers.codes import LEVEL_SYSTEM
+from mappers.episodes import EPISODE_NAMESPACE, MappingResult, anchor_key, episode_id, map_episodes
+from mappers.index import Reject
+from mappers.levels import Classification, classify_encounter
+from mappers.rules import LEVEL_RANK, Rule, Rules, RulesError, default_rules, load_rules
+from mappers.settings import EpisodeSettings, PayerProfile
+
+__all__ = [
+    "EPISODE_NAMESPACE",
+    "LEVEL_RANK",
+    "LEVEL_SYSTEM",
+    "Classification",
+    "EpisodeSettings",
+    "MappingResult",
+    "PayerProfile",
+    "Reject",
+    "Rule",
+    "Rules",
+    "RulesError",
+    "anchor_key",
+    "classify_encounter",
+    "default_rules",
+    "episode_id",
+    "load_rules",
+    "map_episodes",
+]

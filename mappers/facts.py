@@ -1,0 +1,400 @@
+"""Per-episode facts: attendance by week, service lines per day, diagnoses, payer, Part 2, care plans.
+
+Pure helpers over the engine's ``Visit`` records and the patient's other resources (dicts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, tzinfo
+from typing import Any, Final
+
+from mappers.codes import (
+    ACT_CODE,
+    CONFIDENTIALITY,
+    ICD10CM,
+    US_PRIVACY_LAW,
+    canonical_system,
+    codings,
+    icd10_f_range,
+    normalise_code,
+    system_key,
+)
+from mappers.fhir import FhirValueError, parse_datetime, reference_key, rfc3339
+from mappers.index import resolve
+from mappers.settings import EpisodeSettings, PayerProfile
+from mappers.visits import Visit
+
+#: Codes that name a per-diem day rather than a service (not counted as services of a line).
+PER_DIEM_CODES: Final = frozenset({"S9480", "H0015", "H0035", "S0201", "H0018", "H0019", "H2036", "S9484"})
+SERVICE_SYSTEMS: Final = ("hcpcs", "cpt")
+#: F10-F16, F18, F19: substance use disorders (F17 nicotine does not make an episode Part 2).
+SUD_F_RANGES: Final = frozenset({10, 11, 12, 13, 14, 15, 16, 18, 19})
+SECURITY_LABELS: Final = (
+    {"system": ACT_CODE, "code": "ETH", "display": "substance abuse information sensitivity"},
+    {"system": CONFIDENTIALITY, "code": "R", "display": "restricted"},
+    {"system": US_PRIVACY_LAW, "code": "42CFRPart2", "display": "42 CFR Part2"},
+)
+CONDITION_CODES: Final = {"iop": "92", "php": "41"}
+_UNIT_HOURS: Final = {"s": 1 / 3600, "min": 1 / 60, "h": 1.0, "d": 24.0}
+_UNIT_DAYS: Final = {
+    "s": 1 / 86400,
+    "min": 1 / 1440,
+    "h": 1 / 24,
+    "d": 1.0,
+    "wk": 7.0,
+    "mo": 30.4375,
+    "a": 365.25,
+}
+
+
+def session_hours(visit: Visit, settings: EpisodeSettings) -> float:
+    """Hours of one session from its period; the configured default when the period has no usable end."""
+    if visit.end is None:
+        return settings.default_session_hours
+    hours = (visit.end - visit.start).total_seconds() / 3600
+    if hours <= 0 or hours > settings.max_session_hours:
+        return settings.default_session_hours
+    return hours
+
+
+def week_start(day: date, week: str) -> date:
+    if week == "sunday":
+        return day - timedelta(days=(day.weekday() + 1) % 7)
+    return day - timedelta(days=day.weekday())
+
+
+def attendance(level: str, sessions: Sequence[Visit], settings: EpisodeSettings) -> dict[str, Any]:
+    """Sessions and hours attended, with a tally per week (every week from the first to the last)."""
+    hours_by_week: dict[date, float] = {}
+    sessions_by_week: dict[date, int] = {}
+    total = 0.0
+    for visit in sessions:
+        hours = session_hours(visit, settings)
+        total += hours
+        week = week_start(visit.day, settings.week)
+        hours_by_week[week] = hours_by_week.get(week, 0.0) + hours
+        sessions_by_week[week] = sessions_by_week.get(week, 0) + 1
+    weeks = []
+    minimum = settings.min_weekly_hours(level)
+    if hours_by_week:
+        week = min(hours_by_week)
+        last = max(hours_by_week)
+        while week <= last:
+            hours = round(hours_by_week.get(week, 0.0), 2)
+            entry: dict[str, Any] = {
+                "week_start": week.isoformat(),
+                "sessions": sessions_by_week.get(week, 0),
+                "hours": hours,
+                "meets_minimum": True if minimum is None else hours >= minimum,
+            }
+            if level == "iop":
+                entry["looks_like_php"] = hours >= settings.iop_flag_weekly_hours
+            weeks.append(entry)
+            week += timedelta(days=7)
+    return {"sessions_attended": len(sessions), "hours_attended": round(total, 2), "weeks": weeks}
+
+
+def _service_codings(value: Any) -> Iterator[dict[str, str]]:
+    for key, code in codings(value):
+        if key in SERVICE_SYSTEMS and code not in PER_DIEM_CODES:
+            yield {"system": canonical_system(key), "code": code}
+
+
+def service_lines(
+    sessions: Sequence[Visit],
+    procedures: Sequence[Mapping[str, Any]],
+    shared: Mapping[str, Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """Per attended day: the service codes of that day's sessions and of Procedures done in them."""
+    by_day: dict[date, list[dict[str, str]]] = {}
+    day_of: dict[str, date] = {}
+    for visit in sessions:
+        day_of[visit.key] = visit.day
+        services = by_day.setdefault(visit.day, [])
+        services.extend(_service_codings(visit.resource.get("type")))
+        services.extend(_service_codings(visit.resource.get("serviceType")))
+    for procedure in procedures:
+        if procedure.get("status") in ("not-done", "entered-in-error", "preparation"):
+            continue
+        encounter = resolve(procedure.get("encounter"), shared)
+        if encounter in day_of:
+            by_day[day_of[encounter]].extend(_service_codings(procedure.get("code")))
+    lines = []
+    for day in sorted(by_day):
+        services = sorted(by_day[day], key=lambda s: (s["code"], s["system"]))
+        lines.append({"date": day.isoformat(), "services": services, "count": len(services)})
+    return lines
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    code: str
+    normalised: str
+    condition: str | None
+    rank: int | None
+
+
+def _icd_codes(value: Any) -> Iterator[str]:
+    if isinstance(value, list):
+        for item in value:
+            yield from _icd_codes(item)
+        return
+    if not isinstance(value, Mapping):
+        return
+    for coding in value.get("coding") or []:
+        if (
+            isinstance(coding, Mapping)
+            and isinstance(coding.get("code"), str)
+            and system_key(coding.get("system")) == "icd10cm"
+        ):
+            yield str(coding["code"]).strip()
+
+
+def diagnoses_of(resource: Mapping[str, Any], shared: Mapping[str, Mapping[str, Any]]) -> list[Diagnosis]:
+    """ICD-10-CM diagnoses of an Encounter or EpisodeOfCare: diagnosis (with rank), reasonCode, reasons."""
+    found: list[Diagnosis] = []
+    for entry in resource.get("diagnosis") or []:
+        if not isinstance(entry, Mapping):
+            continue
+        rank = entry.get("rank") if isinstance(entry.get("rank"), int) else None
+        target = entry.get("condition")
+        key = resolve(target, shared)
+        condition = shared.get(key) if key else None
+        if key and key.startswith("#"):
+            condition = next(
+                (
+                    c
+                    for c in resource.get("contained") or []
+                    if isinstance(c, Mapping) and c.get("id") == key[1:]
+                ),
+                None,
+            )
+            key = None
+        codes = _icd_codes(condition.get("code")) if condition else _icd_codes(target)
+        for code in codes:
+            found.append(Diagnosis(code, normalise_code("icd10cm", code), key, rank))
+    for code in _icd_codes(resource.get("reasonCode")):
+        found.append(Diagnosis(code, normalise_code("icd10cm", code), None, None))
+    for target in resource.get("reasonReference") or []:
+        key = resolve(target, shared)
+        condition = shared.get(key) if key else None
+        if condition is not None:
+            for code in _icd_codes(condition.get("code")):
+                found.append(Diagnosis(code, normalise_code("icd10cm", code), key, None))
+    return found
+
+
+def billing_diagnoses(ordered: Sequence[Sequence[Diagnosis]]) -> list[dict[str, Any]]:
+    """Principal first (rank 1 on the earliest resource, else its first F code, else its first code)."""
+    flat = [d for group in ordered for d in group]
+    if not flat:
+        return []
+    ranked = [d for d in flat if d.rank == 1]
+    behavioral = [d for d in flat if icd10_f_range(d.normalised) is not None]
+    principal = (ranked or behavioral or flat)[0]
+    result: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for diagnosis in [principal, *flat]:
+        if diagnosis.normalised in seen:
+            continue
+        seen.add(diagnosis.normalised)
+        condition = next(
+            (d.condition for d in flat if d.normalised == diagnosis.normalised and d.condition), None
+        )
+        result.append(
+            {
+                "system": ICD10CM,
+                "code": diagnosis.code,
+                "principal": not result,
+                "condition": {"reference": condition} if condition else None,
+            }
+        )
+    return result
+
+
+def is_substance_use(sessions: Sequence[Visit], principal: str | None) -> bool:
+    """H0015 or revenue 0906 on a session, or an F10-F16/F18/F19 principal diagnosis."""
+    for visit in sessions:
+        for source in (visit.resource.get("type"), visit.resource.get("serviceType")):
+            for key, code in codings(source):
+                if (key, code) in (("hcpcs", "H0015"), ("revenue", "0906")):
+                    return True
+    number = icd10_f_range(principal) if principal else None
+    return number in SUD_F_RANGES
+
+
+def security_labels(part2: bool) -> list[dict[str, str]]:
+    return [dict(label) for label in SECURITY_LABELS] if part2 else []
+
+
+def _payer_matches(profile: PayerProfile, coverage: Mapping[str, Any], shared: Mapping[str, Any]) -> bool:
+    for payor in coverage.get("payor") or []:
+        if not isinstance(payor, Mapping):
+            continue
+        key = reference_key(payor)
+        if key and (key in profile.payor_ids or key.split("/")[-1] in profile.payor_ids):
+            return True
+        identifier = payor.get("identifier")
+        if isinstance(identifier, Mapping) and identifier.get("value") in profile.payor_ids:
+            return True
+        organization = shared.get(key) if key else None
+        names = [str(payor.get("display") or "")]
+        if organization is not None:
+            names.append(str(organization.get("name") or ""))
+        if any(part.lower() in name.lower() for part in profile.name_contains for name in names if name):
+            return True
+    codes = {code for _, code in codings(coverage.get("type"))}
+    return bool(codes & {c.upper() for c in profile.coverage_types})
+
+
+def payer(
+    coverages: Sequence[Mapping[str, Any]],
+    first: date,
+    last: date,
+    *,
+    zone: tzinfo,
+    settings: EpisodeSettings,
+    shared: Mapping[str, Mapping[str, Any]],
+) -> tuple[dict[str, Any] | None, PayerProfile]:
+    """The Coverage in force over the episode (lowest ``order``) and the payer profile it selects."""
+    chosen: list[tuple[int, str, Mapping[str, Any]]] = []
+    for coverage in coverages:
+        if coverage.get("status") not in (None, "active"):
+            continue
+        if not _overlaps(coverage.get("period"), first, last, zone):
+            continue
+        raw_order = coverage.get("order")
+        order = raw_order if isinstance(raw_order, int) else 1_000_000
+        chosen.append((order, str(coverage.get("id")), coverage))
+    if not chosen:
+        return None, settings.default_payer
+    coverage = min(chosen, key=lambda c: (c[0], c[1]))[2]
+    profile = next((p for p in settings.payer_profiles if _payer_matches(p, coverage, shared)), None)
+    profile = profile or settings.default_payer
+    payors = [p for p in coverage.get("payor") or [] if isinstance(p, Mapping)]
+    record: dict[str, Any] = {
+        "coverage": {"reference": f"Coverage/{coverage.get('id')}"},
+        "profile": profile.name,
+    }
+    if payors:
+        first_payor = payors[0]
+        payor_record: dict[str, Any] = {}
+        key = reference_key(first_payor)
+        if key:
+            payor_record["reference"] = key
+        if first_payor.get("display"):
+            payor_record["display"] = str(first_payor["display"])
+        record["payor"] = payor_record or None
+    else:
+        record["payor"] = None
+    return record, profile
+
+
+def _overlaps(period: Any, first: date, last: date, zone: tzinfo) -> bool:
+    if not isinstance(period, Mapping):
+        return True
+    try:
+        start = parse_datetime(period["start"], zone).astimezone(zone).date() if period.get("start") else None
+        end = parse_datetime(period["end"], zone).astimezone(zone).date() if period.get("end") else None
+    except FhirValueError:
+        return False
+    return (start is None or start <= last) and (end is None or end >= first)
+
+
+def _schedule(plan: Mapping[str, Any]) -> dict[str, float | None]:
+    sessions = 0.0
+    hours = 0.0
+    timed = False
+    for activity in plan.get("activity") or []:
+        detail = activity.get("detail") if isinstance(activity, Mapping) else None
+        if not isinstance(detail, Mapping) or detail.get("status") in (
+            "cancelled",
+            "stopped",
+            "entered-in-error",
+        ):
+            continue
+        repeat = (detail.get("scheduledTiming") or {}).get("repeat")
+        if not isinstance(repeat, Mapping):
+            continue
+        raw_frequency = repeat.get("frequency")
+        frequency = float(raw_frequency) if isinstance(raw_frequency, int | float) else 1.0
+        days = repeat.get("dayOfWeek")
+        per_week: float | None = None
+        if isinstance(days, list) and days:
+            per_week = len(days) * float(frequency)
+        elif isinstance(repeat.get("period"), int | float) and repeat.get("periodUnit") in _UNIT_DAYS:
+            period_days = float(repeat["period"]) * _UNIT_DAYS[str(repeat["periodUnit"])]
+            per_week = float(frequency) * 7 / period_days if period_days > 0 else None
+        if per_week is None:
+            continue
+        timed = True
+        sessions += per_week
+        duration = repeat.get("duration")
+        unit = repeat.get("durationUnit")
+        if isinstance(duration, int | float) and unit in _UNIT_HOURS:
+            hours += per_week * float(duration) * _UNIT_HOURS[str(unit)]
+    if not timed:
+        return {"sessions_per_week": None, "hours_per_session": None, "hours_per_week": None}
+    return {
+        "sessions_per_week": round(sessions, 2),
+        "hours_per_session": round(hours / sessions, 2) if sessions and hours else None,
+        "hours_per_week": round(hours, 2) if hours else None,
+    }
+
+
+def care_plans(
+    plans: Sequence[Mapping[str, Any]],
+    first: date,
+    last: date,
+    *,
+    zone: tzinfo,
+    encounters: set[str],
+    shared: Mapping[str, Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """Plans overlapping the episode: schedule, period and last revision (``meta.lastUpdated``)."""
+    found = []
+    for plan in plans:
+        period = plan.get("period")
+        linked = resolve(plan.get("encounter"), shared) in encounters
+        if isinstance(period, Mapping) and period.get("start"):
+            if not _overlaps(period, first, last, zone):
+                continue
+        elif not linked:
+            created = plan.get("created")
+            if not created or not _overlaps({"start": created, "end": created}, first, last, zone):
+                continue
+        found.append(_plan_record(plan, zone))
+    return sorted(found, key=lambda p: str(p["reference"]))
+
+
+def _date_of(value: Any, zone: tzinfo) -> str | None:
+    try:
+        return parse_datetime(value, zone).astimezone(zone).date().isoformat() if value else None
+    except FhirValueError:
+        return None
+
+
+def _plan_record(plan: Mapping[str, Any], zone: tzinfo) -> dict[str, Any]:
+    period = plan.get("period") if isinstance(plan.get("period"), Mapping) else {}
+    assert isinstance(period, Mapping)
+    meta = plan.get("meta") if isinstance(plan.get("meta"), Mapping) else {}
+    assert isinstance(meta, Mapping)
+    revised: str | None = None
+    if meta.get("lastUpdated"):
+        try:
+            revised = rfc3339(parse_datetime(meta["lastUpdated"], zone))
+        except FhirValueError:
+            revised = None
+    return {
+        "reference": f"CarePlan/{plan.get('id')}",
+        "status": str(plan.get("status") or "unknown"),
+        "period": {"start": _date_of(period.get("start"), zone), "end": _date_of(period.get("end"), zone)},
+        "last_revised": revised,
+        "schedule": _schedule(plan),
+    }
+
+
+def local_date(moment: datetime, zone: tzinfo) -> date:
+    return moment.astimezone(zone).date()

@@ -1,0 +1,91 @@
+"""Small helpers over FHIR resources held as plain dicts: references and date/time values.
+
+The engine works on dicts (not ``fhir.resources`` models) because it must be fast on millions of
+Encounters; these helpers are the only places that know how FHIR spells references and times.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
+from typing import Any, Final
+
+_DATETIME: Final = re.compile(
+    r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
+    r"(?:[T ](?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?:\.(?P<f>\d+))?)?"
+    r"(?P<tz>Z|[+-]\d{2}:?\d{2})?)?)?)?$"
+)
+
+
+class FhirValueError(ValueError):
+    """A value in a resource cannot be read (unparsable date, malformed reference)."""
+
+
+def parse_datetime(value: Any, zone: tzinfo) -> datetime:
+    """A FHIR date / dateTime / instant as an aware datetime.
+
+    Partial dates (``2025``, ``2025-03``, ``2025-03-04``) mean their first instant; a time without an
+    offset is read in ``zone`` (the EHR's configured time zone). Raises ``FhirValueError``.
+    """
+    if not isinstance(value, str):
+        raise FhirValueError(f"not a date: {type(value).__name__}")
+    match = _DATETIME.match(value.strip())
+    if match is None:
+        raise FhirValueError(f"unparsable date {value!r}")
+    parts = match.groupdict()
+    try:
+        day = date(int(parts["y"]), int(parts["m"] or 1), int(parts["d"] or 1))
+        fraction = (parts["f"] or "0")[:6].ljust(6, "0")
+        clock = time(int(parts["H"] or 0), int(parts["M"] or 0), int(parts["S"] or 0), int(fraction))
+    except ValueError as exc:
+        raise FhirValueError(f"unparsable date {value!r}") from exc
+    offset = parts["tz"]
+    if offset is None:
+        return datetime.combine(day, clock).replace(tzinfo=zone)
+    if offset == "Z":
+        return datetime.combine(day, clock).replace(tzinfo=UTC)
+    text = offset.replace(":", "")
+    sign = -1 if text[0] == "-" else 1
+    delta = timedelta(hours=int(text[1:3]), minutes=int(text[3:5]))
+    try:
+        return datetime.combine(day, clock).replace(tzinfo=timezone(sign * delta))
+    except ValueError as exc:
+        raise FhirValueError(f"unparsable date {value!r}") from exc
+
+
+def rfc3339(moment: datetime) -> str:
+    """An aware datetime as RFC 3339 with its offset (``Z`` for UTC), seconds precision."""
+    text = moment.replace(microsecond=0).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def reference_key(value: Any) -> str | None:
+    """``Type/id`` of a reference (absolute URL, ``_history`` and contained ``#id`` kept as is).
+
+    ``urn:uuid:…`` / ``urn:oid:…`` references (Bundle entries) come back unchanged; the index resolves them
+    by resource id.
+    """
+    reference = value.get("reference") if isinstance(value, Mapping) else value
+    if not isinstance(reference, str) or not reference.strip():
+        return None
+    reference = reference.strip()
+    if reference.startswith(("#", "urn:")):
+        return reference
+    parts = reference.split("?")[0].rstrip("/").split("/")
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    if len(parts) < 2 or not parts[-1] or not parts[-2][:1].isupper():
+        return None
+    return f"{parts[-2]}/{parts[-1]}"
+
+
+def reference_id(value: Any, resource_type: str) -> str | None:
+    """The id of a reference to ``resource_type`` (``Patient/12`` -> ``12``), else None."""
+    key = reference_key(value)
+    if key is None:
+        return None
+    if key.startswith("urn:uuid:"):
+        return key[len("urn:uuid:") :]
+    prefix = resource_type + "/"
+    return key[len(prefix) :] if key.startswith(prefix) else None

@@ -1,0 +1,200 @@
+"""Classifying an Encounter into a level of care by the rule table.
+
+Tiers in order of precedence: a hospital Location / department id, ``Encounter.type`` / ``serviceType``
+codings, the ``Location.type`` of the Encounter's locations, then ``Encounter.class``. Within a tier the
+first matching rule in table order wins. A rule marked ``qualifier`` needs a behavioral-health qualifier
+(an F01-F99 diagnosis, a psychiatric location, admit source ``psych``, a configured service type or
+department). Every result says which rule fired and why, for ``--explain``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mappers.codes import codings
+from mappers.fhir import reference_key
+from mappers.rules import NONE_LEVEL, Rule, Rules
+
+#: The resources an Encounter refers to, by reference key (``"Location/1"``, ``"Condition/7"``, and
+#: ``"urn:uuid:…"`` for Bundle entries).
+References = Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The level of an Encounter (None = not a level-of-care encounter) and the rule that decided it."""
+
+    level: str | None
+    rule_id: str | None
+    reason: str
+
+
+def _refs(encounter: Mapping[str, Any]) -> list[str]:
+    """Location and department (serviceProvider) reference keys of an Encounter."""
+    found = []
+    for item in encounter.get("location") or []:
+        if isinstance(item, Mapping):
+            key = reference_key(item.get("location"))
+            if key:
+                found.append(key)
+    provider = reference_key(encounter.get("serviceProvider"))
+    if provider:
+        found.append(provider)
+    return found
+
+
+def _resolve(key: str, context: References, encounter: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    if key.startswith("#"):
+        for contained in encounter.get("contained") or []:
+            if isinstance(contained, Mapping) and contained.get("id") == key[1:]:
+                return contained
+        return None
+    return context.get(key)
+
+
+def _location_types(encounter: Mapping[str, Any], context: References) -> Iterator[tuple[str, str]]:
+    for item in encounter.get("location") or []:
+        if not isinstance(item, Mapping):
+            continue
+        key = reference_key(item.get("location"))
+        location = _resolve(key, context, encounter) if key else None
+        if location is not None:
+            yield from codings(location.get("type"))
+
+
+def _service_codes(encounter: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    yield from codings(encounter.get("type"))
+    yield from codings(encounter.get("serviceType"))
+
+
+def _class_codes(encounter: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    for system, code in codings(encounter.get("class")):
+        yield (system or "actcode"), code
+
+
+def encounter_classes(encounter: Mapping[str, Any]) -> frozenset[str]:
+    return frozenset(code for system, code in _class_codes(encounter) if system == "actcode")
+
+
+def diagnosis_codings(encounter: Mapping[str, Any], context: References) -> Iterator[tuple[str, str]]:
+    """Codings of ``reasonCode``, ``diagnosis.condition`` and ``reasonReference`` Conditions."""
+    yield from codings(encounter.get("reasonCode"))
+    targets = [d.get("condition") for d in encounter.get("diagnosis") or [] if isinstance(d, Mapping)]
+    targets.extend(encounter.get("reasonReference") or [])
+    for target in targets:
+        if isinstance(target, Mapping) and "concept" in target:
+            yield from codings(target)
+            continue
+        key = reference_key(target)
+        condition = _resolve(key, context, encounter) if key else None
+        if condition is not None:
+            yield from codings(condition.get("code"))
+
+
+def qualifier_of(encounter: Mapping[str, Any], context: References, rules: Rules) -> str | None:
+    """Why the Encounter is behavioral-health care (``"<qualifier id>: <evidence>"``), or None."""
+    checks: list[tuple[str, Iterator[tuple[str, str]]]] = [
+        ("diagnosis", diagnosis_codings(encounter, context)),
+        ("location_type", _location_types(encounter, context)),
+        ("admit_source", codings((encounter.get("hospitalization") or {}).get("admitSource"))),
+        ("service_type", _service_codes(encounter)),
+    ]
+    for kind, found in checks:
+        qualifiers = rules.qualifiers_on(kind)
+        if not qualifiers:
+            continue
+        for system, code in found:
+            for qualifier in qualifiers:
+                if (not qualifier.system or qualifier.system == system) and qualifier.matches_code(code):
+                    return f"{qualifier.id}: {kind} {system} {code}"
+    departments = rules.qualifiers_on("location")
+    if departments:
+        for key in _refs(encounter):
+            for qualifier in departments:
+                if key in qualifier.ids or key.split("/")[-1] in qualifier.ids:
+                    return f"{qualifier.id}: location {key}"
+    return None
+
+
+class _Qualified:
+    """The behavioral-health qualifier, computed at most once per classification."""
+
+    def __init__(self, encounter: Mapping[str, Any], context: References, rules: Rules) -> None:
+        self._args = (encounter, context, rules)
+        self._done = False
+        self._value: str | None = None
+
+    def get(self) -> str | None:
+        if not self._done:
+            self._value = qualifier_of(*self._args)
+            self._done = True
+        return self._value
+
+
+def _applies(rule: Rule, classes: frozenset[str], qualified: _Qualified) -> bool:
+    if rule.classes and not (rule.classes & classes):
+        return False
+    return not rule.qualifier or qualified.get() is not None
+
+
+def classify_encounter(encounter: Mapping[str, Any], context: References, rules: Rules) -> Classification:
+    """The level of care of one Encounter and the rule that fired (pure; no I/O).
+
+    ``context`` maps reference keys to the Locations and Conditions the Encounter may point at.
+    """
+    classes = encounter_classes(encounter)
+    qualified = _Qualified(encounter, context, rules)
+    order = rules.order
+    missing_qualifier: Rule | None = None
+
+    tiers: list[tuple[str, list[tuple[str, str, tuple[Rule, ...]]]]] = [
+        (
+            "location",
+            [
+                ("location", key, rules.location_rules(key) + rules.location_rules(key.split("/")[-1]))
+                for key in _refs(encounter)
+            ],
+        ),
+        (
+            "code",
+            [("code", f"{s} {c}", rules.candidates("code", s, c)) for s, c in _service_codes(encounter)],
+        ),
+        (
+            "location_type",
+            [
+                ("Location.type", f"{s} {c}", rules.candidates("location_type", s, c))
+                for s, c in _location_types(encounter, context)
+            ],
+        ),
+        (
+            "class",
+            [("class", f"{s} {c}", rules.candidates("class", s, c)) for s, c in _class_codes(encounter)],
+        ),
+    ]
+    for _tier, hits in tiers:
+        best: tuple[int, Rule, str, str] | None = None
+        for what, value, candidates in hits:
+            for rule in candidates:
+                if not _applies(rule, classes, qualified):
+                    if rule.qualifier and (not rule.classes or rule.classes & classes):
+                        missing_qualifier = missing_qualifier or rule
+                    continue
+                rank = order[rule.id]
+                if best is None or rank < best[0]:
+                    best = (rank, rule, what, value)
+        if best is not None:
+            _, rule, what, value = best
+            reason = f"rule {rule.id}: {what} {value}"
+            if rule.qualifier:
+                reason += f"; behavioral-health qualifier {qualified.get()}"
+            level = None if rule.level == NONE_LEVEL else rule.level
+            return Classification(level=level, rule_id=rule.id, reason=reason)
+    if missing_qualifier is not None:
+        return Classification(
+            level=None,
+            rule_id=None,
+            reason=f"no level: rule {missing_qualifier.id} needs a behavioral-health qualifier",
+        )
+    return Classification(level=None, rule_id=None, reason="no rule matched")

@@ -1,0 +1,162 @@
+"""Encounters and EpisodeOfCare resources read once into small typed records the engine sorts and groups.
+
+A ``Visit`` is one Encounter with its times in the EHR's zone, its own classification and, once grouping
+hints are applied, its effective level. A ``Grouping`` is one EpisodeOfCare: an EHR's own (a grouping hint
+that anchors an episode) or ours (carrying ``urn:iop-bridge:episode-id``: never an anchor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime, tzinfo
+from typing import Any, Final
+
+from mappers.fhir import FhirValueError, parse_datetime
+from mappers.index import Reject, resolve
+from mappers.levels import Classification, References, classify_encounter
+from mappers.rules import Rules
+from schemas.identifiers import EPISODE_ID_SYSTEM, SESSION_ID_SYSTEM
+
+ATTENDED: Final = frozenset({"finished", "arrived", "triaged", "in-progress", "onleave"})
+GROUPING_STATUSES: Final = frozenset({"active", "onhold", "finished"})
+
+
+@dataclass
+class Visit:
+    key: str
+    resource: Mapping[str, Any]
+    status: str
+    attended: bool
+    start: datetime
+    end: datetime | None
+    day: date
+    classification: Classification
+    level: str | None
+    part_of: str | None
+    episodes_of_care: list[str]
+    session_id: str | None
+    disposition: dict[str, Any] | None
+    is_admission: bool = False
+    hint: str | None = None  # key of the Grouping or admission Encounter that groups it
+
+    @property
+    def last_moment(self) -> datetime:
+        return self.end if self.end is not None and self.end >= self.start else self.start
+
+
+@dataclass
+class Grouping:
+    key: str
+    resource: Mapping[str, Any]
+    status: str
+    ours: str | None  # our episode id when we wrote it
+    start: datetime | None
+    end: datetime | None
+    level: str | None
+    classification: Classification
+    members: list[str] = field(default_factory=list)
+
+
+def _identifier_value(resource: Mapping[str, Any], system: str) -> str | None:
+    for identifier in resource.get("identifier") or []:
+        if isinstance(identifier, Mapping) and identifier.get("system") == system and identifier.get("value"):
+            return str(identifier["value"])
+    return None
+
+
+def _period(
+    resource: Mapping[str, Any], zone: tzinfo, rejects: list[Reject]
+) -> tuple[datetime | None, datetime | None, bool]:
+    period = resource.get("period") if isinstance(resource.get("period"), Mapping) else {}
+    assert isinstance(period, Mapping)
+    start = end = None
+    try:
+        if period.get("start") is not None:
+            start = parse_datetime(period["start"], zone)
+        if period.get("end") is not None:
+            end = parse_datetime(period["end"], zone)
+    except FhirValueError as exc:
+        rejects.append(Reject(str(resource["resourceType"]), str(resource.get("id")), f"period: {exc}"))
+        return None, None, False
+    return start, end, True
+
+
+def read_visit(
+    encounter: Mapping[str, Any],
+    *,
+    zone: tzinfo,
+    context: References,
+    shared: Mapping[str, Mapping[str, Any]],
+    rules: Rules,
+    rejects: list[Reject],
+) -> Visit | None:
+    """One Encounter as a Visit, or None (with a Reject when it is attended care we cannot place)."""
+    status = str(encounter.get("status") or "unknown")
+    attended = status in ATTENDED
+    start, end, ok = _period(encounter, zone, rejects)
+    if not ok:
+        return None
+    if start is None:
+        if attended:
+            rejects.append(Reject("Encounter", str(encounter.get("id")), "no period.start"))
+        return None
+    hospitalization = encounter.get("hospitalization")
+    disposition = None
+    if isinstance(hospitalization, Mapping):
+        coding = (hospitalization.get("dischargeDisposition") or {}).get("coding") or []
+        first = next((c for c in coding if isinstance(c, Mapping) and c.get("code")), None)
+        if first is not None:
+            disposition = {k: first[k] for k in ("system", "code", "display") if first.get(k)}
+        elif hospitalization.get("dischargeDisposition"):
+            disposition = {}
+    part_of = resolve(encounter.get("partOf"), shared)
+    episodes = [
+        key for ref in encounter.get("episodeOfCare") or [] if (key := _episode_key(ref, shared)) is not None
+    ]
+    classification = classify_encounter(encounter, context, rules)
+    return Visit(
+        key=f"Encounter/{encounter['id']}",
+        resource=encounter,
+        status=status,
+        attended=attended,
+        start=start,
+        end=end,
+        day=start.astimezone(zone).date(),
+        classification=classification,
+        level=classification.level,
+        part_of=part_of if part_of and part_of.startswith("Encounter/") else None,
+        episodes_of_care=sorted(set(episodes)),
+        session_id=_identifier_value(encounter, SESSION_ID_SYSTEM),
+        disposition=disposition,
+    )
+
+
+def _episode_key(reference: Any, shared: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """``EpisodeOfCare/<id>`` for a literal reference, ``ours:<episode id>`` for our logical one."""
+    if isinstance(reference, Mapping) and not reference.get("reference"):
+        identifier = reference.get("identifier")
+        if isinstance(identifier, Mapping) and identifier.get("system") == EPISODE_ID_SYSTEM:
+            return f"ours:{identifier.get('value')}"
+        return None
+    key = resolve(reference, shared)
+    return key if key and key.startswith("EpisodeOfCare/") else None
+
+
+def read_grouping(
+    resource: Mapping[str, Any], *, zone: tzinfo, rules: Rules, rejects: list[Reject]
+) -> Grouping | None:
+    start, end, ok = _period(resource, zone, rejects)
+    if not ok:
+        return None
+    classification = classify_encounter({"type": resource.get("type")}, {}, rules)
+    return Grouping(
+        key=f"EpisodeOfCare/{resource['id']}",
+        resource=resource,
+        status=str(resource.get("status") or "unknown"),
+        ours=_identifier_value(resource, EPISODE_ID_SYSTEM),
+        start=start,
+        end=end,
+        level=classification.level,
+        classification=classification,
+    )

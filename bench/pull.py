@@ -17,7 +17,7 @@ Rates are Encounters per wall-clock second (the server's time is in both); the n
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -56,6 +56,7 @@ def rows(runner: Runner, sizes: list[int], *, fhir_url: str | None) -> list[Row]
         ]
     pull_available = importlib.util.find_spec("connectors.pull") is not None
     what = "connectors.pull" if pull_available else "search_pages + check_resource"
+    bulk_what = "connectors.pull --mode bulk" if pull_available else "bulk_export + check_resource"
     out = []
     floor = runner.run("pull", "search_floor", base=base)
     ours = runner.run("pull", "search_ours", base=base)
@@ -66,7 +67,7 @@ def rows(runner: Runner, sizes: list[int], *, fhir_url: str | None) -> list[Row]
     except RuntimeError as exc:
         out.append(unavailable(BENCH, label, "bulk Encounters/s", f"bulk_export failed: {exc}"[:200]))
     else:
-        out.append(_row(label, "bulk Encounters/s (bulk_export + check_resource)", ours, floor, expected))
+        out.append(_row(label, f"bulk Encounters/s ({bulk_what})", ours, floor, expected))
     if not pull_available:
         out.append(unavailable(BENCH, label, "search Encounters/s (connectors.pull)", "not available yet"))
     return out
@@ -168,9 +169,31 @@ def search_ours(base: str) -> Measurement:
     return measurement
 
 
-def _pull_ours(base: str) -> Measurement:
-    """``connectors.pull.pull`` on the sandbox (wired once its signature is settled)."""
-    raise NotImplementedError("connectors.pull exists: wire its call here")
+def _pull_ours(base: str, mode: str = "search") -> Measurement:
+    """``connectors.pull.pull`` of all Encounters into a fresh folder and a fresh SQLite store.
+
+    Everything a first full pull does is in the timed section: paging or the export, validation (its
+    process pool across the cores), the ``.part`` files made durable, and the replica upsert.
+    """
+    from connectors.config import EhrConfig
+    from connectors.pull import pull
+    from connectors.store import StateStore
+
+    ehr = EhrConfig(name="bench", base_url=base, page_size=PAGE, timeout_seconds=120, mode=mode)
+    summary: Any = None
+
+    def work() -> int:
+        nonlocal summary
+        with tempfile.TemporaryDirectory(prefix="bench-pull-") as tmp:
+            with StateStore(f"sqlite:///{tmp}/state.db") as store:
+                summary = pull(ehr, store, Path(tmp) / "out", resource_types=["Encounter"])
+            return int(summary.counts.get("Encounter", 0))
+
+    measurement = timed(work)
+    measurement.extra.update(
+        rejected=summary.rejected, pages=summary.pages, requests=summary.requests, retries=summary.retries
+    )
+    return measurement
 
 
 # -- bulk ---------------------------------------------------------------------------------------------
@@ -205,6 +228,8 @@ def bulk_floor(base: str) -> Measurement:
 
 
 def bulk_ours(base: str) -> Measurement:
+    if importlib.util.find_spec("connectors.pull") is not None:
+        return _pull_ours(base, mode="bulk")
     from connectors.bulk import bulk_export
     from connectors.validation import check_resource
 

@@ -64,6 +64,7 @@ class OriginalRecord:
     value: bytes | None
     headers: tuple[Header, ...]
     reason: str
+    timestamp: int | None = None
 
 
 def _b64(data: bytes | None) -> str | None:
@@ -150,4 +151,5 @@ def original(value: Mapping[str, Any]) -> OriginalRecord:
         value=_unb64(value["value_base64"]),
         headers=tuple((str(h["key"]), _unb64(h["value_base64"])) for h in value["headers"]),
         reason=str(value["reason"]),
+        timestamp=value.get("timestamp"),
     )

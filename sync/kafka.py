@@ -7,6 +7,7 @@
   ``ContractError`` means nothing was produced), keys it ``{ehr}|Patient/{id}`` and sets the headers
   ``schema``, ``schema_version``, ``event_id`` and a W3C ``traceparent``. The producer is idempotent
   (``enable_idempotence``, ``acks=all``), so its own retries never duplicate a record.
+- ``EventProducer.republish`` sends a dead letter's original record back to its topic (replay).
 - ``EventProducer.dead_letter`` sends a record we cannot process to ``iop.deadletter.v1`` with its
   original key, value, headers, topic, partition, offset and the reason (``sync.deadletter``).
 - ``EventConsumer`` processes records at least once: auto-commit off; every record is decoded and
@@ -313,6 +314,26 @@ class EventProducer:
             offset=record.offset,
             event_id=value["event_id"],
         )
+
+    def republish(self, original: deadletter.OriginalRecord) -> None:
+        """Produce a dead-lettered record again to its original topic, key, value and headers byte for
+        byte, and wait for the acknowledgement (``dlq replay``). It must still satisfy its topic's
+        contract: ``ContractError`` otherwise (nothing produced)."""
+        contract = self.topics.contract(original.topic)
+        try:
+            decode(original, contract)
+        except _NotValid as invalid:
+            raise ContractError(contract_name(*contract), [invalid.reason]) from None
+        headers = list(original.headers)
+
+        def send() -> Any:
+            future = self._producer.send(
+                original.topic, key=original.key, value=original.value, headers=headers
+            )
+            return future.get(timeout=SEND_TIMEOUT_S)
+
+        with_retries(send, what=f"re-publishing to {original.topic}", sleep=self._sleep, topic=original.topic)
+        log.info("event_republished", topic=original.topic, offset=original.offset)
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait until every produced record is acknowledged (or raise ``KafkaError``)."""

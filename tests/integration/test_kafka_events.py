@@ -174,6 +174,8 @@ def test_schema_invalid_event_goes_to_the_dead_letter_topic_and_the_rest_is_proc
     assert original.value == bad_value
     assert list(original.headers) == bad_headers
     assert base64.b64decode(envelope["value_base64"]) == bad_value
+    with pytest.raises(ContractError, match=r"schema_invalid: attendance\.v1: session/status: enum"):
+        producer.republish(original)
     assert (envelope["schema"], envelope["schema_version"], envelope["event_id"]) == (
         "attendance",
         1,
@@ -204,6 +206,13 @@ def test_a_permanent_handler_error_dead_letters_with_its_reason(
     assert written == ["evt-1"]
     [letter] = consume(topics.deadletter, 1)
     assert orjson.loads(letter.value)["reason"] == f"unknown_episode: {EPISODE_ID}"
+
+    # Once the cause is fixed, the dead letter goes back where it came from, byte for byte.
+    original = deadletter.original(orjson.loads(letter.value))
+    producer.republish(original)
+    replayed = [r for r in consume(topics.attendance, 3) if r.offset >= 1 and r.value == original.value]
+    assert [(r.key, r.headers) for r in replayed] == [(original.key, list(original.headers))]
+    assert replayed[0].partition == original.partition, "same key, same partition"
 
 
 def test_a_failed_handler_leaves_the_offset_uncommitted_and_a_new_consumer_gets_the_record(

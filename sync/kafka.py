@@ -324,7 +324,8 @@ class EventProducer:
             decode(original, contract)
         except _NotValid as invalid:
             raise ContractError(contract_name(*contract), [invalid.reason]) from None
-        headers = list(original.headers)
+        # kafka-python cannot send a header without a value (other clients can): it goes as empty.
+        headers = [(key, b"" if value is None else value) for key, value in original.headers]
 
         def send() -> Any:
             future = self._producer.send(

@@ -200,7 +200,7 @@ class _Run:
         self.clock = clock
         self.validator: _Validator | None = None
         self.new_cursors: dict[str, str] = {}
-        self._max_seen: dict[str, datetime] = {}
+        self._max_seen: dict[str, tuple[datetime, str]] = {}  # per type: newest stamp, as the server wrote it
 
     # search mode
 
@@ -278,9 +278,10 @@ class _Run:
         if resource.get("resourceType") != kind:
             return
         meta = resource.get("meta")
-        stamp = _parse_instant(meta.get("lastUpdated")) if isinstance(meta, dict) else None
-        if stamp is not None and (kind not in self._max_seen or stamp > self._max_seen[kind]):
-            self._max_seen[kind] = stamp
+        text = meta.get("lastUpdated") if isinstance(meta, dict) else None
+        stamp = _parse_instant(text)
+        if stamp is not None and (kind not in self._max_seen or stamp > self._max_seen[kind][0]):
+            self._max_seen[kind] = (stamp, str(text).strip())
 
     def _settle(self, kind: str) -> None:
         """Wait for the validation of everything downloaded so far (so a type's counts are final)."""
@@ -288,17 +289,18 @@ class _Run:
         self.validator.drain(block=True)
 
     def _advance(self, kind: str, started: float) -> None:
-        seen = self._max_seen.get(kind)
-        if seen is None:
+        newest = self._max_seen.get(kind)
+        if newest is None:
             return
+        seen, text = newest
         cap = datetime.fromtimestamp(started, UTC) + timedelta(seconds=self.ehr.overlap_seconds)
         if seen > cap:
             log.warning("future_last_updated", ehr=self.ehr.name, resource=kind, capped_at=_fhir_instant(cap))
-            seen = cap
+            seen, text = cap, _fhir_instant(cap)
         old = _parse_instant(self.store.get_cursor(self.ehr.name, kind))
         if old is not None and old > seen:
             return
-        self.new_cursors[kind] = _fhir_instant(seen)
+        self.new_cursors[kind] = text
 
     # bulk mode
 

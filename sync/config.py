@@ -9,11 +9,13 @@ Environment overrides (documented in README.md):
   e.g. ``IOP_BRIDGE_EHR__GENERAL_HOSPITAL__AUTH__PRIVATE_KEY=/run/secrets/key.pem``. An EHR that the file
   does not name is added when the environment gives at least its ``BASE_URL``.
 
-Values from the environment are strings; pydantic converts them to the declared types.
+Values from the environment are strings; pydantic converts them to the declared types. Variables under
+``IOP_BRIDGE_TEST_`` belong to the test harness (service addresses) and are not configuration.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import tomllib
@@ -27,6 +29,7 @@ from connectors.config import EhrConfig
 from sync.errors import ConfigError
 
 ENV_PREFIX = "IOP_BRIDGE_"
+_HARNESS_PREFIX = "IOP_BRIDGE_TEST_"  # scripts/test exports IOP_BRIDGE_TEST_KAFKA / _FHIR to the tests
 
 
 class _Section(BaseModel):
@@ -91,11 +94,13 @@ def _set_path(target: dict[str, Any], path: list[str], value: str) -> None:
 
 def apply_env_overrides(raw: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Return a copy of the raw config dict with ``IOP_BRIDGE_*`` overrides applied."""
-    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    ehrs: list[dict[str, Any]] = [dict(e) for e in raw.get("ehr", [])]
-    by_key = {_env_key(str(e.get("name", ""))): e for e in ehrs}
+    merged: dict[str, Any] = copy.deepcopy(dict(raw))  # nested tables too: the caller's dict stays as it was
+    tables = merged.get("ehr", [])
+    ehrs: list[Any] = list(tables) if isinstance(tables, list) else []
+    by_key = {_env_key(str(e.get("name", ""))): e for e in ehrs if isinstance(e, dict)}
+    added = False
     for key in sorted(environ):
-        if not key.startswith(ENV_PREFIX):
+        if not key.startswith(ENV_PREFIX) or key.startswith(_HARNESS_PREFIX):
             continue
         parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
         value = environ[key]
@@ -108,6 +113,7 @@ def apply_env_overrides(raw: Mapping[str, Any], environ: Mapping[str, str]) -> d
                 ehr = {"name": parts[1].replace("_", "-")}
                 by_key[name_key] = ehr
                 ehrs.append(ehr)
+                added = True
             _set_path(ehr, parts[2:], value)
         elif len(parts) == 1:
             merged[parts[0]] = value
@@ -116,7 +122,7 @@ def apply_env_overrides(raw: Mapping[str, Any], environ: Mapping[str, str]) -> d
             if not isinstance(section, dict):
                 raise ConfigError(f"{key}: {parts[0]!r} is not a section")
             _set_path(section, parts[1:], value)
-    if ehrs:
+    if added:
         merged["ehr"] = ehrs
     return merged
 

@@ -1,7 +1,7 @@
 """Run the benchmarks, each against its floor, and print and save the result table.
 
     .venv/bin/python bench/run.py [--sizes 10k,100k,1M] [--only map,validate,pull,writeback]
-                                  [--json out.json] [--fhir URL]
+                                  [--json out.json] [--fhir URL | --start-sandbox] [--pull-size 10k]
 
 Each measurement runs in a fresh process (see bench/harness.py); rates are per core (per CPU-second).
 The table also goes to ``bench/results/latest.json`` (git-ignored) and to ``--json`` when given.
@@ -10,13 +10,14 @@ The table also goes to ``bench/results/latest.json`` (git-ignored) and to ``--js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from bench.harness import ROOT, Row, Runner
 
 BENCHES = ("validate", "map", "pull", "writeback")
 RESULTS = ROOT / "bench" / "results" / "latest.json"
+SANDBOX_PORT = 18090  # not the tests' 8080: a private sandbox never meets a test run's
+SANDBOX_STATE = ROOT / ".run" / "bench" / "fhir-sandbox"
 
 
 def run_benches(
@@ -37,6 +40,7 @@ def run_benches(
     *,
     runner: Runner,
     fhir_url: str | None = None,
+    pull_size: int | None = None,
     validate_limit: int = validate.DEFAULT_LIMIT,
     validate_min_cpu: float = validate.MIN_CPU,
     on_rows: Callable[[list[Row]], None] | None = None,
@@ -45,7 +49,7 @@ def run_benches(
     plan: dict[str, Callable[[], list[Row]]] = {
         "validate": lambda: validate.rows(runner, sizes, limit=validate_limit, min_cpu=validate_min_cpu),
         "map": lambda: mapping.rows(runner, sizes),
-        "pull": lambda: pull.rows(runner, sizes, fhir_url=fhir_url),
+        "pull": lambda: pull.rows(runner, [pull_size] if pull_size else sizes, fhir_url=fhir_url),
         "writeback": lambda: writeback.rows(runner, sizes),
     }
     rows: list[Row] = []
@@ -120,12 +124,38 @@ def report(rows: Sequence[Row], started: float, sizes: list[int]) -> dict[str, o
     }
 
 
+@contextlib.contextmanager
+def private_sandbox(port: int) -> Iterator[str]:
+    """Our own HAPI sandbox (its own port and state under .run/bench/), stopped when the block ends."""
+    script = ROOT / "deploy" / "fhir-sandbox" / "run"
+    if not script.exists():
+        raise SystemExit("--start-sandbox: deploy/fhir-sandbox/run does not exist yet")
+    env = {**os.environ, "IOP_BRIDGE_FHIR_PORT": str(port), "IOP_BRIDGE_FHIR_STATE_DIR": str(SANDBOX_STATE)}
+    print(f"starting a private FHIR sandbox on port {port} (state in {SANDBOX_STATE})", file=sys.stderr)
+    try:
+        started = subprocess.run(
+            [str(script), "start"], env=env, stdout=subprocess.PIPE, text=True, check=True
+        )
+        yield started.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run([str(script), "stop"], env=env, check=False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="iop-bridge benchmarks, each against its floor")
     parser.add_argument("--sizes", default="10k,100k", help="Encounters per health system (default 10k,100k)")
     parser.add_argument("--only", default=",".join(BENCHES), help=f"subset of {','.join(BENCHES)}")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--fhir", help="FHIR sandbox base URL for pull (default: $IOP_BRIDGE_TEST_FHIR)")
+    parser.add_argument(
+        "--start-sandbox",
+        type=int,
+        nargs="?",
+        const=SANDBOX_PORT,
+        metavar="PORT",
+        help=f"start a private FHIR sandbox for pull on PORT (default {SANDBOX_PORT}), stop it at the end",
+    )
+    parser.add_argument("--pull-size", help="Encounters seeded into the sandbox (default: the smallest size)")
     parser.add_argument("--validate-limit", type=int, default=validate.DEFAULT_LIMIT, help="lines per type")
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -145,14 +175,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"  {row.bench} {row.size} {row.metric}: {ours} ({_ratio(row)})", file=sys.stderr, flush=True
             )
 
-    rows = run_benches(
-        only,
-        sizes,
-        runner=Runner(),
-        fhir_url=args.fhir or os.environ.get("IOP_BRIDGE_TEST_FHIR"),
-        validate_limit=args.validate_limit,
-        on_rows=show,
-    )
+    with contextlib.ExitStack() as stack:
+        fhir_url = args.fhir or os.environ.get("IOP_BRIDGE_TEST_FHIR")
+        if args.start_sandbox and "pull" in only:
+            fhir_url = stack.enter_context(private_sandbox(args.start_sandbox))
+        rows = run_benches(
+            only,
+            sizes,
+            runner=Runner(),
+            fhir_url=fhir_url,
+            pull_size=parse_size(args.pull_size) if args.pull_size else None,
+            validate_limit=args.validate_limit,
+            on_rows=show,
+        )
     print("\n".join(table_lines(rows)))
     data = json.dumps(report(rows, started, sizes), indent=2)
     for target in [RESULTS, *([args.json] if args.json else [])]:

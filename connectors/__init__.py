@@ -5,10 +5,13 @@ from connectors.bulk import BulkResult, bulk_export
 from connectors.config import AuthConfig, EhrConfig, PanelConfig
 from connectors.errors import AuthError, BulkExportError, ConnectorError, EhrError, TemporaryEhrError
 from connectors.http import EhrClient, RequestStats
+from connectors.pull import PullError, PullSummary
 from connectors.search import SearchPage, SearchQuery, search_pages
+from connectors.store import StateStore
 from connectors.validation import Checked, check_resource
 from connectors.vendors import VendorProfile, profile_for
 
+# ``pull`` itself stays in connectors.pull: re-exporting it here would hide the submodule of that name.
 __all__ = [
     "AuthConfig",
     "AuthError",
@@ -21,9 +24,12 @@ __all__ = [
     "EhrConfig",
     "EhrError",
     "PanelConfig",
+    "PullError",
+    "PullSummary",
     "RequestStats",
     "SearchPage",
     "SearchQuery",
+    "StateStore",
     "TemporaryEhrError",
     "VendorProfile",
     "authenticator_for",

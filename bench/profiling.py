@@ -1,28 +1,30 @@
 """Profile the map path (``bench.mapping.ours``) with cProfile on a generated health system.
 
-    .venv/bin/python bench/profiling.py [--size 100k] [--top 30]
+    .venv/bin/python bench/profiling.py [--size 100k] [--top 30] [--path episodes|cli]
 
 Prints the functions taking the most time of their own (tottime) and the most time including callees
 (cumtime), each as a share of the whole run, and saves the raw profile to
-``bench/results/profile-map-<size>.prof`` (open it with ``python -m pstats`` or snakeviz).
+``bench/results/profile-map-<path>-<size>.prof`` (open it with ``python -m pstats`` or snakeviz).
 cProfile roughly doubles the cost of Python-heavy code: read the shares, not the absolute times.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
 import sys
+import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import ``bench.*`` from the repository root, and let
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # no bench/ module shadow a library's
 
 from bench import mapping
-from bench.generate import dataset, parse_size, size_label
-from bench.harness import ROOT
+from bench.generate import dataset, manifest, parse_size, size_label
+from bench.harness import ROOT, Measurement, timed
 
 
 def shares(stats: pstats.Stats, key: str, top: int) -> list[str]:
@@ -46,11 +48,35 @@ def _short(filename: str) -> str:
     return filename
 
 
+def _cli(folder: str) -> Measurement:
+    """``iop-bridge map FOLDER --out …`` in this process (so the profiler sees it)."""
+    from sync.cli import main as cli
+
+    encounters = int(manifest(Path(folder))["encounters"])
+    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
+        argv = [
+            "map",
+            folder,
+            "--out",
+            str(Path(tmp) / "episodes.ndjson"),
+            "--as-of",
+            mapping.AS_OF.isoformat(),
+        ]
+        with contextlib.redirect_stderr(io.StringIO()):
+            return timed(lambda: encounters if cli(argv) == 0 else 0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="cProfile of the map path")
     parser.add_argument("--size", default="100k")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--batch", type=int, default=mapping.DEFAULT_BATCH)
+    parser.add_argument(
+        "--path",
+        choices=("episodes", "cli"),
+        default="episodes",
+        help="episodes: the bench's batched map_episodes; cli: `iop-bridge map` in-process",
+    )
     args = parser.parse_args()
     missing = mapping.mapper_missing()
     if missing:
@@ -59,14 +85,19 @@ def main() -> int:
     size = parse_size(args.size)
     folder = str(dataset(size))
     profiler = cProfile.Profile()
-    profiler.enable()
-    measurement = mapping.ours(folder=folder, batch=args.batch)
-    profiler.disable()
-    out = ROOT / "bench" / "results" / f"profile-map-{size_label(size)}.prof"
+    if args.path == "cli":
+        profiler.enable()
+        measurement = _cli(folder)
+        profiler.disable()
+    else:
+        profiler.enable()
+        measurement = mapping.ours(folder=folder, batch=args.batch)
+        profiler.disable()
+    out = ROOT / "bench" / "results" / f"profile-map-{args.path}-{size_label(size)}.prof"
     out.parent.mkdir(parents=True, exist_ok=True)
     profiler.dump_stats(out)
     stats = pstats.Stats(profiler, stream=io.StringIO())
-    print(f"map_episodes on {size_label(size)}: {measurement.items} Encounters, {measurement.cpu:.1f} CPU-s")
+    print(f"{args.path} on {size_label(size)}: {measurement.items} Encounters, {measurement.cpu:.1f} CPU-s")
     print("\nby own time:")
     print("\n".join(shares(stats, "tottime", args.top)))
     print("\nby time including callees:")

@@ -12,6 +12,7 @@ search brings the same id twice (e.g. it changed while we paged), the highest ve
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +22,15 @@ import orjson
 
 from connectors.store import rank_of
 
-__all__ = ["REJECTED_FILE", "RunOutput"]
+__all__ = ["REJECTED_FILE", "OutputBusyError", "RunOutput"]
 
 REJECTED_FILE = "_rejected.ndjson"
 _PART = ".part"
+_LOCK = ".pull.lock"
+
+
+class OutputBusyError(RuntimeError):
+    """Another pull is writing into the same output folder."""
 
 
 class _TypeFile:
@@ -43,6 +49,13 @@ class RunOutput:
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
+        # One pull per folder at a time: a second one would delete our part files as stale ones.
+        self._lock = (out_dir / _LOCK).open("a")
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            self._lock.close()
+            raise OutputBusyError(f"another pull is writing into {out_dir}") from exc
         for stale in out_dir.glob(f".*{_PART}"):
             stale.unlink(missing_ok=True)
         self._files: dict[str, _TypeFile] = {}
@@ -95,11 +108,21 @@ class RunOutput:
         return {kind: file.final for kind, file in sorted(self._files.items())}
 
     def discard(self) -> None:
-        """Drop the run's partial files; the previous run's output stays as it was."""
+        """Drop the run's partial files (a published one is already in place and stays)."""
         for file in [*self._files.values(), self._rejected]:
             if not file.handle.closed:
                 file.handle.close()
             file.part.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release the folder (after the run's transaction committed, or after a failure).
+
+        Files not yet published are discarded.
+        """
+        self.discard()
+        if not self._lock.closed:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
+            self._lock.close()
 
     def read(self, resource_type: str) -> Iterator[dict[str, Any]]:
         """The resources of one published type file, one at a time."""

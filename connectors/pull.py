@@ -64,7 +64,7 @@ from connectors.bulk import bulk_export
 from connectors.config import EhrConfig
 from connectors.errors import ConnectorError
 from connectors.http import EhrClient
-from connectors.output import RunOutput
+from connectors.output import OutputBusyError, RunOutput
 from connectors.panel import load_panel
 from connectors.search import SearchPage, SearchQuery, search_pages
 from connectors.store import Increment, StateStore, rank_of, version_token
@@ -133,32 +133,15 @@ def pull(
     if since is not None:
         _check_instant(since, "since")
     summary = PullSummary(ehr=ehr.name, mode=chosen)
-    output = RunOutput(out_dir)
     try:
-        with client_factory(ehr) as client:
-            run = _Run(ehr, store, client, output, summary, since, progress, clock)
-            tolerate = client.profile.tolerated_deviations
-            with _Validator(run.take, tolerate, workers, inline_limit) as validator:
-                run.validator = validator
-                if chosen == "bulk":
-                    run.bulk(types)
-                else:
-                    run.search(types)
-            summary.pages = client.stats.pages
-            summary.requests = client.stats.requests
-            summary.retries = client.stats.retries
-        summary.counts = output.counts()
-        summary.rejected = output.rejected
-        summary.files = output.publish()
-    except BaseException:
-        output.discard()
-        raise
-    increments = [
-        Increment(kind, output.read(kind), run.new_cursors.get(kind) if kind in types else None)
-        for kind in output.types()
-    ]
-    store.commit_increments(ehr.name, increments)
-    summary.cursors = {kind: v for kind in types if (v := store.get_cursor(ehr.name, kind)) is not None}
+        output = RunOutput(out_dir)
+    except OutputBusyError as exc:
+        raise PullError(f"{ehr.name}: {exc}") from exc
+    try:
+        run = _Run(ehr, store, output, summary, since, progress, clock)
+        run.execute(client_factory, types, workers, inline_limit)
+    finally:
+        output.close()
     summary.duration_seconds = time.monotonic() - started
     log.info(
         "pull_done",
@@ -183,7 +166,6 @@ class _Run:
         self,
         ehr: EhrConfig,
         store: StateStore,
-        client: EhrClient,
         output: RunOutput,
         summary: PullSummary,
         since: str | None,
@@ -192,7 +174,7 @@ class _Run:
     ) -> None:
         self.ehr = ehr
         self.store = store
-        self.client = client
+        self.client: EhrClient
         self.output = output
         self.summary = summary
         self.since = since
@@ -201,6 +183,41 @@ class _Run:
         self.validator: _Validator | None = None
         self.new_cursors: dict[str, str] = {}
         self._max_seen: dict[str, tuple[datetime, str]] = {}  # per type: newest stamp, as the server wrote it
+
+    def execute(
+        self,
+        client_factory: Callable[[EhrConfig], EhrClient],
+        types: tuple[str, ...],
+        workers: int | None,
+        inline_limit: int,
+    ) -> None:
+        """Steps 1-3 of the module docstring: download and validate, publish the files, then commit."""
+        output, summary = self.output, self.summary
+        try:
+            with client_factory(self.ehr) as client:
+                self.client = client
+                tolerate = client.profile.tolerated_deviations
+                with _Validator(self.take, tolerate, workers, inline_limit) as validator:
+                    self.validator = validator
+                    if summary.mode == "bulk":
+                        self.bulk(types)
+                    else:
+                        self.search(types)
+                summary.pages = client.stats.pages
+                summary.requests = client.stats.requests
+                summary.retries = client.stats.retries
+            summary.counts = output.counts()
+            summary.rejected = output.rejected
+            summary.files = output.publish()
+        except BaseException:
+            output.discard()
+            raise
+        increments = [
+            Increment(kind, output.read(kind), self.new_cursors.get(kind) if kind in types else None)
+            for kind in output.types()
+        ]
+        self.store.commit_increments(self.ehr.name, increments)
+        summary.cursors = {k: v for k in types if (v := self.store.get_cursor(self.ehr.name, k)) is not None}
 
     # search mode
 
@@ -230,8 +247,9 @@ class _Run:
                 pages = search_pages(self.client, query)
             for page in pages:
                 self._page(kind, page.resources)
-            self._settle(kind)
             self._advance(kind, started)
+        assert self.validator is not None
+        self.validator.drain(block=True)
 
     def _lower_bound(self, kind: str) -> str | None:
         if self.since is not None:
@@ -282,11 +300,6 @@ class _Run:
         stamp = _parse_instant(text)
         if stamp is not None and (kind not in self._max_seen or stamp > self._max_seen[kind][0]):
             self._max_seen[kind] = (stamp, str(text).strip())
-
-    def _settle(self, kind: str) -> None:
-        """Wait for the validation of everything downloaded so far (so a type's counts are final)."""
-        assert self.validator is not None
-        self.validator.drain(block=True)
 
     def _advance(self, kind: str, started: float) -> None:
         newest = self._max_seen.get(kind)

@@ -20,6 +20,7 @@ import connectors.store
 from connectors.config import EhrConfig
 from connectors.errors import EhrError
 from connectors.http import EhrClient
+from connectors.output import RunOutput
 from connectors.pull import PullError, PullSummary, pull
 from connectors.store import StateStore
 from tests.unit.connectors.conftest import BASE
@@ -272,7 +273,7 @@ def _arm(point: str, monkeypatch: pytest.MonkeyPatch, server: FakeFhirServer) ->
         server.fail = lambda r: (_ for _ in ()).throw(Killed) if "_offset" in r.url.params else None
     elif point == "mid-validation":
         monkeypatch.setattr(
-            "connectors.pull.validate_lines", _kill_on_call(2, connectors.pull.validate_lines)
+            "connectors.pull.validate_lines", _kill_on_call(1, connectors.pull.validate_lines)
         )
     elif point == "mid-publish":  # one file renamed into place, the others not
         monkeypatch.setattr("connectors.output.os.replace", _kill_on_call(2, os.replace))
@@ -334,6 +335,18 @@ def test_a_killed_run_leaves_the_previous_output_untouched(
     with pytest.raises(EhrError):
         _run(ehr, store, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_second_pull_into_the_same_folder_is_refused_while_one_runs(
+    server: FakeFhirServer, store: StateStore, ehr: EhrConfig, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    _seed(server)
+    busy = RunOutput(out)  # another pull holding the folder
+    with pytest.raises(PullError, match="another pull is writing into"):
+        _run(ehr, store, out)
+    busy.close()
+    assert _run(ehr, store, out).counts == {"Encounter": 5, "Patient": 2}
 
 
 # -- panel fan-out ----------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def _token(httpx_mock: HTTPXMock, status: int = 200) -> None:
 
 
 def _files(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if not p.name.startswith(".")}
 
 
 def test_plain_and_smart_servers_give_identical_output(

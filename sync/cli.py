@@ -18,7 +18,7 @@ import structlog
 
 from sync.logs import configure_logging
 
-COMMANDS: tuple[str, ...] = ("seed", "pull")
+COMMANDS: tuple[str, ...] = ("seed", "pull", "map")
 
 EXIT_OK = 0
 EXIT_OTHER = 1

@@ -1,0 +1,233 @@
+"""Reading FHIR resources from files at the edge: NDJSON, bulk-export folders, Bundles, single resources.
+
+Accepted inputs (any mix, in the order given):
+
+- an NDJSON file (``.ndjson``, ``.jsonl``, optionally ``.gz``): one resource per line, any types; read
+  line by line, so a file larger than memory streams;
+- a folder, such as a Bulk Data ``$export`` download: every ``*.ndjson`` / ``*.jsonl`` / ``*.json`` file
+  in it (``Encounter.ndjson``, ``Encounter.000.ndjson``…, optionally gzipped), in name order; a bulk
+  export's own ``manifest.json`` is recognised and skipped; other files are ignored;
+- a JSON file holding one resource, a Bundle (searchset, collection, transaction, batch…: each
+  ``entry.resource``, nested Bundles too), or a JSON array of those. A ``.json`` file that is really
+  NDJSON is read as NDJSON.
+
+A line or file that is not a FHIR resource (bad JSON, no ``resourceType``) is an ``InputReject`` naming
+the file, the line and what is wrong; it never stops the run. A path that does not exist or cannot be
+read raises ``InputError`` (a ``ConfigError``: the run cannot start).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Final, cast
+
+import orjson
+import structlog
+
+from sync.errors import ConfigError
+
+__all__ = ["InputError", "InputReject", "Loaded", "iter_resources", "load_resources"]
+
+log = structlog.get_logger()
+
+NDJSON_SUFFIXES: Final = (".ndjson", ".jsonl")
+FOLDER_SUFFIXES: Final = (*NDJSON_SUFFIXES, ".json")
+
+
+class InputError(ConfigError):
+    """An input path does not exist or cannot be read."""
+
+
+@dataclass(frozen=True)
+class InputReject:
+    """Something in an input that is not a FHIR resource: where it is and why."""
+
+    source: str
+    line: int | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "line": self.line, "reason": self.reason}
+
+
+@dataclass
+class Loaded:
+    """All resources of the inputs, what could not be read, and how many files were read."""
+
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[InputReject] = field(default_factory=list)
+    files: int = 0
+
+
+def load_resources(paths: Iterable[Path | str]) -> Loaded:
+    """Every resource of ``paths`` in one list (see the module docstring for the accepted inputs)."""
+    loaded = Loaded()
+    files = _files(paths)
+    loaded.files = len(files)
+    for path in files:
+        loaded.resources.extend(_read_file(path, loaded.rejects))
+    log.info("inputs_read", files=loaded.files, resources=len(loaded.resources), rejects=len(loaded.rejects))
+    return loaded
+
+
+def iter_resources(paths: Iterable[Path | str], rejects: list[InputReject]) -> Iterator[dict[str, Any]]:
+    """The resources of ``paths`` one at a time (NDJSON streams); unreadable items go to ``rejects``."""
+    for path in _files(paths):
+        yield from _read_file(path, rejects)
+
+
+def _files(paths: Iterable[Path | str]) -> list[Path]:
+    """The files to read, folders expanded; raises ``InputError`` for a missing or empty input."""
+    files: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file() and _is_fhir_file_name(p.name))
+            if not inside:
+                raise InputError(f"input folder {path} holds no .ndjson, .jsonl or .json files")
+            files.extend(inside)
+        elif path.is_file():
+            files.append(path)
+        elif path.exists():
+            raise InputError(f"input {path} is neither a file nor a folder")
+        else:
+            raise InputError(f"input {path} does not exist")
+    return files
+
+
+def _is_fhir_file_name(name: str) -> bool:
+    lowered = name.lower().removesuffix(".gz")
+    return lowered.endswith(FOLDER_SUFFIXES)
+
+
+def _open(path: Path) -> IO[bytes]:
+    try:
+        if path.name.lower().endswith(".gz"):
+            return cast(IO[bytes], gzip.open(path, "rb"))
+        return path.open("rb")
+    except OSError as exc:
+        raise InputError(f"cannot read input {path}: {exc.strerror or exc}") from exc
+
+
+def _read_file(path: Path, rejects: list[InputReject]) -> Iterator[dict[str, Any]]:
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith(NDJSON_SUFFIXES):
+        yield from _read_ndjson(path, rejects)
+        return
+    with _open(path) as handle:
+        try:
+            data = handle.read()
+        except (OSError, EOFError) as exc:
+            raise InputError(f"cannot read input {path}: {exc}") from exc
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        if _looks_like_ndjson(data):
+            yield from _read_lines(io.BytesIO(data), path, rejects)
+            return
+        rejects.append(InputReject(str(path), None, f"not valid JSON: {exc}"))
+        return
+    if _is_bulk_manifest(document):
+        return
+    items = document if isinstance(document, list) else [document]
+    for index, item in enumerate(items):
+        where = None if not isinstance(document, list) else index + 1
+        yield from _resources_of(item, str(path), where, rejects)
+
+
+def _looks_like_ndjson(data: bytes) -> bool:
+    """Several JSON objects, one per line (a ``.json`` file that is really NDJSON)."""
+    lines = [line for line in data.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return False
+    try:
+        return isinstance(orjson.loads(lines[0]), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
+def _is_bulk_manifest(document: Any) -> bool:
+    return (
+        isinstance(document, dict)
+        and "resourceType" not in document
+        and "output" in document
+        and ("transactionTime" in document or "request" in document)
+    )
+
+
+def _read_ndjson(path: Path, rejects: list[InputReject]) -> Iterator[dict[str, Any]]:
+    with _open(path) as handle:
+        yield from _read_lines(handle, path, rejects)
+
+
+def _read_lines(handle: IO[bytes], path: Path, rejects: list[InputReject]) -> Iterator[dict[str, Any]]:
+    source = str(path)
+    number = 0
+    try:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                rejects.append(InputReject(source, number, f"not valid JSON: {exc}"))
+                continue
+            yield from _resources_of(item, source, number, rejects)
+    except (OSError, EOFError) as exc:  # a truncated gzip file, a disk error mid-file
+        rejects.append(InputReject(source, number + 1, f"cannot read further: {exc}"))
+
+
+def _resources_of(
+    item: Any, source: str, line: int | None, rejects: list[InputReject]
+) -> Iterator[dict[str, Any]]:
+    """The resource itself, or a Bundle's entry resources (recursively)."""
+    if not isinstance(item, dict):
+        rejects.append(InputReject(source, line, f"not a FHIR resource (a JSON {_kind(item)})"))
+        return
+    resource_type = item.get("resourceType")
+    if not isinstance(resource_type, str) or not resource_type:
+        rejects.append(InputReject(source, line, "not a FHIR resource (no resourceType)"))
+        return
+    if resource_type != "Bundle":
+        yield item
+        return
+    entries = item.get("entry") or []
+    if not isinstance(entries, list):
+        rejects.append(InputReject(source, line, "Bundle.entry is not a list"))
+        return
+    for position, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            rejects.append(InputReject(source, line, f"Bundle entry {position} is not an object"))
+            continue
+        resource = entry.get("resource")
+        if resource is None:
+            continue  # a DELETE in a transaction, a response without a body: no data
+        if isinstance(resource, dict) and resource.get("resourceType") == "OperationOutcome":
+            continue  # searchset outcome messages are not data
+        if isinstance(resource, dict) and not resource.get("id"):
+            resource = _with_id_from_full_url(resource, entry.get("fullUrl"))
+        yield from _resources_of(resource, source, line, rejects)
+
+
+def _with_id_from_full_url(resource: dict[str, Any], full_url: Any) -> dict[str, Any]:
+    """A Bundle entry without an id takes it from ``fullUrl`` (``urn:uuid:X`` or ``…/Type/X``), so the
+    other entries' references to that fullUrl resolve."""
+    if not isinstance(full_url, str) or not full_url.strip():
+        return resource
+    text = full_url.strip().rstrip("/")
+    if text.startswith("urn:uuid:"):
+        return {**resource, "id": text[len("urn:uuid:") :]}
+    parts = text.split("/")
+    if len(parts) >= 2 and parts[-2] == resource.get("resourceType"):
+        return {**resource, "id": parts[-1]}
+    return resource
+
+
+def _kind(value: Any) -> str:
+    return {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(
+        type(value), "null" if value is None else type(value).__name__
+    )

@@ -3,7 +3,8 @@
 The journeys of ``examples/journeys.yaml`` are repeated over as many patients as it takes (each shifted
 by up to a year, see ``sync.journeys.scaled``) and written resource by resource, so no more than one
 patient's resources are ever in memory. The folder is cached under ``.run/bench/data/<n>/`` and reused;
-``manifest.json`` is written last, so a folder without it (an interrupted run) is rebuilt.
+``bench-data.info`` (JSON: counts, anchor, seed) is written last, so a folder without it (an interrupted
+run) is rebuilt; its name ends in neither ``.json`` nor ``.ndjson``, so ``iop-bridge map DIR`` skips it.
 
 The files are in patient order (each patient's resources follow the previous patient's in every file),
 as the generator emits them. ``python bench/generate.py 100k`` builds one by hand.
@@ -30,6 +31,7 @@ JOURNEYS = ROOT / "examples" / "journeys.yaml"
 #: Day 0 of every journey: fixed, so the cached data and the mapping's as-of time never drift.
 ANCHOR = date(2026, 6, 1)
 SEED = 7
+INFO = "bench-data.info"  # what a folder holds; not a FHIR file name, so map and pull readers skip it
 _PILOT = 500  # patients generated once to learn how many Encounters a patient has on average
 
 
@@ -62,13 +64,13 @@ def load_book() -> JourneyBook:
 def dataset(encounters: int) -> Path:
     """The folder holding a health system of at least ``encounters`` Encounters (built when missing)."""
     folder = DATA / size_label(encounters)
-    if (folder / "manifest.json").exists():
+    if (folder / INFO).exists():
         return folder
     return write_dataset(encounters, folder)
 
 
 def manifest(folder: Path) -> dict[str, Any]:
-    data: dict[str, Any] = orjson.loads((folder / "manifest.json").read_bytes())
+    data: dict[str, Any] = orjson.loads((folder / INFO).read_bytes())
     return data
 
 
@@ -101,7 +103,7 @@ def write_dataset(encounters: int, folder: Path) -> Path:
         "seed": SEED,
         "bytes": sum(p.stat().st_size for p in partial.glob("*.ndjson")),
     }
-    (partial / "manifest.json").write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
+    (partial / INFO).write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return folder

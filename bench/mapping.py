@@ -62,7 +62,8 @@ def rows(runner: Runner, sizes: list[int], *, batch: int = DEFAULT_BATCH) -> lis
             out.append(_row(label, "map_episodes", ours, floor, note, load))
         if cli:
             ours = runner.run("mapping", "ours_cli", folder=folder)
-            out.append(_row(label, "iop-bridge map", ours, floor, "CLI, start-up included", load))
+            note = f"{ours.extra['episodes']} episodes, {ours.extra['rejects']} rejects; start-up included"
+            out.append(_row(label, "iop-bridge map", ours, floor, note, load))
         elif size == sizes[0]:
             out.append(
                 unavailable(BENCH, label, f"{METRIC} (iop-bridge map)", "not available yet: no map command")
@@ -163,8 +164,12 @@ def ours_cli(folder: str) -> Measurement:
         )
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = Path(tmp) / "episodes.ndjson"
+        episodes = len(out.read_bytes().splitlines())
+        rejects_file = out.with_name(out.name + ".rejects.ndjson")
+        rejects = len(rejects_file.read_bytes().splitlines()) if rejects_file.exists() else 0
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return Measurement(items=encounters, wall=wall, cpu=cpu)
+    return Measurement(items=encounters, wall=wall, cpu=cpu, extra={"episodes": episodes, "rejects": rejects})
 
 
 def patient_of(resource: dict[str, Any]) -> str | None:

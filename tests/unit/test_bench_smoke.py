@@ -27,9 +27,9 @@ def test_generated_health_system_is_cached_and_patient_complete(data_dir: Path) 
     lines = {p.stem: len(p.read_bytes().splitlines()) for p in folder.glob("*.ndjson")}
     assert lines == info["resources"]
     assert lines["Patient"] == info["patients"]
-    stamp = (folder / "manifest.json").stat().st_mtime_ns
+    stamp = (folder / generate.INFO).stat().st_mtime_ns
     assert generate.dataset(SIZE) == folder
-    assert (folder / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert (folder / generate.INFO).stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
 @pytest.mark.parametrize(

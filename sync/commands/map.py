@@ -13,6 +13,7 @@ unreadable input, bad option).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -91,9 +92,7 @@ def run(args: argparse.Namespace) -> int:
         write_ndjson(args.out, result.records)
         write_ndjson(rejects_path(args.out), result.rejects())
     else:
-        for record in result.records:
-            sys.stdout.write(orjson.dumps(record).decode() + "\n")
-        sys.stdout.flush()
+        write_stdout(result.records)
     sys.stderr.write(summary(result, args=args, rules=rules))
     log.info(
         "map_done",
@@ -165,6 +164,18 @@ def read_rules(path: Path | None) -> Rules:
         return load_rules(text)
     except RulesError as exc:
         raise ConfigError(f"rules file {path}: {exc}") from exc
+
+
+def write_stdout(records: Iterable[dict[str, Any]]) -> None:
+    """One JSON object per line on stdout; a reader that stops early (``| head``) just ends the output."""
+    try:
+        for record in records:
+            sys.stdout.write(orjson.dumps(record).decode() + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        log.info("output_closed_early")
+        with contextlib.suppress(OSError, ValueError):  # the interpreter's final flush must not fail
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def rejects_path(out: Path) -> Path:

@@ -190,6 +190,33 @@ def test_conditional_create_creates_once_then_returns_the_existing_one(
     assert [r["id"] for r in _entries(matches)] == [first.json()["id"]]
 
 
+def test_conditional_create_matching_several_is_refused_with_412(fhir: httpx.Client) -> None:
+    identifier = _identifier()
+    for _ in range(2):
+        _create(fhir, {"resourceType": "Patient", "identifier": [identifier]})
+
+    response = fhir.post(
+        "Patient",
+        json={"resourceType": "Patient", "identifier": [identifier]},
+        headers={"If-None-Exist": f"identifier={SYSTEM}|{identifier['value']}"},
+    )
+
+    assert response.status_code == 412, response.text
+    assert "HAPI-0958" in response.json()["issue"][0]["diagnostics"]
+
+
+def test_an_update_that_changes_nothing_makes_no_new_version(fhir: httpx.Client) -> None:
+    patient_id = unique_id("pt")
+    body = {"resourceType": "Patient", "id": patient_id, "active": True}
+    assert fhir.put(f"Patient/{patient_id}", json=body).status_code == 201
+
+    again = fhir.put(f"Patient/{patient_id}", json=body)
+
+    assert again.status_code == 200, again.text
+    assert again.headers["ETag"] == 'W/"1"'
+    assert again.json()["meta"]["versionId"] == "1"
+
+
 def test_client_assigned_ids_alphanumeric_and_numeric(fhir: httpx.Client) -> None:
     numeric = str(int(unique_id("n").split("-")[1], 16))[:15]
     for resource_id in (unique_id("pt"), numeric):

@@ -93,6 +93,16 @@ SUBSTANCE_USE_REFERRALS: Final = frozenset({"4266003", "38670004"})
 #: Codes on the target program that make it substance-use treatment (H0015 SUD IOP, revenue 0906).
 SUBSTANCE_USE_PROGRAM: Final = frozenset({("hcpcs", "H0015"), ("revenue", "0906")})
 PROGRAM_LEVELS: Final = frozenset({"iop", "php", "residential"})
+#: The only resource types read: the requests, their Tasks, patients, reasons, and what a Bundle's
+#: ``urn:uuid`` requester / performer / subject references can point at. Everything else (the many
+#: Encounters) is skipped unread.
+READ_TYPES: Final = frozenset(
+    {
+        "ServiceRequest", "Task", "Patient", "Group", "Condition", "Observation", "Practitioner",
+        "PractitionerRole", "Organization", "HealthcareService", "Location", "CareTeam", "Device",
+        "RelatedPerson",
+    }
+)  # fmt: skip
 
 REFERRAL_STATES: Final = (
     "draft",
@@ -380,11 +390,10 @@ def map_referrals(
     local = _local_keys(local_codes)
     result = ReferralResult()
     scratch: list[Reject] = []
-    items = list(resources)
+    items = [r for r in resources if isinstance(r, Mapping) and r.get("resourceType") in READ_TYPES]
     for item in items:
         if (
-            isinstance(item, Mapping)
-            and item.get("resourceType") == "ServiceRequest"
+            item.get("resourceType") == "ServiceRequest"
             and not (isinstance(item.get("id"), str) and item["id"])
             and _referral_codings(item, local, referral_to)
         ):
@@ -395,8 +404,9 @@ def map_referrals(
         shared[f"{resource_type}/{resource_id}"] = resource
         shared.setdefault(f"urn:uuid:{resource_id}", resource)
     tasks = _tasks_by_request((r for (t, _), r in newest.items() if t == "Task"), shared)
-    for (resource_type, resource_id), request in sorted(newest.items()):
-        if resource_type != "ServiceRequest" or request.get("status") == "entered-in-error":
+    requests = sorted((key, r) for key, r in newest.items() if key[0] == "ServiceRequest")
+    for (_, resource_id), request in requests:
+        if request.get("status") == "entered-in-error":
             continue
         referral_codes = _referral_codings(request, local, referral_to)
         if not referral_codes:

@@ -7,7 +7,7 @@ alias, else to its normalised URI, so rule lookups are plain dict hits on ``(key
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, Final
 
@@ -142,24 +142,38 @@ def normalise_code(key: str, code: str) -> str:
     return text
 
 
-def codings(value: Any) -> Iterator[tuple[str, str]]:
+def codings(value: Any) -> list[tuple[str, str]]:
     """``(system key, normalised code)`` of every coding in a Coding, CodeableConcept or a list of them."""
+    found: list[tuple[str, str]] = []
+    _collect(value, found)
+    return found
+
+
+def _collect(value: Any, found: list[tuple[str, str]]) -> None:
     if isinstance(value, list):
         for item in value:
-            yield from codings(item)
+            _collect(item, found)
         return
-    if not isinstance(value, Mapping):
+    if not isinstance(value, dict | Mapping):
         return
-    if "coding" in value:
-        yield from codings(value.get("coding"))
+    inner = value.get("coding")
+    if inner is not None:
+        _collect(inner, found)
         return
-    if "concept" in value:  # R5-style CodeableReference sent by some servers
-        yield from codings(value.get("concept"))
+    concept = value.get("concept")  # R5-style CodeableReference sent by some servers
+    if concept is not None:
+        _collect(concept, found)
         return
     code = value.get("code")
-    if isinstance(code, str) and code.strip():
-        key = system_key(value.get("system") if isinstance(value.get("system"), str) else None)
-        yield key, normalise_code(key, code)
+    if isinstance(code, str) and code:
+        system = value.get("system")
+        key = system_key(system if isinstance(system, str) else None)
+        found.append((key, _normalise_cached(key, code)))
+
+
+@lru_cache(maxsize=65536)
+def _normalise_cached(key: str, code: str) -> str:
+    return normalise_code(key, code)
 
 
 def icd10_f_range(code: str) -> int | None:

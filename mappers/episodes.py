@@ -28,7 +28,6 @@ from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mappers import facts
-from mappers.codes import codings
 from mappers.fhir import rfc3339
 from mappers.index import Collected, PatientResources, Reject, collect, resolve
 from mappers.rules import LEVEL_RANK, NONE_LEVEL, Rules
@@ -138,6 +137,7 @@ class _Patient:
         self.rejects = rejects
         self.notes: list[str] = []
         self.visits: list[Visit] = []
+        self.unplaced: list[str | None] = []
         self.groupings: dict[str, Grouping] = {}
         self.ours: dict[str, Grouping] = {}
 
@@ -152,6 +152,7 @@ class _Patient:
                 shared=self.shared,
                 rules=self.rules,
                 rejects=self.rejects,
+                unplaced=self.unplaced,
             )
             if visit is not None:
                 self.visits.append(visit)
@@ -599,8 +600,7 @@ class _Patient:
             seen = {
                 code
                 for v in sessions
-                for source in (v.resource.get("type"), v.resource.get("serviceType"))
-                for key, code in codings(source)
+                for key, code in v.codes
                 if key == "revenue" and code in ("0912", "0913")
             }
             return "0912" if seen == {"0912"} else self.settings.php_revenue_code
@@ -831,8 +831,8 @@ def map_episodes(
         )
         patient.read()
         patient.apply_hints()
-        for visit in patient.visits:
-            name = visit.level or NONE_LEVEL
+        for level in [*(v.level for v in patient.visits), *patient.unplaced]:
+            name = level or NONE_LEVEL
             levels[name] = levels.get(name, 0) + 1
         built = patient.records(patient.group())
         cancelled = patient.superseded(built, previous.get(patient_id, ()))

@@ -96,10 +96,12 @@ def attendance(level: str, sessions: Sequence[Visit], settings: EpisodeSettings)
     return {"sessions_attended": len(sessions), "hours_attended": round(total, 2), "weeks": weeks}
 
 
-def _service_codings(value: Any) -> Iterator[dict[str, str]]:
-    for key, code in codings(value):
-        if key in SERVICE_SYSTEMS and code not in PER_DIEM_CODES:
-            yield {"system": canonical_system(key), "code": code}
+def _services(found: list[tuple[str, str]]) -> list[dict[str, str]]:
+    return [
+        {"system": canonical_system(key), "code": code}
+        for key, code in found
+        if key in SERVICE_SYSTEMS and code not in PER_DIEM_CODES
+    ]
 
 
 def service_lines(
@@ -113,14 +115,13 @@ def service_lines(
     for visit in sessions:
         day_of[visit.key] = visit.day
         services = by_day.setdefault(visit.day, [])
-        services.extend(_service_codings(visit.resource.get("type")))
-        services.extend(_service_codings(visit.resource.get("serviceType")))
+        services.extend(_services(visit.codes))
     for procedure in procedures:
         if procedure.get("status") in ("not-done", "entered-in-error", "preparation"):
             continue
         encounter = resolve(procedure.get("encounter"), shared)
         if encounter in day_of:
-            by_day[day_of[encounter]].extend(_service_codings(procedure.get("code")))
+            by_day[day_of[encounter]].extend(_services(codings(procedure.get("code"))))
     lines = []
     for day in sorted(by_day):
         services = sorted(by_day[day], key=lambda s: (s["code"], s["system"]))
@@ -217,10 +218,9 @@ def billing_diagnoses(ordered: Sequence[Sequence[Diagnosis]]) -> list[dict[str, 
 def is_substance_use(sessions: Sequence[Visit], principal: str | None) -> bool:
     """H0015 or revenue 0906 on a session, or an F10-F16/F18/F19 principal diagnosis."""
     for visit in sessions:
-        for source in (visit.resource.get("type"), visit.resource.get("serviceType")):
-            for key, code in codings(source):
-                if (key, code) in (("hcpcs", "H0015"), ("revenue", "0906")):
-                    return True
+        for key, code in visit.codes:
+            if (key, code) in (("hcpcs", "H0015"), ("revenue", "0906")):
+                return True
     number = icd10_f_range(principal) if principal else None
     return number in SUD_F_RANGES
 

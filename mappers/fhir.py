@@ -30,6 +30,13 @@ def parse_datetime(value: Any, zone: tzinfo) -> datetime:
     """
     if not isinstance(value, str):
         raise FhirValueError(f"not a date: {type(value).__name__}")
+    if len(value) >= 19 and value[10] == "T":  # the common full dateTime: the C parser first
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            return moment if moment.tzinfo is not None else moment.replace(tzinfo=zone)
     match = _DATETIME.match(value.strip())
     if match is None:
         raise FhirValueError(f"unparsable date {value!r}")

@@ -64,9 +64,9 @@ def _location_types(encounter: Mapping[str, Any], context: References) -> Iterat
             yield from codings(location.get("type"))
 
 
-def _service_codes(encounter: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
-    yield from codings(encounter.get("type"))
-    yield from codings(encounter.get("serviceType"))
+def service_codes(encounter: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``Encounter.type`` and ``serviceType`` codings as (system key, code)."""
+    return codings(encounter.get("type")) + codings(encounter.get("serviceType"))
 
 
 def _class_codes(encounter: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
@@ -98,8 +98,8 @@ def qualifier_of(encounter: Mapping[str, Any], context: References, rules: Rules
     checks: list[tuple[str, Iterator[tuple[str, str]]]] = [
         ("diagnosis", diagnosis_codings(encounter, context)),
         ("location_type", _location_types(encounter, context)),
-        ("admit_source", codings((encounter.get("hospitalization") or {}).get("admitSource"))),
-        ("service_type", _service_codes(encounter)),
+        ("admit_source", iter(codings((encounter.get("hospitalization") or {}).get("admitSource")))),
+        ("service_type", iter(service_codes(encounter))),
     ]
     for kind, found in checks:
         qualifiers = rules.qualifiers_on(kind)
@@ -139,11 +139,20 @@ def _applies(rule: Rule, classes: frozenset[str], qualified: _Qualified) -> bool
     return not rule.qualifier or qualified.get() is not None
 
 
-def classify_encounter(encounter: Mapping[str, Any], context: References, rules: Rules) -> Classification:
+def classify_encounter(
+    encounter: Mapping[str, Any],
+    context: References,
+    rules: Rules,
+    *,
+    codes: list[tuple[str, str]] | None = None,
+) -> Classification:
     """The level of care of one Encounter and the rule that fired (pure; no I/O).
 
-    ``context`` maps reference keys to the Locations and Conditions the Encounter may point at.
+    ``context`` maps reference keys to the Locations and Conditions the Encounter may point at;
+    ``codes`` are its ``service_codes`` when the caller has them already.
     """
+    if codes is None:
+        codes = service_codes(encounter)
     classes = encounter_classes(encounter)
     qualified = _Qualified(encounter, context, rules)
     order = rules.order
@@ -159,7 +168,7 @@ def classify_encounter(encounter: Mapping[str, Any], context: References, rules:
         ),
         (
             "code",
-            [("code", f"{s} {c}", rules.candidates("code", s, c)) for s, c in _service_codes(encounter)],
+            [("code", f"{s} {c}", rules.candidates("code", s, c)) for s, c in codes],
         ),
         (
             "location_type",

@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from mappers.fhir import FhirValueError, parse_datetime
 from mappers.index import Reject, resolve
-from mappers.levels import Classification, References, classify_encounter
+from mappers.levels import Classification, References, classify_encounter, service_codes
 from mappers.rules import Rules
 from schemas.identifiers import EPISODE_ID_SYSTEM, SESSION_ID_SYSTEM
 
@@ -37,6 +37,7 @@ class Visit:
     episodes_of_care: list[str]
     session_id: str | None
     disposition: dict[str, Any] | None
+    codes: list[tuple[str, str]] = field(default_factory=list)  # type/serviceType (system key, code)
     is_admission: bool = False
     hint: str | None = None  # key of the Grouping or admission Encounter that groups it
 
@@ -90,16 +91,23 @@ def read_visit(
     shared: Mapping[str, Mapping[str, Any]],
     rules: Rules,
     rejects: list[Reject],
+    unplaced: list[str | None],
 ) -> Visit | None:
-    """One Encounter as a Visit, or None (with a Reject when it is attended care we cannot place)."""
+    """One Encounter as a Visit, or None (a Reject, or its level added to ``unplaced``)."""
     status = str(encounter.get("status") or "unknown")
     attended = status in ATTENDED
     start, end, ok = _period(encounter, zone, rejects)
     if not ok:
         return None
+    codes = service_codes(encounter)
+    classification = classify_encounter(encounter, context, rules, codes=codes)
     if start is None:
-        if attended:
+        # Attended level-of-care care we cannot place in time is a reject; anything else without a time
+        # (a planned visit, a lab encounter) is only counted by its level.
+        if attended and classification.level is not None:
             rejects.append(Reject("Encounter", str(encounter.get("id")), "no period.start"))
+        else:
+            unplaced.append(classification.level)
         return None
     hospitalization = encounter.get("hospitalization")
     disposition = None
@@ -114,7 +122,6 @@ def read_visit(
     episodes = [
         key for ref in encounter.get("episodeOfCare") or [] if (key := _episode_key(ref, shared)) is not None
     ]
-    classification = classify_encounter(encounter, context, rules)
     return Visit(
         key=f"Encounter/{encounter['id']}",
         resource=encounter,
@@ -129,6 +136,7 @@ def read_visit(
         episodes_of_care=sorted(set(episodes)),
         session_id=_identifier_value(encounter, SESSION_ID_SYSTEM),
         disposition=disposition,
+        codes=codes,
     )
 
 

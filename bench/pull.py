@@ -47,7 +47,7 @@ def rows(runner: Runner, sizes: list[int], *, fhir_url: str | None) -> list[Row]
         ]
     base = fhir_url.rstrip("/")
     try:
-        expected = _seed(base, min(sizes))
+        expected = seed_sandbox(base, min(sizes))
     except (httpx.HTTPError, subprocess.CalledProcessError) as exc:
         why = f"sandbox at {base} not usable: {type(exc).__name__}"
         return [
@@ -98,7 +98,7 @@ def _encounters_on(base: str) -> int:
     return int(orjson.loads(response.content).get("total", 0))
 
 
-def _seed(base: str, size: int) -> int:
+def seed_sandbox(base: str, size: int) -> int:
     """Load the size's health system into the sandbox unless it already holds that many Encounters."""
     folder = dataset(size)
     info = manifest(folder)

@@ -50,7 +50,7 @@ def run_benches(
         "validate": lambda: validate.rows(runner, sizes, limit=validate_limit, min_cpu=validate_min_cpu),
         "map": lambda: mapping.rows(runner, sizes),
         "pull": lambda: pull.rows(runner, [pull_size] if pull_size else sizes, fhir_url=fhir_url),
-        "writeback": lambda: writeback.rows(runner, sizes),
+        "writeback": lambda: writeback.rows(runner, [pull_size] if pull_size else sizes, fhir_url=fhir_url),
     }
     rows: list[Row] = []
     for name in BENCHES:
@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with contextlib.ExitStack() as stack:
         fhir_url = args.fhir or os.environ.get("IOP_BRIDGE_TEST_FHIR")
-        if args.start_sandbox and "pull" in only:
+        if args.start_sandbox and {"pull", "writeback"} & set(only):
             fhir_url = stack.enter_context(private_sandbox(args.start_sandbox))
         rows = run_benches(
             only,

@@ -1,20 +1,197 @@
-"""write-back: events per second through the real broker to the sandbox, and event-to-write latency.
+"""write-back: attendance events written to the FHIR sandbox, against a bare httpx loop.
 
-Not measured yet: it needs the Kafka write-back consumer (events -> FHIR writes, issue 4) running against
-the broker (``deploy/kafka/run``) and the FHIR sandbox. Until then this bench reports a placeholder row,
-so the table shows the gap instead of hiding it. The intended floor: a bare httpx loop sending the same
-HTTP sequence (conditional create, then Provenance) to the same server.
+Ours (``WriteBack.attendance``, no broker): each ``attendance.v1`` event (status attended) goes through
+``sync.writeback.WriteBack`` on an ``EhrClient``: the ledger and session-table look-ups in a fresh SQLite
+state store, the Encounter built by ``sync.fhir_writes``, a conditional create (``If-None-Exist`` on the
+session identifier, ``Prefer: return=representation``), then a ``Provenance``, then the ledger entry.
+Floor: a bare ``httpx.Client`` sending the same two requests per event (the Encounter and Provenance
+built beforehand, outside the timed loop). Both write ``events`` new sessions (ids unique per run) for
+patients the sandbox was seeded with; one event at a time, as fast as the server answers. The note gives
+the per-event latency (p50 / p99) of both.
+
+Not measured yet: events through the real broker (the Kafka write-back consumer, issue 4) and
+event-to-write latency at a fixed 100 events/s; that row stays a placeholder until the consumer exists.
 """
 
 from __future__ import annotations
 
-from bench.harness import Row, Runner, unavailable
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from statistics import quantiles
+from typing import Any
+
+import httpx
+import orjson
+
+from bench.generate import dataset, size_label
+from bench.harness import Measurement, Row, Runner, timed, unavailable
 
 BENCH = "writeback"
+DEFAULT_EVENTS = 200
+HCPCS = "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets"
+_NAMESPACE = uuid.UUID("6f1c3a52-0b7e-4d55-9a8e-5b0b3c1d2e4f")  # bench-only episode ids
+_FHIR_JSON = "application/fhir+json"
 
 
-def rows(runner: Runner, sizes: list[int]) -> list[Row]:
-    del runner, sizes  # nothing to run yet
-    return [
-        unavailable(BENCH, "-", "events/s (100 events/s, p50/p99 latency)", "needs the write-back consumer"),
-    ]
+def rows(
+    runner: Runner, sizes: list[int], *, fhir_url: str | None, events: int = DEFAULT_EVENTS
+) -> list[Row]:
+    broker = unavailable(
+        BENCH, "-", "events/s through the broker (100 events/s, p50/p99)", "needs the write-back consumer"
+    )
+    label = size_label(min(sizes))
+    metric = "attendance events/s (WriteBack, no broker)"
+    if not fhir_url:
+        return [
+            unavailable(BENCH, label, metric, "no FHIR sandbox: set IOP_BRIDGE_TEST_FHIR or --fhir URL"),
+            broker,
+        ]
+    from bench.pull import seed_sandbox
+
+    base = fhir_url.rstrip("/")
+    try:
+        seed_sandbox(base, min(sizes))
+    except Exception as exc:  # a sandbox that is not there or not working: say so in the table
+        return [
+            unavailable(BENCH, label, metric, f"sandbox at {base} not usable: {type(exc).__name__}"),
+            broker,
+        ]
+    folder = str(dataset(min(sizes)))
+    floor = runner.run("writeback", "floor", base=base, folder=folder, events=events)
+    ours = runner.run("writeback", "ours", base=base, folder=folder, events=events)
+    note = (
+        f"{events} events; latency p50/p99 ours {ours.extra['p50_ms']:.0f}/{ours.extra['p99_ms']:.0f} ms, "
+        f"floor {floor.extra['p50_ms']:.0f}/{floor.extra['p99_ms']:.0f} ms; outcomes {ours.extra['outcomes']}"
+    )
+    row = Row(
+        bench=BENCH,
+        size=label,
+        metric=metric,
+        ours=ours.per_second,
+        floor=floor.per_second,
+        rss_ours_mb=ours.peak_rss_mb,
+        rss_floor_mb=floor.peak_rss_mb,
+        note=note,
+        load=os.getloadavg()[0],
+        extra={"ours": ours.extra, "floor": floor.extra, "ours_cpu_s": ours.cpu},
+    )
+    return [row, broker]
+
+
+def _patients(folder: str, count: int) -> list[str]:
+    with (Path(folder) / "Patient.ndjson").open("rb") as handle:
+        return [str(orjson.loads(line)["id"]) for _, line in zip(range(count), handle, strict=False)]
+
+
+def _events(folder: str, events: int) -> list[dict[str, Any]]:
+    """``events`` attendance.v1 events (attended), spread over the first patients, ids unique per run."""
+    run = uuid.uuid4().hex[:12]
+    patients = _patients(folder, 20)
+    out = []
+    for number in range(events):
+        patient = patients[number % len(patients)]
+        day = 1 + number // len(patients)
+        out.append(
+            {
+                "event_id": f"bench-{run}-{number}",
+                "occurred_at": f"2026-06-{1 + day % 28:02d}T13:00:00Z",
+                "ehr": "bench",
+                "episode_id": str(uuid.uuid5(_NAMESPACE, patient)),
+                "patient": {"reference": f"Patient/{patient}"},
+                "session": {
+                    "id": f"bench-{run}-s{number}",
+                    "status": "attended",
+                    "start": f"2026-06-{1 + day % 28:02d}T09:00:00Z",
+                    "end": f"2026-06-{1 + day % 28:02d}T12:00:00Z",
+                    "services": [{"system": HCPCS, "code": "S9480"}],
+                },
+            }
+        )
+    return out
+
+
+def _latencies(measurement: Measurement, seconds: list[float]) -> Measurement:
+    cuts = quantiles(seconds, n=100, method="inclusive") if len(seconds) > 1 else seconds * 99
+    measurement.extra.update(p50_ms=1000 * cuts[49], p99_ms=1000 * cuts[98])
+    return measurement
+
+
+def ours(base: str, folder: str, events: int) -> Measurement:
+    from sqlalchemy import create_engine
+
+    from connectors.config import EhrConfig
+    from connectors.http import EhrClient
+    from schemas.topics import ATTENDANCE
+    from sync.state import Staged, SyncState
+    from sync.writeback import WriteBack
+
+    batch = _events(folder, events)
+    seconds: list[float] = []
+    outcomes: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-writeback-") as tmp:
+        state = SyncState(create_engine(f"sqlite:///{tmp}/state.db"))
+        episodes = {e["episode_id"]: e["patient"]["reference"] for e in batch}
+        state.stage_changes(
+            "bench",
+            [
+                Staged(
+                    kind="episode",
+                    record_id=episode_id,
+                    patient_id=patient.split("/", 1)[1],
+                    record={"episode_id": episode_id, "patient": {"reference": patient}, "status": "active"},
+                    topic="bench",
+                    message_key=f"bench|{patient}",
+                    schema_name="episode",
+                    schema_version=1,
+                )
+                for episode_id, patient in episodes.items()
+            ],
+        )
+        with EhrClient(EhrConfig(name="bench", base_url=base, timeout_seconds=120)) as client:
+            writer = WriteBack(client, state, ehr="bench")
+
+            def work() -> int:
+                for event in batch:
+                    start = time.perf_counter()
+                    result = writer.attendance(event, topic=ATTENDANCE)
+                    seconds.append(time.perf_counter() - start)
+                    outcomes[str(result.outcome)] = outcomes.get(str(result.outcome), 0) + 1
+                return len(batch)
+
+            measurement = timed(work)
+    measurement.extra["outcomes"] = outcomes
+    return _latencies(measurement, seconds)
+
+
+def floor(base: str, folder: str, events: int) -> Measurement:
+    from schemas.identifiers import SESSION_ID_SYSTEM
+    from sync import fhir_writes
+
+    writes = []
+    for event in _events(folder, events):
+        encounter = fhir_writes.attendance_encounter(
+            event, patient_reference=event["patient"]["reference"], episode_id=event["episode_id"]
+        )
+        writes.append((encounter, f"identifier={SESSION_ID_SYSTEM}|{event['session']['id']}"))
+    seconds: list[float] = []
+
+    def work() -> int:
+        with httpx.Client(timeout=120, headers={"Content-Type": _FHIR_JSON, "Accept": _FHIR_JSON}) as client:
+            for encounter, condition in writes:
+                start = time.perf_counter()
+                created = client.post(
+                    f"{base}/Encounter",
+                    content=orjson.dumps(encounter),
+                    headers={"If-None-Exist": condition, "Prefer": "return=representation"},
+                ).raise_for_status()
+                reference = f"Encounter/{orjson.loads(created.content)['id']}"
+                recorded = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                provenance = fhir_writes.provenance(reference, recorded=recorded, created=True)
+                client.post(f"{base}/Provenance", content=orjson.dumps(provenance)).raise_for_status()
+                seconds.append(time.perf_counter() - start)
+        return len(writes)
+
+    return _latencies(timed(work), seconds)

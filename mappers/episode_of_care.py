@@ -11,7 +11,11 @@ The resource is what iop-bridge writes back to an EHR and what ``iop-bridge map 
 - ``diagnosis``: the billing diagnoses, principal first (rank 1), each referencing its Condition, or a
   contained Condition when the diagnosis is only a code;
 - ``referralRequest``, ``patient``, ``managingOrganization`` (when the caller knows the program's
-  Organization) and ``meta.security`` (ETH, R, 42CFRPart2) for Part 2 episodes.
+  Organization) and ``meta.security`` (ETH, R, 42CFRPart2) for Part 2 episodes;
+- ``meta.tag`` ``urn:iop-bridge:exit-reason|<reason>`` on a finished episode: when the resource comes
+  back on the next pull, its ``finished`` status then says how it ended (``discharged``, or a derived
+  ``lost_to_follow_up`` / ``stepped_up`` / ``stepped_down``), so a reader need not take every finished
+  EpisodeOfCare of ours for a discharge.
 
 Every resource is checked with ``fhir.resources.R4B`` before it is returned; a record that cannot make a
 valid EpisodeOfCare raises ``EpisodeOfCareError`` naming the episode and what is wrong.
@@ -28,7 +32,13 @@ from pydantic import ValidationError
 from mappers.codes import LEVEL_SYSTEM
 from schemas.identifiers import EPISODE_ID_SYSTEM
 
-__all__ = ["DIAGNOSIS_ROLE_SYSTEM", "LEVEL_DISPLAY", "EpisodeOfCareError", "episode_of_care"]
+__all__ = [
+    "DIAGNOSIS_ROLE_SYSTEM",
+    "EXIT_REASON_SYSTEM",
+    "LEVEL_DISPLAY",
+    "EpisodeOfCareError",
+    "episode_of_care",
+]
 
 #: Readable names of the program levels (EpisodeOfCare.type display and text).
 LEVEL_DISPLAY: Final[Mapping[str, str]] = {
@@ -37,6 +47,8 @@ LEVEL_DISPLAY: Final[Mapping[str, str]] = {
     "residential": "Residential treatment program",
 }
 DIAGNOSIS_ROLE_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/diagnosis-role"
+#: ``meta.tag`` system carrying a finished episode's exit reason (code = episode.v1 ``exit.reason``).
+EXIT_REASON_SYSTEM: Final = "urn:iop-bridge:exit-reason"
 _STATUSES: Final = frozenset({"active", "finished", "cancelled"})
 
 
@@ -142,9 +154,15 @@ def _build(episode: Mapping[str, Any], episode_id: str, managing_organization: s
     if patient is None:
         raise EpisodeOfCareError(episode_id, "the episode has no patient reference")
     resource: dict[str, Any] = {"resourceType": "EpisodeOfCare", "id": episode_id}
+    meta: dict[str, Any] = {}
     security = [dict(label) for label in episode.get("security") or []]
     if security:
-        resource["meta"] = {"security": security}
+        meta["security"] = security
+    exit_reason = (episode.get("exit") or {}).get("reason") if status == "finished" else None
+    if isinstance(exit_reason, str) and exit_reason:
+        meta["tag"] = [{"system": EXIT_REASON_SYSTEM, "code": exit_reason}]
+    if meta:
+        resource["meta"] = meta
     diagnoses, contained = _diagnoses(episode, patient)
     if contained:
         resource["contained"] = contained

@@ -96,7 +96,17 @@ def test_a_finished_episode_becomes_a_valid_episode_of_care() -> None:
     assert resource["patient"] == {"reference": "Patient/p1"}
     assert resource["referralRequest"] == [{"reference": "ServiceRequest/sr1"}]
     assert resource["meta"]["security"] == PART2_LABELS
+    assert resource["meta"]["tag"] == [{"system": "urn:iop-bridge:exit-reason", "code": "discharged"}]
     assert "managingOrganization" not in resource
+
+
+@pytest.mark.parametrize("reason", ["lost_to_follow_up", "stepped_up", "stepped_down"])
+def test_a_finished_episode_tags_how_it_ended(reason: str) -> None:
+    record = finished_episode()
+    record["exit"] = {**record["exit"], "reason": reason}
+    assert episode_of_care(record)["meta"]["tag"] == [
+        {"system": "urn:iop-bridge:exit-reason", "code": reason}
+    ]
 
 
 def test_diagnoses_reference_conditions_and_contain_the_code_only_ones() -> None:

@@ -407,6 +407,11 @@ def test_bad_resources_are_rejected_with_their_reason_and_the_pull_goes_on(
     server.put(_encounter("good", "p1"))
     server.put({**_encounter("bad-date", "p1"), "period": {"start": "2026-13-45"}})
     server.resources[("Encounter", "no-type")] = {"id": "no-type", "meta": {"lastUpdated": _instant(T0)}}
+    server.resources[("Encounter", "fruit")] = {
+        "resourceType": "Banana",
+        "id": "fruit",
+        "meta": {"lastUpdated": _instant(T0)},
+    }
     server.put({**_encounter("odd_id", "p1"), "status": "finished "})  # Oracle-style deviations
     ehr = make_ehr(vendor="oracle", resource_types=("Encounter",))
     summary = _run(ehr, store, tmp_path / "out")
@@ -416,9 +421,10 @@ def test_bad_resources_are_rejected_with_their_reason_and_the_pull_goes_on(
     assert summary.warnings == 1
     assert summary.deviations == Counter({"code-whitespace": 1, "id-format": 1})
     rejected = _read(tmp_path / "out", "_rejected")
-    assert summary.rejected == len(rejected) == 2
+    assert summary.rejected == len(rejected) == 3
     reasons = {r["resource"]["id"]: r["error"] for r in rejected}
     assert "resourceType is missing" in reasons["no-type"]
+    assert reasons["fruit"] == "unknown resourceType 'Banana'"
     assert reasons["bad-date"].startswith("Encounter/bad-date: period.start")
     assert store.replica_count(ehr.name) == 2
 

@@ -222,3 +222,23 @@ def test_rank_orders_like_instant_then_version(
     assert rank_of(version, shown) < rank_of(version + step, shown)
     assert rank_of(version, shown) == rank_of(version, moment.isoformat())
     assert rank_of(version, "not a date") == ""
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(["e1", "e2", "e3"]), st.integers(1, 30)), min_size=1, max_size=25),
+    st.integers(min_value=1, max_value=5),
+)
+def test_any_arrival_order_leaves_the_latest_version(
+    tmp_path_factory: pytest.TempPathFactory, arrivals: list[tuple[str, int]], batch: int
+) -> None:
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    with StateStore(f"sqlite:///{tmp_path_factory.mktemp('prop') / 'state.db'}") as store:
+        for i in range(0, len(arrivals), batch):
+            resources = [
+                _enc(rid, str(v), (start + timedelta(minutes=v)).isoformat())
+                for rid, v in arrivals[i : i + batch]
+            ]
+            store.commit_increment(EHR, "Encounter", resources, None)
+        latest = {rid: str(max(v for r, v in arrivals if r == rid)) for rid, _ in arrivals}
+        assert store.seen_versions(EHR, "Encounter", ["e1", "e2", "e3"]) == latest

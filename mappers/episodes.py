@@ -262,6 +262,26 @@ class _Patient:
                     visit.level = ours.level
                     return
 
+    def adopt_our_sessions(self, built: Sequence[tuple[dict[str, Any], list[str], _Episode]]) -> bool:
+        """Our attendance Encounters whose own codes give no level join the episode they name.
+
+        They carry ``episodeOfCare`` = our episode id (a logical reference); when our EpisodeOfCare was
+        not pulled back, that id is only known after a first grouping. True when any was adopted.
+        """
+        level_of = {record["episode_id"]: record["level"] for record, _, _ in built}
+        adopted = False
+        for visit in self.visits:
+            if visit.session_id is None or visit.level is not None or not visit.attended:
+                continue
+            for key in visit.episodes_of_care:
+                level = level_of.get(key[len("ours:") :]) if key.startswith("ours:") else None
+                if level is not None:
+                    visit.level = level
+                    self.notes.append(f"{visit.key}: our attendance Encounter for episode {key[5:]}")
+                    adopted = True
+                    break
+        return adopted
+
     # -- grouping --------------------------------------------------------------------------------------
 
     def group(self) -> list[_Episode]:
@@ -835,6 +855,8 @@ def map_episodes(
             name = level or NONE_LEVEL
             levels[name] = levels.get(name, 0) + 1
         built = patient.records(patient.group())
+        if patient.adopt_our_sessions(built):
+            built = patient.records(patient.group())
         cancelled = patient.superseded(built, previous.get(patient_id, ()))
         for record, lines, _ in built:
             episodes.append(record)

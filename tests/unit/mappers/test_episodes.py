@@ -365,3 +365,22 @@ def test_residential_episodes_where_a_hospital_turns_them_on() -> None:
     assert run([stay]).episodes == []
     episode = run([stay], settings=EpisodeSettings(program_levels=("iop", "php", "residential"))).episodes[0]
     assert (episode["level"], episode["billing"]["revenue_code"]) == ("residential", "1001")
+
+
+def test_our_attendance_encounter_joins_the_episode_it_names_even_without_our_episode_of_care() -> None:
+    sessions = [session(f"s{i}", d) for i, d in enumerate(every("2025-03-03", 3, 2))]
+    ours = episode_id("h", "p", "iop", "Encounter/s0")
+    written = session(
+        "w1",
+        "2025-03-10",
+        code="G0410",  # no level on its own
+        identifier=[{"system": "urn:iop-bridge:session-id", "value": "sess-4"}],
+        episodeOfCare=[{"identifier": {"system": "urn:iop-bridge:episode-id", "value": ours}}],
+    )
+    duplicate = {**written, "id": "w2"}
+    result = run([*sessions, written, duplicate], "2025-03-11T00:00:00+00:00", explain=True)
+    (episode,) = result.episodes
+    assert episode["episode_id"] == ours
+    assert [s["reference"] for s in episode["sessions"]][-1] == "Encounter/w1"
+    assert episode["attendance"]["sessions_attended"] == 4  # w2 is the same session: counted once
+    assert any("same session as Encounter/w1" in line for line in result.explanations[ours])

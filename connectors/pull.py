@@ -282,13 +282,10 @@ class _Run:
         fresh: list[dict[str, Any]] = []
         for resource in resources:
             resource_id = resource.get("id")
-            token = version_token(resource)
             if (
                 isinstance(resource_id, str)
-                and resource_id in known
-                and token is not None
-                and str(token) == known[resource_id]
                 and resource.get("resourceType") == kind
+                and known.get(resource_id) == version_token(resource)
             ):
                 self.summary.duplicates += 1
                 continue

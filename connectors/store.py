@@ -21,6 +21,7 @@ makes a killed pull safe to re-run (see ``connectors.pull``).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ __all__ = [
     "StateStore",
     "patient_of",
     "rank_of",
+    "version_token",
 ]
 
 log = structlog.get_logger()
@@ -86,6 +88,7 @@ replica_table = Table(
     Column("version_id", String(64), nullable=True),
     Column("last_updated", String(64), nullable=True),
     Column("rank", String(64), nullable=False),
+    Column("token", String(80), nullable=False),  # version_token(): what overlap de-duplication compares
     Column("patient_id", String(255), nullable=True),
     Column("status", String(64), nullable=True),
     Column("deleted", Boolean, nullable=False),
@@ -100,6 +103,7 @@ _PATIENT_REF = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-._]+)(?:/_history/[^/]*)
 _RANK_WIDTH = 20
 _CONTENT_COLUMNS = (
     "version_id",
+    "token",
     "last_updated",
     "rank",
     "patient_id",
@@ -109,7 +113,7 @@ _CONTENT_COLUMNS = (
     "pulled_at",
 )
 # A deletion keeps the last content and patient link (the mappers still see what was deleted).
-_DELETION_COLUMNS = ("last_updated", "rank", "deleted", "pulled_at")
+_DELETION_COLUMNS = ("last_updated", "rank", "token", "deleted", "pulled_at")
 
 
 @dataclass(frozen=True)
@@ -206,10 +210,16 @@ def _meta(resource: Mapping[str, Any]) -> tuple[str | None, str | None]:
     )
 
 
-def version_token(resource: Mapping[str, Any]) -> str | None:
-    """What identifies this version of a resource: ``meta.versionId``, else ``meta.lastUpdated``."""
+def version_token(resource: Mapping[str, Any]) -> str:
+    """What identifies this version of a resource: ``meta.versionId``, else ``meta.lastUpdated``, else
+    a hash of its content (Epic often sends neither, and a changed resource must not look already seen).
+    """
     version, updated = _meta(resource)
-    return version if version is not None else updated
+    if version is not None:
+        return "v:" + version
+    if updated is not None:
+        return "t:" + updated
+    return "h:" + hashlib.sha256(orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 class StateStore:
@@ -340,22 +350,20 @@ class StateStore:
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def seen_versions(self, ehr: str, resource_type: str, ids: Iterable[str]) -> dict[str, str | None]:
-        """For each id already in the replica: its version token (versionId, else lastUpdated)."""
-        found: dict[str, str | None] = {}
+    def seen_versions(self, ehr: str, resource_type: str, ids: Iterable[str]) -> dict[str, str]:
+        """For each id already in the replica: the ``version_token`` of the version it holds."""
+        found: dict[str, str] = {}
         with self.engine.connect() as conn:
             for batch in _batches(dict.fromkeys(ids), _BATCH):
                 rows = conn.execute(
-                    select(
-                        replica_table.c.id, replica_table.c.version_id, replica_table.c.last_updated
-                    ).where(
+                    select(replica_table.c.id, replica_table.c.token).where(
                         replica_table.c.ehr == ehr,
                         replica_table.c.resource_type == resource_type,
                         replica_table.c.id.in_(batch),
                     )
                 ).all()
                 for row in rows:
-                    found[row.id] = row.version_id if row.version_id is not None else row.last_updated
+                    found[row.id] = row.token
         return found
 
     def patient_resources(
@@ -445,6 +453,7 @@ def _row(ehr: str, resource_type: str, resource: Mapping[str, Any], now: datetim
         "version_id": version,
         "last_updated": updated,
         "rank": rank_of(version, updated),
+        "token": version_token(resource),
         "patient_id": patient_of(resource),
         "status": status.strip() if isinstance(status, str) else None,
         "deleted": False,
@@ -463,6 +472,7 @@ def _deleted_row(ehr: str, deletion: Deletion, now: datetime) -> dict[str, Any]:
         "version_id": None,
         "last_updated": deletion.when,
         "rank": rank_of(None, deletion.when),
+        "token": "deleted:" + (deletion.when or ""),
         "patient_id": None,
         "status": "deleted",
         "deleted": True,

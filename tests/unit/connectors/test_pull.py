@@ -209,6 +209,30 @@ def test_next_pull_starts_at_cursor_minus_overlap_and_skips_what_it_already_has(
     assert (row.version_id, row.status) == ("2", "finished")
 
 
+def test_without_meta_only_changed_content_is_written_again(
+    httpx_mock: HTTPXMock, store: StateStore, make_ehr: Callable[..., EhrConfig], tmp_path: Path
+) -> None:
+    # Epic often sends neither versionId nor lastUpdated: no cursor, every pull sees everything.
+    ehr = make_ehr(vendor="epic", resource_types=("Location",))
+
+    def serve(*locations: dict[str, Any]) -> None:
+        entries = [{"resource": loc} for loc in locations]
+        httpx_mock.add_response(
+            url=f"{BASE}/Location?_count=200", json={"resourceType": "Bundle", "entry": entries}
+        )
+
+    first = {"resourceType": "Location", "id": "l1", "name": "IOP suite"}
+    second = {"resourceType": "Location", "id": "l2", "name": "Day hospital"}
+    serve(first, second)
+    assert _run(ehr, store, tmp_path / "out").counts == {"Location": 2}
+    serve(first, {**second, "status": "inactive"})
+    summary = _run(ehr, store, tmp_path / "out")
+    assert summary.duplicates == 1
+    assert _read(tmp_path / "out", "Location") == [{**second, "status": "inactive"}]
+    assert store.get_cursor(ehr.name, "Location") is None
+    assert "_lastUpdated" not in httpx_mock.get_requests()[-1].url.params
+
+
 def test_since_overrides_the_cursor_and_skips_nothing(
     server: FakeFhirServer, store: StateStore, ehr: EhrConfig, tmp_path: Path
 ) -> None:

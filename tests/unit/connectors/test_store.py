@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-from connectors.store import Deletion, Increment, StateStore, patient_of, rank_of
+from connectors.store import Deletion, Increment, StateStore, patient_of, rank_of, version_token
 
 EHR = "general"
 
@@ -105,17 +105,17 @@ def test_offsets_compare_as_instants_and_numeric_versions_break_ties(store: Stat
     # 11:00+02:00 is 09:00Z: older than 10:00Z although it sorts later as text.
     store.commit_increment(EHR, "Encounter", [_enc("e1", "5", "2026-03-01T10:00:00Z")], None)
     store.commit_increment(EHR, "Encounter", [_enc("e1", "4", "2026-03-01T11:00:00+02:00")], None)
-    assert store.seen_versions(EHR, "Encounter", ["e1"]) == {"e1": "5"}
+    assert store.seen_versions(EHR, "Encounter", ["e1"]) == {"e1": "v:5"}
     # Same instant: version 10 is newer than 9 (numerically, not as text).
     store.commit_increment(EHR, "Encounter", [_enc("e2", "9", "2026-03-01T10:00:00Z")], None)
     store.commit_increment(EHR, "Encounter", [_enc("e2", "10", "2026-03-01T10:00:00Z")], None)
-    assert store.seen_versions(EHR, "Encounter", ["e2"]) == {"e2": "10"}
+    assert store.seen_versions(EHR, "Encounter", ["e2"]) == {"e2": "v:10"}
 
 
 def test_same_id_twice_in_one_batch_keeps_the_newest(store: StateStore) -> None:
     batch = [_enc("e1", "2", "2026-03-02T00:00:00Z"), _enc("e1", "1", "2026-03-01T00:00:00Z")]
     store.commit_increment(EHR, "Encounter", batch, None)
-    assert store.seen_versions(EHR, "Encounter", ["e1", "missing"]) == {"e1": "2"}
+    assert store.seen_versions(EHR, "Encounter", ["e1", "missing"]) == {"e1": "v:2"}
 
 
 def test_without_meta_the_newest_pull_wins(store: StateStore) -> None:
@@ -124,7 +124,13 @@ def test_without_meta_the_newest_pull_wins(store: StateStore) -> None:
     row = store.replica_row(EHR, "Encounter", "e1")
     assert row is not None
     assert row.status == "finished"
-    assert store.seen_versions(EHR, "Encounter", ["e1"]) == {"e1": None}
+    # Without versionId or lastUpdated the content identifies the version.
+    assert store.seen_versions(EHR, "Encounter", ["e1"]) == {
+        "e1": version_token(_enc("e1", None, None, status="finished"))
+    }
+    assert version_token(_enc("e1", None, None, status="finished")).startswith("h:")
+    assert version_token(_enc("e1", None, None, status="finished")) != version_token(_enc("e1", None, None))
+    assert version_token(_enc("e1", None, "2026-03-01T10:00:00Z")) == "t:2026-03-01T10:00:00Z"
 
 
 def test_entered_in_error_and_deletions_are_recorded(store: StateStore) -> None:
@@ -240,5 +246,5 @@ def test_any_arrival_order_leaves_the_latest_version(
                 for rid, v in arrivals[i : i + batch]
             ]
             store.commit_increment(EHR, "Encounter", resources, None)
-        latest = {rid: str(max(v for r, v in arrivals if r == rid)) for rid, _ in arrivals}
+        latest = {rid: f"v:{max(v for r, v in arrivals if r == rid)}" for rid, _ in arrivals}
         assert store.seen_versions(EHR, "Encounter", ["e1", "e2", "e3"]) == latest

@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, tzinfo
-from typing import Any, Final
+from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo
 
 from mappers.codes import CANONICAL, codings, icd10_f_range, normalise_code, system_key
@@ -40,6 +40,15 @@ from mappers.facts import SUD_F_RANGES, security_labels
 from mappers.fhir import FhirValueError, parse_datetime, reference_key, rfc3339
 from mappers.index import Reject, newest_versions, resolve
 from mappers.rules import Rules
+from schemas.referral import (
+    Coding,
+    Identifier,
+    Reference,
+    Referral,
+    ReferralState,
+    ReferralTarget,
+    ReferralTask,
+)
 
 __all__ = [
     "REFERRAL_NAMESPACE",
@@ -92,7 +101,6 @@ REFERRAL_TO: Final = "440379008"
 SUBSTANCE_USE_REFERRALS: Final = frozenset({"4266003", "38670004"})
 #: Codes on the target program that make it substance-use treatment (H0015 SUD IOP, revenue 0906).
 SUBSTANCE_USE_PROGRAM: Final = frozenset({("hcpcs", "H0015"), ("revenue", "0906")})
-PROGRAM_LEVELS: Final = frozenset({"iop", "php", "residential"})
 #: The only resource types read: the requests, their Tasks, patients, reasons, and what a Bundle's
 #: ``urn:uuid`` requester / performer / subject references can point at. Everything else (the many
 #: Encounters) is skipped unread.
@@ -116,7 +124,7 @@ REFERRAL_STATES: Final = (
     "on-hold",
     "unknown",
 )
-_BUSINESS_STATES: Final[Mapping[str, str]] = {
+_BUSINESS_STATES: Final[Mapping[str, ReferralState]] = {
     "2.0": "received",
     "3.0": "accepted",
     "4.0": "declined",
@@ -128,13 +136,13 @@ _BUSINESS_STATES: Final[Mapping[str, str]] = {
     "6.0": "cancelled",
     "7.0": "completed",
 }
-_TERMINAL_TASK_STATES: Final[Mapping[str, str]] = {
+_TERMINAL_TASK_STATES: Final[Mapping[str, ReferralState]] = {
     "completed": "completed",
     "cancelled": "cancelled",
     "rejected": "declined",
     "failed": "cancelled",
 }
-_TASK_STATES: Final[Mapping[str, str]] = {
+_TASK_STATES: Final[Mapping[str, ReferralState]] = {
     "requested": "received",
     "received": "received",
     "accepted": "accepted",
@@ -143,7 +151,7 @@ _TASK_STATES: Final[Mapping[str, str]] = {
     "on-hold": "accepted",
     **_TERMINAL_TASK_STATES,
 }
-_REQUEST_STATES: Final[Mapping[str, str]] = {
+_REQUEST_STATES: Final[Mapping[str, ReferralState]] = {
     "draft": "draft",
     "active": "sent",
     "on-hold": "on-hold",
@@ -151,14 +159,24 @@ _REQUEST_STATES: Final[Mapping[str, str]] = {
     "completed": "completed",
     "unknown": "unknown",
 }
-_PRIORITIES: Final = frozenset({"routine", "urgent", "asap", "stat"})
+_PRIORITIES: Final[Mapping[str, Literal["routine", "urgent", "asap", "stat"]]] = {
+    "routine": "routine",
+    "urgent": "urgent",
+    "asap": "asap",
+    "stat": "stat",
+}
+_TARGET_LEVELS: Final[Mapping[str, Literal["iop", "php", "residential"]]] = {
+    "iop": "iop",
+    "php": "php",
+    "residential": "residential",
+}
 
 
 @dataclass
 class ReferralResult:
     """Referral records (sorted by ``referral_id``) and the ServiceRequests that could not be used."""
 
-    referrals: list[dict[str, Any]] = field(default_factory=list)
+    referrals: list[Referral] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
 
 
@@ -183,9 +201,9 @@ def _local_keys(local_codes: Iterable[tuple[str, str]]) -> frozenset[tuple[str, 
 
 def _referral_codings(
     request: Mapping[str, Any], local: frozenset[tuple[str, str]], referral_to: bool
-) -> list[dict[str, str]]:
+) -> list[Coding]:
     """The category / code codings that make this ServiceRequest a referral (empty: not a referral)."""
-    found: list[dict[str, str]] = []
+    found: list[Coding] = []
     seen: set[tuple[str, str]] = set()
     for key, code, out in _raw_codings([request.get("category"), request.get("code")]):
         snomed = key == "snomed" and (code in REFERRAL_SNOMED_CODES or (referral_to and code == REFERRAL_TO))
@@ -195,7 +213,7 @@ def _referral_codings(
     return found
 
 
-def _raw_codings(value: Any) -> Iterator[tuple[str, str, dict[str, str]]]:
+def _raw_codings(value: Any) -> Iterator[tuple[str, str, Coding]]:
     """``(system key, normalised code, coding out)`` of every coding in a (list of) CodeableConcept.
 
     The coding out has the canonical URI of a known system (else the system as sent) and the code as
@@ -212,13 +230,15 @@ def _raw_codings(value: Any) -> Iterator[tuple[str, str, dict[str, str]]]:
             for key, code in codings(coding):
                 sent = coding.get("system")
                 system = CANONICAL.get(key) or (sent.strip() if isinstance(sent, str) else "")
-                out = {"system": system, "code": str(coding["code"]).strip()} if system else {"code": code}
+                out: Coding = {"code": str(coding["code"]).strip()}
+                if system:
+                    out = {"system": system, **out}
                 yield key, code, out
 
 
-def _coding_list(value: Any) -> list[dict[str, str]]:
+def _coding_list(value: Any) -> list[Coding]:
     """Codings as ``{system, code}`` (canonical system URI, the code as sent; display left out)."""
-    found: list[dict[str, str]] = []
+    found: list[Coding] = []
     seen: set[tuple[str, str]] = set()
     for key, code, out in _raw_codings(value):
         if (key, code) not in seen:
@@ -227,20 +247,20 @@ def _coding_list(value: Any) -> list[dict[str, str]]:
     return found
 
 
-def _identifiers(value: Any) -> list[dict[str, str]]:
+def _identifiers(value: Any) -> list[Identifier]:
     """Identifiers as ``{system, value}`` (type text and other free text left out)."""
     items = value if isinstance(value, list) else [value] if isinstance(value, Mapping) else []
-    found = []
+    found: list[Identifier] = []
     for item in items:
         if isinstance(item, Mapping) and isinstance(item.get("value"), str) and item["value"].strip():
-            identifier = {"value": item["value"].strip()}
+            identifier: Identifier = {"value": item["value"].strip()}
             if isinstance(item.get("system"), str) and item["system"].strip():
                 identifier = {"system": item["system"].strip(), **identifier}
             found.append(identifier)
     return found
 
 
-def _reference(value: Any, shared: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
+def _reference(value: Any, shared: Mapping[str, Mapping[str, Any]]) -> Reference | None:
     """A reference as the records carry it: ``{"reference": "Type/id", "identifier": [...]}`` or None."""
     if not isinstance(value, Mapping):
         return None
@@ -253,12 +273,16 @@ def _reference(value: Any, shared: Mapping[str, Mapping[str, Any]]) -> dict[str,
 
 def _target(
     request: Mapping[str, Any], rules: Rules, shared: Mapping[str, Mapping[str, Any]]
-) -> dict[str, Any]:
+) -> ReferralTarget:
     """Where the referral goes: performers, location codes, the requested service and its program level."""
-    level = None
+    level: Literal["iop", "php", "residential"] | None = None
     for tier, value in (("code", request.get("code")), ("location_type", request.get("locationCode"))):
         for key, code in codings(value):
-            hits = [r.level for r in rules.candidates(tier, key, code) if r.level in PROGRAM_LEVELS]
+            hits = [
+                _TARGET_LEVELS[r.level]
+                for r in rules.candidates(tier, key, code)
+                if r.level in _TARGET_LEVELS
+            ]
             if hits and level is None:
                 level = hits[0]
     performers = [ref for ref in (_reference(p, shared) for p in request.get("performer") or []) if ref]
@@ -272,7 +296,7 @@ def _target(
 
 def _reasons(
     request: Mapping[str, Any], shared: Mapping[str, Mapping[str, Any]]
-) -> tuple[list[Any], list[str]]:
+) -> tuple[list[Coding], list[str]]:
     reasons = _coding_list(request.get("reasonCode"))
     references: list[str] = []
     for target in request.get("reasonReference") or []:
@@ -288,19 +312,18 @@ def _reasons(
 
 
 def _is_substance_use(
-    referral_codes: Sequence[Mapping[str, str]],
-    reasons: Sequence[Mapping[str, str]],
-    target: Mapping[str, Any],
+    referral_codes: Sequence[Coding], reasons: Sequence[Coding], target: ReferralTarget
 ) -> bool:
     if any(
-        c["code"] in SUBSTANCE_USE_REFERRALS and system_key(c["system"]) == "snomed" for c in referral_codes
+        c["code"] in SUBSTANCE_USE_REFERRALS and system_key(c.get("system")) == "snomed"
+        for c in referral_codes
     ):
         return True
     for reason in reasons:
-        if system_key(reason["system"]) == "icd10cm" and icd10_f_range(reason["code"]) in SUD_F_RANGES:
+        if system_key(reason.get("system")) == "icd10cm" and icd10_f_range(reason["code"]) in SUD_F_RANGES:
             return True
     for coding in target["code"]:
-        key = system_key(coding["system"])
+        key = system_key(coding.get("system"))
         if (key, normalise_code(key, coding["code"])) in SUBSTANCE_USE_PROGRAM:
             return True
     return False
@@ -325,7 +348,7 @@ def _task_moment(task: Mapping[str, Any]) -> str:
     return ""
 
 
-def _task_state(task: Mapping[str, Any]) -> str | None:
+def _task_state(task: Mapping[str, Any]) -> ReferralState | None:
     status = task.get("status")
     if status in _TERMINAL_TASK_STATES:
         return _TERMINAL_TASK_STATES[str(status)]
@@ -335,7 +358,7 @@ def _task_state(task: Mapping[str, Any]) -> str | None:
     return _TASK_STATES.get(str(status))
 
 
-def _task_record(task: Mapping[str, Any], zone: tzinfo) -> dict[str, Any]:
+def _task_record(task: Mapping[str, Any], state: ReferralState, zone: tzinfo) -> ReferralTask:
     business = _coding_list(task.get("businessStatus"))
     modified = None
     if isinstance(task.get("lastModified"), str):
@@ -347,7 +370,7 @@ def _task_record(task: Mapping[str, Any], zone: tzinfo) -> dict[str, Any]:
         "reference": f"Task/{task['id']}",
         "status": task.get("status") if isinstance(task.get("status"), str) else None,
         "business_status": business[0] if business else None,
-        "state": _task_state(task),
+        "state": state,
         "last_modified": modified,
     }
 
@@ -432,7 +455,7 @@ def map_referrals(
 
 def _record(
     request: Mapping[str, Any],
-    referral_codes: list[dict[str, str]],
+    referral_codes: list[Coding],
     task: Mapping[str, Any] | None,
     shared: Mapping[str, Mapping[str, Any]],
     *,
@@ -440,7 +463,7 @@ def _record(
     rules: Rules,
     zone: tzinfo,
     part2_program: bool,
-) -> dict[str, Any] | Reject:
+) -> Referral | Reject:
     request_id = str(request["id"])
     subject = resolve(request.get("subject"), shared)
     if subject is None:
@@ -464,13 +487,17 @@ def _record(
     reasons, reason_references = _reasons(request, shared)
     target = _target(request, rules, shared)
     part2 = part2_program or _is_substance_use(referral_codes, reasons, target)
-    task_record = _task_record(task, zone) if task is not None else None
-    status = request.get("status") if isinstance(request.get("status"), str) else "unknown"
-    if task_record is not None and task_record["state"] is not None:
+    task_state = _task_state(task) if task is not None else None
+    task_record = _task_record(task, task_state, zone) if task is not None and task_state else None
+    status = request.get("status") if request.get("status") in _REQUEST_STATES else "unknown"
+    state: ReferralState = _REQUEST_STATES[str(status)]
+    state_source: Literal["task", "service_request"] = "service_request"
+    if task_record is not None:
         state, state_source = task_record["state"], "task"
-    else:
-        state, state_source = _REQUEST_STATES.get(str(status), "unknown"), "service_request"
-    priority = request.get("priority")
+    labels: list[Coding] = [
+        {"system": label["system"], "code": label["code"], "display": label["display"]}
+        for label in security_labels(part2)
+    ]
     return {
         "referral_id": referral_id(ehr, request_id),
         "ehr": ehr,
@@ -479,11 +506,11 @@ def _record(
             "reference": f"ServiceRequest/{request_id}",
             "identifier": _identifiers(request.get("identifier")),
         },
-        "status": status,
+        "status": str(status),
         "intent": request.get("intent") if isinstance(request.get("intent"), str) else None,
         "state": state,
         "state_source": state_source,
-        "priority": priority if priority in _PRIORITIES else None,
+        "priority": _PRIORITIES.get(str(request.get("priority"))),
         "referral_type": referral_codes,
         "reason": reasons,
         "reason_references": reason_references,
@@ -492,6 +519,6 @@ def _record(
         "target": target,
         "task": task_record,
         "part2": part2,
-        "security": security_labels(part2),
+        "security": labels,
         "rules_version": rules.version,
     }

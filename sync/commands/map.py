@@ -19,7 +19,7 @@ import re
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, tzinfo
 from pathlib import Path
@@ -70,7 +70,7 @@ class MapRun:
     loaded: Loaded
     episodes: MappingResult
     referrals: ReferralResult
-    records: list[dict[str, Any]]
+    records: Sequence[Mapping[str, Any]]
 
     def rejects(self) -> list[dict[str, Any]]:
         return [
@@ -118,7 +118,7 @@ def map_run(
         loaded.resources, ehr=ehr, rules=rules, local_codes=settings.referral_local_codes,
         part2_program=settings.part2_program, timezone=timezone,
     )  # fmt: skip
-    records: list[dict[str, Any]]
+    records: Sequence[Mapping[str, Any]]
     if args.format == "referrals":
         records = referrals.referrals
     elif args.format == "fhir":
@@ -166,7 +166,7 @@ def read_rules(path: Path | None) -> Rules:
         raise ConfigError(f"rules file {path}: {exc}") from exc
 
 
-def write_stdout(records: Iterable[dict[str, Any]]) -> None:
+def write_stdout(records: Iterable[Mapping[str, Any]]) -> None:
     """One JSON object per line on stdout; a reader that stops early (``| head``) just ends the output."""
     try:
         for record in records:
@@ -182,7 +182,7 @@ def rejects_path(out: Path) -> Path:
     return out.with_name(out.name + ".rejects.ndjson")
 
 
-def write_ndjson(path: Path, records: Iterable[dict[str, Any]]) -> None:
+def write_ndjson(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
     """Write one JSON object per line to a temporary file beside ``path``, then rename it into place, so
     a reader never sees half a file."""
     folder = path.parent if str(path.parent) else Path(".")

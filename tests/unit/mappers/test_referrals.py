@@ -383,3 +383,11 @@ def test_input_order_never_changes_the_output(shuffled: list[dict[str, Any]]) ->
     assert result.referrals == expected.referrals
     assert [r.to_dict() for r in result.rejects] == [r.to_dict() for r in expected.rejects]
     assert len(result.referrals) == 2
+
+
+def test_codings_without_a_system_and_an_unknown_status_are_kept_safely() -> None:
+    record = only(request(status="in-review", reasonCode=[{"coding": [{"code": "F10.20"}]}]))
+    assert record["reason"] == [{"code": "F10.20"}]
+    assert record["part2"] is False  # an ICD-10 code needs its system to count
+    assert record["status"] == "unknown"
+    assert record["state"] == "unknown"

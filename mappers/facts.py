@@ -5,7 +5,7 @@ Pure helpers over the engine's ``Visit`` records and the patient's other resourc
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, tzinfo
 from typing import Any, Final
@@ -137,20 +137,19 @@ class Diagnosis:
     rank: int | None
 
 
-def _icd_codes(value: Any) -> Iterator[str]:
+def _icd_codes(value: Any) -> list[str]:
+    """ICD-10-CM codes (as written) of a CodeableConcept or a list of them."""
     if isinstance(value, list):
-        for item in value:
-            yield from _icd_codes(item)
-        return
-    if not isinstance(value, Mapping):
-        return
-    for coding in value.get("coding") or []:
-        if (
-            isinstance(coding, Mapping)
-            and isinstance(coding.get("code"), str)
-            and system_key(coding.get("system")) == "icd10cm"
-        ):
-            yield str(coding["code"]).strip()
+        return [code for item in value for code in _icd_codes(item)]
+    if not isinstance(value, dict | Mapping):
+        return []
+    return [
+        str(coding["code"]).strip()
+        for coding in value.get("coding") or ()
+        if isinstance(coding, dict | Mapping)
+        and isinstance(coding.get("code"), str)
+        and system_key(coding.get("system")) == "icd10cm"
+    ]
 
 
 def diagnoses_of(resource: Mapping[str, Any], shared: Mapping[str, Mapping[str, Any]]) -> list[Diagnosis]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
+from functools import lru_cache
 from typing import Any, Final
 
 _DATETIME: Final = re.compile(
@@ -73,10 +74,17 @@ def reference_key(value: Any) -> str | None:
     ``urn:uuid:…`` / ``urn:oid:…`` references (Bundle entries) come back unchanged; the index resolves them
     by resource id.
     """
-    reference = value.get("reference") if isinstance(value, Mapping) else value
-    if not isinstance(reference, str) or not reference.strip():
+    reference = value.get("reference") if isinstance(value, dict | Mapping) else value
+    if not isinstance(reference, str):
         return None
+    return _key_of(reference)
+
+
+@lru_cache(maxsize=262144)
+def _key_of(reference: str) -> str | None:
     reference = reference.strip()
+    if not reference:
+        return None
     if reference.startswith(("#", "urn:")):
         return reference
     parts = reference.split("?")[0].rstrip("/").split("/")

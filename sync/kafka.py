@@ -64,7 +64,7 @@ from schemas import (
 )
 from sync import deadletter
 from sync.config import KafkaConfig
-from sync.errors import KafkaError
+from sync.errors import KafkaError, PermanentEventError
 
 log = structlog.get_logger()
 
@@ -351,11 +351,6 @@ class EventProducer:
 
     def __exit__(self, *_: object) -> None:
         self.close()
-
-
-class PermanentEventError(Exception):
-    """Raised by a handler: this event can never be processed; dead-letter it with this message as
-    the reason (no PHI in it) and move on."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import structlog
 from connectors.errors import EhrError
 from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, SESSION_ID_SYSTEM, token
 from sync import fhir_writes
+from sync.errors import PermanentEventError
 from sync.state import SessionResource, SyncState
 
 log = structlog.get_logger()
@@ -49,10 +50,6 @@ class Outcome(StrEnum):
     VOIDED = "voided"
     NOTHING_TO_VOID = "nothing_to_void"
     DISCHARGED = "discharged"
-
-
-class PermanentEventError(Exception):
-    """The event cannot be written, now or later: dead-letter it with this reason."""
 
 
 class FhirClient(Protocol):

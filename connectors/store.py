@@ -49,6 +49,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.elements import ColumnElement
 
 __all__ = [
@@ -57,8 +58,10 @@ __all__ = [
     "Increment",
     "ReplicaRow",
     "StateStore",
+    "cursor_upsert",
     "patient_of",
     "rank_of",
+    "replica_upsert",
     "version_token",
 ]
 
@@ -313,40 +316,11 @@ class StateStore:
             held = unique.get(key)
             if held is None or _wins(row["rank"], held["rank"]):
                 unique[key] = row
-        keys = ["ehr", "resource_type", "id"]
-        if self.dialect == "sqlite":
-            stmt_sqlite = sqlite.insert(replica_table)
-            set_sqlite = {c: stmt_sqlite.excluded[c] for c in columns}
-            newer = _newer(stmt_sqlite.excluded.rank)
-            conn.execute(
-                stmt_sqlite.on_conflict_do_update(index_elements=keys, set_=set_sqlite, where=newer),
-                list(unique.values()),
-            )
-        else:
-            stmt_pg = postgresql.insert(replica_table)
-            set_pg = {c: stmt_pg.excluded[c] for c in columns}
-            newer = _newer(stmt_pg.excluded.rank)
-            conn.execute(
-                stmt_pg.on_conflict_do_update(index_elements=keys, set_=set_pg, where=newer),
-                list(unique.values()),
-            )
+        conn.execute(replica_upsert(self.dialect, columns), list(unique.values()))
 
     def _set_cursor(self, conn: Connection, ehr: str, resource_type: str, value: str, now: datetime) -> None:
-        values = {"ehr": ehr, "resource_type": resource_type, "value": value, "updated_at": now}
-        changes = {"value": value, "updated_at": now}
-        keys = ["ehr", "resource_type"]
-        if self.dialect == "sqlite":
-            conn.execute(
-                sqlite.insert(cursor_table)
-                .values(values)
-                .on_conflict_do_update(index_elements=keys, set_=changes)
-            )
-        else:
-            conn.execute(
-                postgresql.insert(cursor_table)
-                .values(values)
-                .on_conflict_do_update(index_elements=keys, set_=changes)
-            )
+        row = {"ehr": ehr, "resource_type": resource_type, "value": value, "updated_at": now}
+        conn.execute(cursor_upsert(self.dialect), row)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -429,6 +403,34 @@ class StateStore:
             query = query.where(replica_table.c.resource_type == resource_type)
         with self.engine.connect() as conn:
             return len(conn.execute(query).all())
+
+
+def replica_upsert(dialect: str, columns: Sequence[str] = _CONTENT_COLUMNS) -> Insert:
+    """``INSERT … ON CONFLICT (ehr, resource_type, id) DO UPDATE SET columns … WHERE newer`` for
+    ``dialect`` ("sqlite" or "postgresql"): the same statement shape on both."""
+    stmt = _insert(dialect, replica_table)
+    return stmt.on_conflict_do_update(
+        index_elements=["ehr", "resource_type", "id"],
+        set_={c: stmt.excluded[c] for c in columns},
+        where=_newer(stmt.excluded.rank),
+    )
+
+
+def cursor_upsert(dialect: str) -> Insert:
+    """Insert or replace one cursor."""
+    stmt = _insert(dialect, cursor_table)
+    return stmt.on_conflict_do_update(
+        index_elements=["ehr", "resource_type"],
+        set_={"value": stmt.excluded.value, "updated_at": stmt.excluded.updated_at},
+    )
+
+
+def _insert(dialect: str, table: Table) -> sqlite.Insert | postgresql.Insert:
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    raise ValueError(f"unsupported state store {dialect!r}")
 
 
 def _newer(incoming: ColumnElement[Any]) -> ColumnElement[bool]:

@@ -11,8 +11,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
+from sqlalchemy.dialects import postgresql, sqlite
 
-from connectors.store import Deletion, Increment, StateStore, patient_of, rank_of, version_token
+from connectors.store import (
+    Deletion,
+    Increment,
+    StateStore,
+    cursor_upsert,
+    patient_of,
+    rank_of,
+    replica_upsert,
+    version_token,
+)
 
 EHR = "general"
 
@@ -248,3 +258,18 @@ def test_any_arrival_order_leaves_the_latest_version(
             store.commit_increment(EHR, "Encounter", resources, None)
         latest = {rid: f"v:{max(v for r, v in arrivals if r == rid)}" for rid, _ in arrivals}
         assert store.seen_versions(EHR, "Encounter", ["e1", "e2", "e3"]) == latest
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_upserts_compile_for_both_databases(dialect: str) -> None:
+    # PostgreSQL itself runs in no unit test (left for the integration tier): the statements must at
+    # least be the guarded upserts on both dialects.
+    engine_dialect = postgresql.dialect() if dialect == "postgresql" else sqlite.dialect()
+    replica_sql = " ".join(str(replica_upsert(dialect).compile(dialect=engine_dialect)).split())
+    assert "ON CONFLICT (ehr, resource_type, id) DO UPDATE SET" in replica_sql
+    assert "WHERE excluded.rank = " in replica_sql
+    assert "excluded.rank >= connector_replica.rank" in replica_sql
+    cursor_sql = " ".join(str(cursor_upsert(dialect).compile(dialect=engine_dialect)).split())
+    assert "ON CONFLICT (ehr, resource_type) DO UPDATE SET value = excluded.value" in cursor_sql
+    with pytest.raises(ValueError, match="unsupported"):
+        replica_upsert("mysql")

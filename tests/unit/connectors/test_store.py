@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
-from sqlalchemy.dialects.postgresql.base import PGDialect
-from sqlalchemy.dialects.sqlite.base import SQLiteDialect
+from sqlalchemy.engine import make_url
 
 from connectors.store import (
     Deletion,
@@ -265,7 +264,7 @@ def test_any_arrival_order_leaves_the_latest_version(
 def test_upserts_compile_for_both_databases(dialect: str) -> None:
     # PostgreSQL itself runs in no unit test (left for the integration tier): the statements must at
     # least be the guarded upserts on both dialects.
-    engine_dialect = PGDialect() if dialect == "postgresql" else SQLiteDialect()
+    engine_dialect = make_url(f"{dialect}://").get_dialect()()
     replica_sql = " ".join(str(replica_upsert(dialect).compile(dialect=engine_dialect)).split())
     assert "ON CONFLICT (ehr, resource_type, id) DO UPDATE SET" in replica_sql
     assert "WHERE excluded.rank = " in replica_sql

@@ -2,7 +2,14 @@
 
 from mappers.codes import LEVEL_SYSTEM
 from mappers.episode_of_care import EpisodeOfCareError, episode_of_care
-from mappers.episodes import EPISODE_NAMESPACE, MappingResult, anchor_key, episode_id, map_episodes
+from mappers.episodes import (
+    EPISODE_NAMESPACE,
+    MappingResult,
+    anchor_key,
+    episode_id,
+    map_episodes,
+    review_after,
+)
 from mappers.index import Reject
 from mappers.levels import Classification, classify_encounter
 from mappers.referrals import REFERRAL_NAMESPACE, ReferralResult, map_referrals, referral_id
@@ -33,4 +40,5 @@ __all__ = [
     "map_episodes",
     "map_referrals",
     "referral_id",
+    "review_after",
 ]

@@ -23,7 +23,7 @@ import bisect
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, tzinfo
+from datetime import date, datetime, timedelta, tzinfo
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -64,6 +64,18 @@ class MappingResult:
 def episode_id(ehr: str, patient_id: str, level: str, anchor: str) -> str:
     """``uuid5(uuid5(NAMESPACE_URL, "urn:iop-bridge:episode"), "{ehr}|Patient/{id}|{level}|{Type}/{id}")``."""
     return str(uuid.uuid5(EPISODE_NAMESPACE, f"{ehr}|Patient/{patient_id}|{level}|{anchor}"))
+
+
+def review_after(record: Mapping[str, Any], settings: EpisodeSettings = DEFAULT_SETTINGS) -> date | None:
+    """The day (in the EHR's time zone) from which an active episode is finished by time alone.
+
+    The service re-maps the patient on or after that day even when nothing new arrived; None for an
+    episode that is not active.
+    """
+    if record.get("status") != "active":
+        return None
+    days = [str(s["date"]) for s in record.get("sessions") or []] or [str(record["start"])]
+    return date.fromisoformat(max(days)) + timedelta(days=settings.max_gap_days + 1)
 
 
 def anchor_key(record: Mapping[str, Any]) -> str:
@@ -138,6 +150,7 @@ class _Patient:
         self.notes: list[str] = []
         self.visits: list[Visit] = []
         self.unplaced: list[str | None] = []
+        self.floating: list[Visit] = []
         self.groupings: dict[str, Grouping] = {}
         self.ours: dict[str, Grouping] = {}
 
@@ -374,9 +387,21 @@ class _Patient:
     def levelled(self) -> list[Visit]:
         return [v for v in self.visits if v.attended and not v.is_admission and v.level is not None]
 
+    def program_services(self) -> list[Visit]:
+        """Attended Encounters without a level that carry only program services (G0410/G0411/G0129)."""
+        return [
+            v
+            for v in self.visits
+            if v.attended
+            and v.level is None
+            and not v.is_admission
+            and any(code in facts.PROGRAM_SERVICES for code in v.codes)
+        ]
+
     def records(self, episodes: list[_Episode]) -> list[tuple[dict[str, Any], list[str], _Episode]]:
         care = self.levelled()
         care_starts = [v.start for v in care]
+        self.floating = self.program_services()
         built = []
         for episode in episodes:
             made = self._record(episode, care, care_starts)
@@ -559,7 +584,9 @@ class _Patient:
             settings=self.settings,
             shared=self.shared,
         )
-        lines = facts.service_lines(sessions, self.holder.of("Procedure"), self.shared)
+        span_end = date.fromisoformat(end) if end else self.today
+        extra = [v for v in self.floating if start_day <= v.day <= span_end]
+        lines = facts.service_lines(sessions, self.holder.of("Procedure"), self.shared, extra)
         attended_days = len({v.day for v in sessions})
         encounter_keys = {v.key for v in sessions}
         if episode.admission is not None:

@@ -29,6 +29,8 @@ from mappers.visits import Visit
 #: Codes that name a per-diem day rather than a service (not counted as services of a line).
 PER_DIEM_CODES: Final = frozenset({"S9480", "H0015", "H0035", "S0201", "H0018", "H0019", "H2036", "S9484"})
 SERVICE_SYSTEMS: Final = ("hcpcs", "cpt")
+#: Program services that decide no level alone: they count as services of the episode they fall in.
+PROGRAM_SERVICES: Final = frozenset({("hcpcs", "G0410"), ("hcpcs", "G0411"), ("hcpcs", "G0129")})
 #: F10-F16, F18, F19: substance use disorders (F17 nicotine does not make an episode Part 2).
 SUD_F_RANGES: Final = frozenset({10, 11, 12, 13, 14, 15, 16, 18, 19})
 SECURITY_LABELS: Final = (
@@ -108,14 +110,18 @@ def service_lines(
     sessions: Sequence[Visit],
     procedures: Sequence[Mapping[str, Any]],
     shared: Mapping[str, Mapping[str, Any]],
+    extra: Sequence[Visit] = (),
 ) -> list[dict[str, Any]]:
-    """Per attended day: the service codes of that day's sessions and of Procedures done in them."""
+    """Per day: the service codes of that day's sessions, of Procedures done in them, and of ``extra``.
+
+    ``extra`` are Encounters with no level of their own whose services belong to the episode they fall
+    in (G0410/G0411 group psychotherapy alone decides no level: episode-model.md).
+    """
     by_day: dict[date, list[dict[str, str]]] = {}
     day_of: dict[str, date] = {}
-    for visit in sessions:
+    for visit in (*sessions, *extra):
         day_of[visit.key] = visit.day
-        services = by_day.setdefault(visit.day, [])
-        services.extend(_services(visit.codes))
+        by_day.setdefault(visit.day, []).extend(_services(visit.codes))
     for procedure in procedures:
         if procedure.get("status") in ("not-done", "entered-in-error", "preparation"):
             continue

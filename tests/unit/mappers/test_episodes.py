@@ -7,7 +7,15 @@ from typing import Any
 
 import pytest
 
-from mappers import EpisodeSettings, MappingResult, anchor_key, default_rules, episode_id, map_episodes
+from mappers import (
+    EpisodeSettings,
+    MappingResult,
+    anchor_key,
+    default_rules,
+    episode_id,
+    map_episodes,
+    review_after,
+)
 
 HCPCS = "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets"
 REVENUE = "https://www.nubc.org/CodeSystem/RevenueCodes"
@@ -384,3 +392,28 @@ def test_our_attendance_encounter_joins_the_episode_it_names_even_without_our_ep
     assert [s["reference"] for s in episode["sessions"]][-1] == "Encounter/w1"
     assert episode["attendance"]["sessions_attended"] == 4  # w2 is the same session: counted once
     assert any("same session as Encounter/w1" in line for line in result.explanations[ours])
+
+
+def test_group_psychotherapy_alone_counts_as_a_service_of_the_episode_it_falls_in() -> None:
+    resources = [
+        session("a", "2025-01-06"),
+        session("b", "2025-01-08"),
+        session("g", "2025-01-07", code="G0410"),  # inside the span: a service, not a session
+        session("late", "2025-03-01", code="G0411"),  # outside every episode: nowhere
+    ]
+    episode = run(resources, "2025-01-09T00:00:00+00:00").episodes[0]
+    assert [s["reference"] for s in episode["sessions"]] == ["Encounter/a", "Encounter/b"]
+    lines = {line["date"]: line["count"] for line in episode["billing"]["lines"]}
+    assert lines == {"2025-01-06": 0, "2025-01-07": 1, "2025-01-08": 0}
+    assert episode["billing"]["units"] == 2  # attended days
+
+
+def test_review_after_is_the_first_day_time_alone_finishes_an_active_episode() -> None:
+    resources = [session("a", "2025-03-03"), session("b", "2025-03-05")]
+    active = run(resources, "2025-03-06T00:00:00+00:00").episodes[0]
+    deadline = review_after(active)
+    assert deadline == date(2025, 3, 20)
+    assert run(resources, "2025-03-19T23:00:00+00:00").episodes[0]["status"] == "active"
+    finished = run(resources, "2025-03-20T00:30:00+00:00").episodes[0]
+    assert finished["status"] == "finished"
+    assert review_after(finished) is None

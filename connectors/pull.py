@@ -103,6 +103,7 @@ class PullSummary:
     bulk_error_lines: int = 0
     patients: int = 0
     duration_seconds: float = 0.0
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # patients_touched(ehr, this)
     cursors: dict[str, str] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
     deviations: Counter[str] = field(default_factory=Counter)
@@ -132,6 +133,9 @@ def pull(
     started = time.monotonic()
     chosen: Mode = mode or ehr.mode
     types = tuple(resource_types or ehr.resource_types)
+    unusable = [t for t in types if not (t[:1].isupper() and t.isalnum())]
+    if unusable or not types:
+        raise PullError(f"{ehr.name}: not resource types: {', '.join(map(repr, unusable)) or 'none given'}")
     if since is not None:
         _check_instant(since, "since")
     summary = PullSummary(ehr=ehr.name, mode=chosen)

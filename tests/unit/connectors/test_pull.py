@@ -173,8 +173,11 @@ def test_first_pull_writes_everything_and_sets_the_cursor(
     server: FakeFhirServer, store: StateStore, ehr: EhrConfig, tmp_path: Path
 ) -> None:
     _seed(server)
-    summary = _run(ehr, store, tmp_path / "out")
+    arrived: Counter[str] = Counter()
+    summary = _run(ehr, store, tmp_path / "out", progress=lambda kind, n: arrived.update({kind: n}))
     assert summary.counts == {"Encounter": 5, "Patient": 2}
+    assert arrived == Counter(summary.counts)
+    assert store.patients_touched(ehr.name, summary.started_at) == ["p0", "p1"]
     assert summary.pages == 1 + 2  # Patient: one page; Encounter: 3 + 2
     assert summary.rejected == 0
     assert [r["id"] for r in _read(tmp_path / "out", "Encounter")] == ["e0", "e1", "e2", "e3", "e4"]
@@ -246,6 +249,8 @@ def test_since_overrides_the_cursor_and_skips_nothing(
         _run(ehr, store, tmp_path / "out", since="2026-01-01T00:00:00")
     with pytest.raises(PullError, match="ISO date"):
         _run(ehr, store, tmp_path / "out", since="yesterday")
+    with pytest.raises(PullError, match="not resource types: 'Encounter;x'"):
+        _run(ehr, store, tmp_path / "out", resource_types=["Encounter;x"])
 
 
 def test_a_future_stamp_does_not_push_the_cursor_past_now(

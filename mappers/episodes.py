@@ -461,8 +461,7 @@ class _Patient:
                 break
             if visit.level == episode.level:
                 continue
-            ended = visit.last_moment.astimezone(self.zone).date()
-            if (start_day - ended).days > self.settings.lookback_days:
+            if (start_day - visit.last_day).days > self.settings.lookback_days:
                 continue
             if best is None or (visit.last_moment, visit.key) > (best.last_moment, best.key):
                 best = visit
@@ -476,7 +475,7 @@ class _Patient:
         return {
             "direction": direction,
             "from_level": best.level,
-            "at": best.last_moment.astimezone(self.zone).date().isoformat(),
+            "at": best.last_day.isoformat(),
             "encounter": {"reference": best.key},
         }
 
@@ -489,7 +488,7 @@ class _Patient:
             members.append(episode.admission)
         for visit in members:
             if visit.disposition is not None:
-                found.append((visit.last_moment.astimezone(self.zone).date(), visit.key, visit.disposition))
+                found.append((visit.last_day, visit.key, visit.disposition))
         for grouping in (episode.hint, self.ours.get(f"ours:{new_id}")):
             if grouping is not None and grouping.status == "finished" and grouping.end is not None:
                 found.append((grouping.end.astimezone(self.zone).date(), grouping.key, {}))

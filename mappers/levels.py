@@ -9,7 +9,7 @@ department). Every result says which rule fired and why, for ``--explain``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,33 +158,27 @@ def classify_encounter(
     order = rules.order
     missing_qualifier: Rule | None = None
 
-    tiers: list[tuple[str, list[tuple[str, str, tuple[Rule, ...]]]]] = [
-        (
-            "location",
-            [
-                ("location", key, rules.location_rules(key) + rules.location_rules(key.split("/")[-1]))
-                for key in _refs(encounter)
-            ],
-        ),
-        (
-            "code",
-            [("code", f"{s} {c}", rules.candidates("code", s, c)) for s, c in codes],
-        ),
-        (
-            "location_type",
-            [
-                ("Location.type", f"{s} {c}", rules.candidates("location_type", s, c))
-                for s, c in _location_types(encounter, context)
-            ],
-        ),
-        (
-            "class",
-            [("class", f"{s} {c}", rules.candidates("class", s, c)) for s, c in _class_codes(encounter)],
-        ),
-    ]
-    for _tier, hits in tiers:
+    # Tiers in precedence order, each computed only when the ones before it found nothing.
+    tiers: tuple[Callable[[], list[tuple[str, str, tuple[Rule, ...]]]], ...] = (
+        lambda: [
+            ("location", key, rules.location_rules(key) + rules.location_rules(key.split("/")[-1]))
+            for key in _refs(encounter)
+        ],
+        lambda: [("code", f"{s} {c}", hits) for s, c in codes if (hits := rules.candidates("code", s, c))],
+        lambda: [
+            ("Location.type", f"{s} {c}", hits)
+            for s, c in _location_types(encounter, context)
+            if (hits := rules.candidates("location_type", s, c))
+        ],
+        lambda: [
+            ("class", f"{s} {c}", hits)
+            for s, c in _class_codes(encounter)
+            if (hits := rules.candidates("class", s, c))
+        ],
+    )
+    for tier in tiers:
         best: tuple[int, Rule, str, str] | None = None
-        for what, value, candidates in hits:
+        for what, value, candidates in tier():
             for rule in candidates:
                 if not _applies(rule, classes, qualified):
                     if rule.qualifier and (not rule.classes or rule.classes & classes):

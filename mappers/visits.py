@@ -22,7 +22,7 @@ ATTENDED: Final = frozenset({"finished", "arrived", "triaged", "in-progress", "o
 GROUPING_STATUSES: Final = frozenset({"active", "onhold", "finished"})
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class Visit:
     key: str
     resource: Mapping[str, Any]
@@ -40,10 +40,14 @@ class Visit:
     codes: list[tuple[str, str]] = field(default_factory=list)  # type/serviceType (system key, code)
     is_admission: bool = False
     hint: str | None = None  # key of the Grouping or admission Encounter that groups it
+    day_zone: tzinfo | None = None
 
-    @property
-    def last_moment(self) -> datetime:
-        return self.end if self.end is not None and self.end >= self.start else self.start
+    last_moment: datetime = field(init=False)
+    last_day: date = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.last_moment = self.end if self.end is not None and self.end >= self.start else self.start
+        self.last_day = self.last_moment.astimezone(self.day_zone).date() if self.day_zone else self.day
 
 
 @dataclass
@@ -137,6 +141,7 @@ def read_visit(
         session_id=_identifier_value(encounter, SESSION_ID_SYSTEM),
         disposition=disposition,
         codes=codes,
+        day_zone=zone,
     )
 
 

@@ -5,11 +5,14 @@ Modes
 - ``search``: per resource type ``_lastUpdated=gt<cursor - overlap>``; ``since`` overrides the cursor.
   Types the vendor refuses to search without a patient (``profile.patient_scoped_types``) fan out over
   the configured panel (a Group's members or a file of ids), ``panel.concurrency`` patients at a time.
+  A patient new to the panel is searched without ``_lastUpdated`` (their history predates the cursor);
+  the store remembers who was pulled in full, in the same transaction as the cursors.
 - ``bulk``: one ``$export`` with ``_since`` = the oldest stored cursor of the types asked for; the next
   cursor of every type is the manifest's ``transactionTime`` (the server's own safe point).
 
-Overlap de-duplication: a resource whose (id, ``meta.versionId``) — or (id, ``meta.lastUpdated``) when the
-server keeps no versions — is already in the replica was delivered by an earlier run and is skipped.
+Overlap de-duplication: a resource whose (id, ``meta.versionId``) — else (id, ``meta.lastUpdated``), else
+(id, content hash) when the server sends no meta — is already in the replica was delivered by an earlier
+run and is skipped.
 With an explicit ``since`` nothing is skipped: the caller asked for everything after that instant.
 
 Validation: every resource goes through ``check_resource`` with the vendor's tolerated deviations.
@@ -189,6 +192,7 @@ class _Run:
         self.clock = clock
         self.validator: _Validator | None = None
         self.new_cursors: dict[str, str] = {}
+        self.panel_added: list[str] = []
         self._max_seen: dict[str, tuple[datetime, str]] = {}  # per type: newest stamp, as the server wrote it
 
     def execute(
@@ -223,7 +227,7 @@ class _Run:
             Increment(kind, output.read(kind), self.new_cursors.get(kind) if kind in types else None)
             for kind in output.types()
         ]
-        self.store.commit_increments(self.ehr.name, increments)
+        self.store.commit_increments(self.ehr.name, increments, panel_added=self.panel_added)
         summary.cursors = {k: v for k in types if (v := self.store.get_cursor(self.ehr.name, k)) is not None}
 
     # search mode
@@ -231,12 +235,15 @@ class _Run:
     def search(self, types: Sequence[str]) -> None:
         scoped = [t for t in types if t in self.client.profile.patient_scoped_types]
         panel: list[str] | None = None
+        known: set[str] = set()
         if scoped and self.ehr.panel is not None:
             try:
                 panel = load_panel(self.client, self.ehr.panel)
             except ValueError as exc:
                 raise PullError(f"{self.ehr.name}: {exc}") from exc
             self.summary.patients = len(panel)
+            known = self.store.panel_known(self.ehr.name, panel)
+            self.panel_added = [p for p in panel if p not in known]
         elif scoped:
             log.warning("patient_scoped_without_panel", ehr=self.ehr.name, types=len(scoped))
         for kind in types:
@@ -247,9 +254,10 @@ class _Run:
             if lower is not None:
                 query = query.since(lower)
             if panel is not None and kind in scoped:
-                pages = _fan_out(
-                    self.client, query, panel, self.ehr.panel.concurrency if self.ehr.panel else 1
-                )
+                # A patient new to the panel gets their whole history: the cursor only covers the others.
+                whole = SearchQuery(kind) if self.since is None else query
+                queries = [(p, query if p in known else whole) for p in panel]
+                pages = _fan_out(self.client, queries, self.ehr.panel.concurrency if self.ehr.panel else 1)
             else:
                 pages = search_pages(self.client, query)
             for page in pages:
@@ -405,20 +413,20 @@ class _Run:
 
 
 def _fan_out(
-    client: EhrClient, query: SearchQuery, patients: Sequence[str], concurrency: int
+    client: EhrClient, queries: Sequence[tuple[str, SearchQuery]], concurrency: int
 ) -> Iterator[SearchPage]:
-    """Every page of ``query`` for each patient, ``concurrency`` patients at a time, in panel order."""
+    """Every page of each (patient, query), ``concurrency`` patients at a time, in panel order."""
 
-    def one(patient_id: str) -> list[SearchPage]:
+    def one(job: tuple[str, SearchQuery]) -> list[SearchPage]:
+        patient_id, query = job
         return list(search_pages(client, query.for_patient(patient_id)))
 
     window = max(1, concurrency) * 2  # patients fetched ahead of the consumer: bounds memory
     with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="panel") as pool:
         pending: deque[concurrent.futures.Future[list[SearchPage]]] = deque()
-        queue = iter(patients)
         try:
-            for patient_id in queue:
-                pending.append(pool.submit(one, patient_id))
+            for job in queries:
+                pending.append(pool.submit(one, job))
                 if len(pending) >= window:
                     yield from pending.popleft().result()
             while pending:

@@ -5,6 +5,7 @@ One SQLAlchemy 2 Core engine, SQLite by default (WAL, busy timeout) and PostgreS
 ``INSERT … ON CONFLICT``. The sync service adds its own tables to the same database through ``engine``.
 
 - ``connector_cursors``: one ``_lastUpdated`` / ``_since`` cursor per (EHR, resource type).
+- ``connector_panel``: the panel patients already pulled in full (a newcomer's history is fetched whole).
 - ``connector_replica``: the LATEST version of each (EHR, type, id), indexed by patient, so the mappers
   can read a patient's whole history while an incremental pull brings only what changed. Resources
   marked ``entered-in-error`` and deletions stay as rows (``status`` / ``deleted``), never dropped.
@@ -98,6 +99,14 @@ replica_table = Table(
     Column("resource", Text, nullable=True),
     Column("pulled_at", DateTime(timezone=True), nullable=False),
     Index("ix_connector_replica_patient", "ehr", "patient_id"),
+)
+
+panel_table = Table(
+    "connector_panel",
+    metadata,
+    Column("ehr", String(200), primary_key=True),
+    Column("patient_id", String(255), primary_key=True),
+    Column("added_at", DateTime(timezone=True), nullable=False),
 )
 
 # Where a resource names its patient, in the order we look (Coverage.beneficiary, Task.for, ...).
@@ -284,11 +293,14 @@ class StateStore:
         """Upsert one type's resources into the replica and advance its cursor, in ONE transaction."""
         return self.commit_increments(ehr, [Increment(resource_type, resources, new_cursor, deletions)])
 
-    def commit_increments(self, ehr: str, increments: Sequence[Increment]) -> int:
+    def commit_increments(
+        self, ehr: str, increments: Sequence[Increment], *, panel_added: Sequence[str] = ()
+    ) -> int:
         """Upsert every increment's resources and advance every cursor, all in ONE transaction.
 
         ``resources`` may be a lazy iterable (e.g. read back from the output file): rows are written in
-        batches, so memory stays bounded. Returns how many resource rows were offered.
+        batches, so memory stays bounded. ``panel_added`` records panel patients whose whole history this
+        pull fetched (see ``panel_known``). Returns how many resource rows were offered.
         """
         now = datetime.now(UTC)
         offered = 0
@@ -304,6 +316,9 @@ class StateStore:
                         self._upsert_replica(conn, batch_rows, _DELETION_COLUMNS)
                 if increment.new_cursor is not None:
                     self._set_cursor(conn, ehr, increment.resource_type, increment.new_cursor, now)
+            for batch in _batches(dict.fromkeys(panel_added), _BATCH):
+                stmt = _insert(self.dialect, panel_table).on_conflict_do_nothing()
+                conn.execute(stmt, [{"ehr": ehr, "patient_id": p, "added_at": now} for p in batch])
         return offered
 
     def _upsert_replica(self, conn: Connection, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
@@ -338,6 +353,21 @@ class StateStore:
                 ).all()
                 for row in rows:
                     found[row.id] = row.token
+        return found
+
+    def panel_known(self, ehr: str, patient_ids: Iterable[str]) -> set[str]:
+        """The panel patients an earlier pull already fetched in full (a cursor applies to them only:
+        a patient who joins the panel later needs their history from the start)."""
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for batch in _batches(dict.fromkeys(patient_ids), _BATCH):
+                found.update(
+                    conn.execute(
+                        select(panel_table.c.patient_id).where(
+                            panel_table.c.ehr == ehr, panel_table.c.patient_id.in_(batch)
+                        )
+                    ).scalars()
+                )
         return found
 
     def patient_resources(

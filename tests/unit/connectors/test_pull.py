@@ -411,6 +411,24 @@ def test_patient_scoped_types_fan_out_over_the_panel(
     assert store.patient_resources(ehr.name, "p2") == []
 
 
+def test_a_patient_who_joins_the_panel_gets_their_whole_history(
+    server: FakeFhirServer, store: StateStore, make_ehr: Callable[..., EhrConfig], tmp_path: Path
+) -> None:
+    server.put(_encounter("old-of-p1", "p1"))  # long before p1 joins the IOP panel
+    server.put(_encounter("e0", "p0"))
+    server.groups["iop"] = ["p0"]
+    ehr = make_ehr(vendor="epic", resource_types=("Encounter",), panel={"group_id": "iop"})
+    _run(ehr, store, tmp_path / "out")
+    server.groups["iop"] = ["p0", "p1"]
+    server.put(_encounter("e1", "p0"))
+    _run(ehr, store, tmp_path / "out")
+    last = {r.url.params["patient"]: r.url.params for r in server.searches("Encounter")[-2:]}
+    assert "_lastUpdated" in last["p0"]
+    assert "_lastUpdated" not in last["p1"]
+    assert sorted(r["id"] for r in _read(tmp_path / "out", "Encounter")) == ["e1", "old-of-p1"]
+    assert store.panel_known(ehr.name, ["p0", "p1", "p2"]) == {"p0", "p1"}
+
+
 def test_an_unreadable_panel_file_is_a_clear_error(
     server: FakeFhirServer, store: StateStore, make_ehr: Callable[..., EhrConfig], tmp_path: Path
 ) -> None:

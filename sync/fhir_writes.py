@@ -6,13 +6,18 @@ how (conditional create, ``If-Match`` update), per vendor profile.
 
 - attended session  -> ``Encounter`` (finished; class AMB, or VR for telehealth), keyed by the session id
 - absent session    -> ``Appointment`` (noshow), keyed by the session id
-- cancelled session -> the session's resource with status ``cancelled`` (it is voided, never deleted)
+- either, on an EHR that cannot write those (Epic) -> a progress-note ``DocumentReference`` (LOINC 11506-3)
+                       keyed by the session id, saying whether the patient attended
+- cancelled session -> the session's resource voided, never deleted: status ``cancelled`` (Encounter,
+                       Appointment) or ``entered-in-error`` (a note)
 - discharge         -> the episode's ``EpisodeOfCare`` finished (period end, status history), plus a
                        discharge-summary ``DocumentReference`` keyed by the event id, and the referral
                        ``Task`` (when there is one) with the BSeR business status
 - every write       -> a ``Provenance`` naming this service as the transmitter
 
-Part 2 episodes give every resource the security labels of the episode.
+Part 2 episodes give every resource the security labels of the episode. ``json_patch`` turns a change into
+the JSON Patch a server without ``update`` takes (Oracle), and ``search_window`` / ``has_identifier``
+let write-back find a resource it wrote on a server that cannot search by identifier.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
 PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 LOINC = "http://loinc.org"
+US_CORE_DOCUMENT_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category"
 BSER_BUSINESS_STATUS = "http://hl7.org/fhir/us/bser/CodeSystem/TaskBusinessStatusCS"
 AGENT_NAME = "iop-bridge"
 
@@ -134,11 +140,125 @@ def noshow_appointment(
     return _with_meta(appointment, security)
 
 
+def attendance_note(
+    event: Mapping[str, Any],
+    *,
+    patient_reference: str,
+    episode_id: str,
+    security: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """A progress note (LOINC 11506-3) for an attended or missed session, keyed by the session id.
+
+    For EHRs that cannot write Encounter or Appointment (Epic): the note says whether the patient
+    attended, when, how (in person or telehealth) and which services were delivered.
+    """
+    session = event["session"]
+    attended = session["status"] == "attended"
+    modality = str(session.get("modality", "in-person"))
+    lines = [
+        f"IOP session {session['id']}: {'attended' if attended else 'not attended (no-show)'}",
+    ]
+    if attended:
+        lines.append(f"Modality: {modality}")
+    if session.get("start") or session.get("end"):
+        lines.append(f"Scheduled: {session.get('start', '?')} to {session.get('end', '?')}")
+    codes = [f"{c.get('system', '')}|{c['code']}" for c in session.get("services") or []]
+    if attended and codes:
+        lines.append("Services: " + ", ".join(codes))
+    lines.append(f"IOP episode: {episode_id}")
+    note: dict[str, Any] = {
+        "resourceType": "DocumentReference",
+        "identifier": [_identifier(SESSION_ID_SYSTEM, str(session["id"]))],
+        "status": "current",
+        "docStatus": "final",
+        "type": {"coding": [{"system": LOINC, "code": "11506-3", "display": "Progress note"}]},
+        "category": [
+            {
+                "coding": [
+                    {"system": US_CORE_DOCUMENT_CATEGORY, "code": "clinical-note", "display": "Clinical Note"}
+                ]
+            }
+        ],
+        "subject": {"reference": patient_reference},
+        "date": event["occurred_at"],
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "text/plain; charset=utf-8",
+                    "data": base64.b64encode("\n".join(lines).encode("utf-8")).decode("ascii"),
+                    "title": "IOP session attendance",
+                }
+            }
+        ],
+    }
+    period = _period(session.get("start"), session.get("end"))
+    if period:
+        note["context"] = {"period": period}
+    return _with_meta(note, security)
+
+
 def voided(resource: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a session resource (Encounter or Appointment) with status ``cancelled``."""
+    """A copy of a session resource, voided: ``cancelled`` (Encounter, Appointment) or, for a note,
+    ``entered-in-error`` (a DocumentReference has no cancelled status)."""
     result = copy.deepcopy(dict(resource))
-    result["status"] = "cancelled"
+    result["status"] = (
+        "entered-in-error" if result.get("resourceType") == "DocumentReference" else "cancelled"
+    )
     return result
+
+
+_SERVER_OWNED = frozenset({"resourceType", "id", "meta", "text"})
+
+
+def _pointer(key: str) -> str:
+    return "/" + key.replace("~", "~0").replace("/", "~1")
+
+
+def json_patch(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The JSON Patch (RFC 6902) that makes ``current`` carry ``wanted``'s elements.
+
+    Only elements we write are touched (one ``add``/``replace`` per changed top-level element, the
+    security labels under ``/meta/security``): elements the server added, and ``id``/``meta``/``text``,
+    are left alone, so the patch is as small as Millennium's PATCH support wants. Empty: nothing changed.
+    """
+    ops: list[dict[str, Any]] = []
+    for key, value in wanted.items():
+        if key in _SERVER_OWNED or current.get(key) == value:
+            continue
+        ops.append({"op": "replace" if key in current else "add", "path": _pointer(key), "value": value})
+    security = (wanted.get("meta") or {}).get("security")
+    current_meta = current.get("meta") or {}
+    if security and current_meta.get("security") != security:
+        if "meta" in current:
+            op = "replace" if "security" in current_meta else "add"
+            ops.append({"op": op, "path": "/meta/security", "value": security})
+        else:
+            ops.append({"op": "add", "path": "/meta", "value": {"security": security}})
+    return ops
+
+
+def has_identifier(resource: Mapping[str, Any], system: str, value: str) -> bool:
+    return any(
+        isinstance(i, Mapping) and i.get("system") == system and i.get("value") == value
+        for i in resource.get("identifier") or []
+    )
+
+
+def search_window(resource: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The days (``YYYY-MM-DD``, first and last) a resource we write is dated on, for ``date`` searches."""
+    kind = resource.get("resourceType")
+    if kind == "Appointment":
+        start, end = resource.get("start"), resource.get("end")
+    elif kind == "Encounter":
+        period = resource.get("period") or {}
+        start, end = period.get("start"), period.get("end")
+    else:
+        start = end = resource.get("date")
+    start = start or end
+    end = end or start
+    if not start or not end:
+        return None
+    return str(start)[:10], str(end)[:10]
 
 
 def finished_episode_of_care(existing: Mapping[str, Any], *, end_date: str) -> dict[str, Any]:

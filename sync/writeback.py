@@ -8,6 +8,13 @@ Idempotency has three locks, because servers' conditional create is racy (HAPI #
 3. the server: creates are conditional (``If-None-Exist`` on our identifier), so a crash between the
    write and the ledger entry finds the resource on the next try instead of creating a second one.
 
+What is written depends on the EHR (``sync.capabilities``: the vendor profile's plan checked against the
+server's CapabilityStatement): an Encounter / Appointment on generic servers and Oracle, a progress note on
+Epic; a resource is changed with PUT where the server has ``update`` and with a JSON Patch where it has only
+``patch`` (Oracle), both under ``If-Match``. Where a server has no conditional create, the resource is
+looked up by our identifier before it is created (or, when it cannot search by identifier either, by
+patient and date, filtered by our identifier), so lock 3 holds there too.
+
 Errors are classified for the consumer: ``PermanentEventError`` (the event can never be written:
 schema-invalid, unknown episode, or the EHR answered 400/404/405/410/422) goes to the dead-letter topic;
 ``TemporaryEhrError`` and ``AuthError`` propagate, so the consumer pauses and retries later (never
@@ -23,11 +30,13 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 import httpx
+import orjson
 import structlog
 
 from connectors.errors import EhrError
 from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, SESSION_ID_SYSTEM, token
 from sync import fhir_writes
+from sync.capabilities import JSON_PATCH, Purpose, Targets
 from sync.errors import PermanentEventError
 from sync.state import SessionResource, SyncState
 
@@ -39,6 +48,10 @@ PERMANENT_STATUSES = frozenset({400, 404, 405, 410, 422})
 CONFLICT_STATUSES = frozenset({409, 412})
 MAX_CONFLICT_RETRIES = 5
 MAX_SUPERSEDED_HOPS = 10
+#: Pages read when looking for our resource by patient and date (a server without identifier search).
+MAX_LOOKUP_PAGES = 10
+
+__all__ = ["FhirClient", "Outcome", "PermanentEventError", "Targets", "WriteBack", "WriteBackResult"]
 
 
 class Outcome(StrEnum):
@@ -66,18 +79,6 @@ class FhirClient(Protocol):
         content: Any = None,
         idempotent: bool | None = None,
     ) -> httpx.Response: ...
-
-
-@dataclass(frozen=True)
-class Targets:
-    """What this EHR lets us write (from its vendor profile and CapabilityStatement)."""
-
-    encounter: bool = True
-    appointment: bool = True
-    episode_of_care: bool = True
-    document_reference: bool = True
-    task: bool = True
-    provenance: bool = True
 
 
 @dataclass
@@ -130,7 +131,7 @@ class WriteBack:
         self.client = client
         self.state = state
         self.ehr = ehr
-        self.targets = targets or Targets()
+        self.targets = targets if targets is not None else Targets.everything(ehr=ehr)
         self.clock = clock
 
     # -- entry points -----------------------------------------------------------------------------
@@ -218,25 +219,76 @@ class WriteBack:
                 return dict(resource)
         return None
 
+    def _lookup(
+        self, resource_type: str, system: str, value: str, like: Mapping[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """Our resource keyed ``system|value``, as the server has it; None when it has none (or we cannot
+        tell: a server that can search neither by identifier nor by patient and date)."""
+        access = self.targets.access(resource_type)
+        if access.searchable_by("identifier"):
+            return self._find(resource_type, system, value)
+        window = fhir_writes.search_window(like) if like is not None else None
+        patient = str(((like or {}).get("subject") or {}).get("reference") or "")
+        if like is not None and resource_type == "Appointment":
+            actors = [p.get("actor") or {} for p in like.get("participant") or []]
+            patient = next((str(a["reference"]) for a in actors if "reference" in a), "")
+        if (
+            window is None
+            or not patient.startswith("Patient/")
+            or not access.searchable_by("patient", "date")
+        ):
+            return None
+        params: list[tuple[str, str]] | None = [
+            ("patient", patient.removeprefix("Patient/")),
+            ("date", f"ge{window[0]}"),
+            ("date", f"le{window[1]}"),
+        ]
+        url: str | None = resource_type
+        for _ in range(MAX_LOOKUP_PAGES):
+            if url is None:
+                break
+            bundle = self._call("GET", url, params=params).json()
+            for entry in bundle.get("entry") or []:
+                resource = entry.get("resource") or {}
+                if resource.get("resourceType") == resource_type and fhir_writes.has_identifier(
+                    resource, system, value
+                ):
+                    return dict(resource)
+            url = next(
+                (link.get("url") for link in bundle.get("link") or [] if link.get("relation") == "next"), None
+            )
+            params = None  # a next link carries its own query
+        return None
+
     def _create(
         self, resource: dict[str, Any], system: str, value: str, security: list[dict[str, Any]]
     ) -> tuple[str, bool]:
-        """Conditional create; returns (id, created). A match means an earlier try already wrote it."""
+        """Create once; returns (id, created). False: an earlier try already wrote it (found, not made).
+
+        Conditional create (``If-None-Exist``) where the server has it, which also makes the POST safe
+        to resend; elsewhere a look-up first, and a plain POST that is never resent.
+        """
         resource_type = str(resource["resourceType"])
-        response = self._call(
-            "POST",
-            resource_type,
-            json=resource,
-            headers={
-                "If-None-Exist": f"identifier={token(system, value)}",
-                "Prefer": "return=representation",
-            },
-        )
+        headers = {"Prefer": "return=representation"}
+        conditional = self.targets.access(resource_type).conditional_create
+        if conditional:
+            headers["If-None-Exist"] = f"identifier={token(system, value)}"
+        else:
+            found = self._lookup(resource_type, system, value, resource)
+            if found is not None:
+                return str(found["id"]), False
+        response = self._call("POST", resource_type, json=resource, headers=headers, idempotent=conditional)
         resource_id = _id_from(response, resource_type)
-        created = response.status_code == 201
+        created = response.status_code == 201 or not conditional
         if created:
             self._provenance(f"{resource_type}/{resource_id}", created=True, security=security)
         return resource_id, created
+
+    def _change_method(self, resource_type: str) -> str:
+        method = self.targets.access(resource_type).change_method
+        if method is None:
+            raise PermanentEventError(f"EHR {self.ehr!r} does not support update or patch on {resource_type}")
+        return method
 
     def _update(
         self,
@@ -244,28 +296,39 @@ class WriteBack:
         change: Callable[[dict[str, Any]], dict[str, Any]],
         security: list[dict[str, Any]],
     ) -> bool:
-        """Read, change, ``If-Match`` update; re-read on a version conflict. False when nothing changed."""
+        """Read, change, write under ``If-Match`` (PUT, or a JSON Patch where the server has only patch);
+        re-read on a version conflict. False when nothing changed."""
+        method = self._change_method(reference.split("/", 1)[0])
         for _ in range(MAX_CONFLICT_RETRIES):
             current, version = self._read(reference)
             wanted = change(current)
             if _same_content(current, wanted):
                 return False
             headers = {"If-Match": version} if version else {}
+            if method == "PUT":
+                kwargs: dict[str, Any] = {"json": wanted}
+            else:
+                operations = fhir_writes.json_patch(current, wanted)
+                if not operations:
+                    return False
+                headers["Content-Type"] = JSON_PATCH
+                # Under If-Match a resent patch that was applied meets a version conflict, never a double.
+                kwargs = {"content": orjson.dumps(operations), "idempotent": bool(version)}
             try:
-                self.client.request("PUT", reference, json=wanted, headers=headers)
+                self.client.request(method, reference, headers=headers, **kwargs)
             except EhrError as exc:
                 if exc.status in CONFLICT_STATUSES:
                     log.info("version_conflict", reference=reference, status=exc.status)
                     continue
                 if exc.status in PERMANENT_STATUSES:
-                    raise PermanentEventError(f"EHR refused PUT {reference}: {exc}") from exc
+                    raise PermanentEventError(f"EHR refused {method} {reference}: {exc}") from exc
                 raise
             self._provenance(reference, created=False, security=security)
             return True
-        raise EhrError(f"PUT {reference}: still a version conflict after {MAX_CONFLICT_RETRIES} tries")
+        raise EhrError(f"{method} {reference}: still a version conflict after {MAX_CONFLICT_RETRIES} tries")
 
     def _provenance(self, reference: str, *, created: bool, security: list[dict[str, Any]]) -> None:
-        if not self.targets.provenance:
+        if not self.targets.enabled(Purpose.PROVENANCE):
             return
         resource = fhir_writes.provenance(
             reference, recorded=self.clock(), created=created, security=security
@@ -280,6 +343,31 @@ class WriteBack:
 
     # -- attendance -------------------------------------------------------------------------------
 
+    def _session_resource(
+        self,
+        resource_type: str,
+        event: Mapping[str, Any],
+        episode: dict[str, Any],
+        security: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        patient = str(episode["patient"]["reference"])
+        episode_id = str(episode["episode_id"])
+        if resource_type == "Encounter":
+            return fhir_writes.attendance_encounter(
+                event,
+                patient_reference=patient,
+                episode_id=episode_id,
+                episode_fhir_id=self.state.episode_fhir_id(self.ehr, episode_id),
+                security=security,
+            )
+        if resource_type == "Appointment":
+            return fhir_writes.noshow_appointment(event, patient_reference=patient, security=security)
+        if resource_type == "DocumentReference":
+            return fhir_writes.attendance_note(
+                event, patient_reference=patient, episode_id=episode_id, security=security
+            )
+        raise PermanentEventError(f"EHR {self.ehr!r}: no attendance builder for {resource_type}")
+
     def _attendance(self, event: Mapping[str, Any], episode: dict[str, Any]) -> WriteBackResult:
         session = event["session"]
         session_id = str(session["id"])
@@ -289,35 +377,20 @@ class WriteBack:
         if known is not None and _instant(known.occurred_at) >= _instant(occurred_at):
             return WriteBackResult(Outcome.STALE, [f"{known.resource_type}/{known.resource_id}"])
         security = self._security(episode)
-        patient = str(episode["patient"]["reference"])
 
         if status == "cancelled":
-            return self._void_session(session_id, known, occurred_at, security)
+            return self._void_session(event, episode, known, security)
 
-        if status == "attended":
-            if not self.targets.encounter:
-                raise PermanentEventError(f"EHR {self.ehr!r} does not accept Encounter writes")
-            resource = fhir_writes.attendance_encounter(
-                event,
-                patient_reference=patient,
-                episode_id=str(episode["episode_id"]),
-                episode_fhir_id=self.state.episode_fhir_id(self.ehr, str(episode["episode_id"])),
-                security=security,
-            )
-        else:  # absent
-            if not self.targets.appointment:
-                raise PermanentEventError(f"EHR {self.ehr!r} does not accept Appointment writes")
-            resource = fhir_writes.noshow_appointment(event, patient_reference=patient, security=security)
-
-        resource_type = str(resource["resourceType"])
-        if known is not None and known.resource_type != resource_type:
+        resource_type = self.targets.require(Purpose.ATTENDED if status == "attended" else Purpose.ABSENT)
+        resource = self._session_resource(resource_type, event, episode, security)
+        if known is not None and known.resource_type not in (resource_type, "none"):
             # attended <-> absent: the old record of the session is voided, the new one written.
             self._update(f"{known.resource_type}/{known.resource_id}", fhir_writes.voided, security)
             known = None
-        if known is None:
+        if known is None or known.resource_type == "none":
             resource_id, created = self._create(resource, SESSION_ID_SYSTEM, session_id, security)
             outcome = Outcome.CREATED
-            if not created:  # written by an earlier try: make it match this event
+            if not created:  # written by an earlier try (or found): make it match this event
                 changed = self._update(f"{resource_type}/{resource_id}", _replace_with(resource), security)
                 outcome = Outcome.UPDATED if changed else Outcome.UNCHANGED
         else:
@@ -331,17 +404,20 @@ class WriteBack:
 
     def _void_session(
         self,
-        session_id: str,
+        event: Mapping[str, Any],
+        episode: dict[str, Any],
         known: SessionResource | None,
-        occurred_at: str,
         security: list[dict[str, Any]],
     ) -> WriteBackResult:
+        session_id = str(event["session"]["id"])
+        occurred_at = str(event["occurred_at"])
         references: list[str] = []
-        if known is not None:
+        if known is not None and known.resource_type != "none":
             references.append(f"{known.resource_type}/{known.resource_id}")
-        else:  # an earlier try may have written it before the crash: ask the server
-            for resource_type in ("Encounter", "Appointment"):
-                found = self._find(resource_type, SESSION_ID_SYSTEM, session_id)
+        elif known is None:  # an earlier try may have written it before the crash: ask the server
+            for resource_type in self._session_types():
+                like = self._session_resource(resource_type, _as_attended(event), episode, security)
+                found = self._lookup(resource_type, SESSION_ID_SYSTEM, session_id, like)
                 if found is not None:
                     references.append(f"{resource_type}/{found['id']}")
         if not references:
@@ -357,22 +433,36 @@ class WriteBack:
         )
         return WriteBackResult(Outcome.VOIDED, references)
 
+    def _session_types(self) -> list[str]:
+        """The resource types a session of this EHR may have been written as (in plan order)."""
+        types: list[str] = []
+        for purpose in (Purpose.ATTENDED, Purpose.ABSENT):
+            resource_type = self.targets.resource_type(purpose)
+            if resource_type and self.targets.enabled(purpose) and resource_type not in types:
+                types.append(resource_type)
+        return types
+
     # -- discharge --------------------------------------------------------------------------------
 
     def _discharge(self, event: Mapping[str, Any], episode: dict[str, Any]) -> WriteBackResult:
+        """Finish the EpisodeOfCare (where the EHR has ours), write the summary, update the referral
+        Task. Everything is looked up and checked before the first write, so an EHR that cannot take a
+        part makes the event permanent without writing half of it."""
         discharge = event["discharge"]
         security = self._security(episode)
         episode_id = str(episode["episode_id"])
         patient = str(episode["patient"]["reference"])
-        references: list[str] = []
+        document_type = self.targets.require(Purpose.DISCHARGE_SUMMARY)
 
-        eoc_id = self.state.episode_fhir_id(self.ehr, episode_id)
-        if eoc_id is None and self.targets.episode_of_care:
-            found = self._find("EpisodeOfCare", EPISODE_ID_SYSTEM, episode_id)
-            eoc_id = str(found["id"]) if found else None
-            if eoc_id:
-                self.state.set_episode_fhir_id(self.ehr, episode_id, eoc_id)
-        if eoc_id is not None and self.targets.episode_of_care:
+        eoc_id = self._episode_of_care_id(episode_id)
+        if eoc_id is not None:
+            self.targets.require(Purpose.EPISODE_OF_CARE)
+        tasks = self._referral_tasks(episode)
+        if tasks:
+            self.targets.require(Purpose.REFERRAL_TASK)
+
+        references: list[str] = []
+        if eoc_id is not None:
             end_date = str(discharge["date"])
             self._update(
                 f"EpisodeOfCare/{eoc_id}",
@@ -381,32 +471,61 @@ class WriteBack:
             )
             references.append(f"EpisodeOfCare/{eoc_id}")
 
-        if self.targets.document_reference:
-            document = fhir_writes.discharge_document(
-                event,
-                patient_reference=patient,
-                episode_start=episode.get("start"),
-                episode_fhir_id=eoc_id,
-                security=security,
-            )
-            document_id, _ = self._create(document, EVENT_ID_SYSTEM, str(event["event_id"]), security)
-            references.append(f"DocumentReference/{document_id}")
+        document = fhir_writes.discharge_document(
+            event,
+            patient_reference=patient,
+            episode_start=episode.get("start"),
+            episode_fhir_id=eoc_id,
+            security=security,
+        )
+        if document["resourceType"] != document_type:
+            raise PermanentEventError(f"EHR {self.ehr!r}: no discharge builder for {document_type}")
+        document_id, _ = self._create(document, EVENT_ID_SYSTEM, str(event["event_id"]), security)
+        references.append(f"DocumentReference/{document_id}")
 
-        referral = (episode.get("referral") or {}).get("reference")
-        if referral and self.targets.task:
-            response = self._call("GET", "Task", params={"focus": referral})
-            reason = str(discharge.get("reason", "other"))
+        reason = str(discharge.get("reason", "other"))
 
-            def close_task(current: dict[str, Any]) -> dict[str, Any]:
-                return fhir_writes.task_after_discharge(current, reason=reason)
+        def close_task(current: dict[str, Any]) -> dict[str, Any]:
+            return fhir_writes.task_after_discharge(current, reason=reason)
 
-            for entry in response.json().get("entry") or []:
-                task = entry.get("resource") or {}
-                if task.get("resourceType") != "Task":
-                    continue
-                self._update(f"Task/{task['id']}", close_task, security)
-                references.append(f"Task/{task['id']}")
+        for task_id in tasks:
+            self._update(f"Task/{task_id}", close_task, security)
+            references.append(f"Task/{task_id}")
         return WriteBackResult(Outcome.DISCHARGED, references)
+
+    def _episode_of_care_id(self, episode_id: str) -> str | None:
+        """The server id of the episode's EpisodeOfCare, where this EHR's write-back keeps one."""
+        if self.targets.resource_type(Purpose.EPISODE_OF_CARE) is None:
+            return None
+        eoc_id = self.state.episode_fhir_id(self.ehr, episode_id)
+        if eoc_id is None and self.targets.access("EpisodeOfCare").searchable_by("identifier"):
+            found = self._find("EpisodeOfCare", EPISODE_ID_SYSTEM, episode_id)
+            eoc_id = str(found["id"]) if found else None
+            if eoc_id:
+                self.state.set_episode_fhir_id(self.ehr, episode_id, eoc_id)
+        return eoc_id
+
+    def _referral_tasks(self, episode: Mapping[str, Any]) -> list[str]:
+        """Ids of the Tasks whose focus is the episode's referral (none when this EHR updates no Task)."""
+        referral = (episode.get("referral") or {}).get("reference")
+        if not referral or self.targets.resource_type(Purpose.REFERRAL_TASK) is None:
+            return []
+        if not self.targets.access("Task").searchable_by("focus"):
+            self.targets.require(Purpose.REFERRAL_TASK)  # off: say why
+            raise PermanentEventError(f"EHR {self.ehr!r} cannot search Task by focus")
+        response = self._call("GET", "Task", params={"focus": referral})
+        return [
+            str(entry["resource"]["id"])
+            for entry in response.json().get("entry") or []
+            if (entry.get("resource") or {}).get("resourceType") == "Task"
+        ]
+
+
+def _as_attended(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The event as if attended or absent, to build the resource a cancelled session may have had."""
+    result = dict(event)
+    result["session"] = {**event["session"], "status": "attended"}
+    return result
 
 
 def _instant(value: str) -> datetime:

@@ -322,7 +322,7 @@ def test_absent_session_for_part2_episode_is_a_labelled_noshow(
 ) -> None:
     state = SyncState(create_engine(f"sqlite:///{tmp_path / 'p2.db'}"))
     _publish(state, _episode(part2=True, security=PART2))
-    writeback = WriteBack(client, state, ehr="general", targets=Targets(provenance=False))
+    writeback = WriteBack(client, state, ehr="general", targets=Targets.everything(provenance=False))
     httpx_mock.add_response(
         method="POST",
         url=f"{BASE}/Appointment",
@@ -343,7 +343,7 @@ def test_discharge_finishes_the_episode_writes_the_summary_and_closes_the_task(
 ) -> None:
     state = SyncState(create_engine(f"sqlite:///{tmp_path / 'd.db'}"))
     _publish(state, _episode(referral={"reference": "ServiceRequest/sr-1"}))
-    writeback = WriteBack(client, state, ehr="general", targets=Targets(provenance=False))
+    writeback = WriteBack(client, state, ehr="general", targets=Targets.everything(provenance=False))
     eoc = {
         "resourceType": "EpisodeOfCare",
         "id": "eoc-1",

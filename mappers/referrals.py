@@ -191,6 +191,13 @@ def _zone(timezone: str | tzinfo) -> tzinfo:
     return UTC if timezone.upper() == "UTC" else ZoneInfo(timezone)
 
 
+def _list(value: Any) -> list[Any]:
+    """A repeating element as a list (a single value sent where FHIR says 0..*, too); junk as empty."""
+    if isinstance(value, list):
+        return value
+    return [value] if isinstance(value, Mapping) else []
+
+
 def _local_keys(local_codes: Iterable[tuple[str, str]]) -> frozenset[tuple[str, str]]:
     keys = set()
     for system, code in local_codes:
@@ -225,7 +232,7 @@ def _raw_codings(value: Any) -> Iterator[tuple[str, str, Coding]]:
         return
     if not isinstance(value, Mapping):
         return
-    for coding in value.get("coding") or []:
+    for coding in _list(value.get("coding")):
         if isinstance(coding, Mapping):
             for key, code in codings(coding):
                 sent = coding.get("system")
@@ -285,7 +292,7 @@ def _target(
             ]
             if hits and level is None:
                 level = hits[0]
-    performers = [ref for ref in (_reference(p, shared) for p in request.get("performer") or []) if ref]
+    performers = [ref for ref in (_reference(p, shared) for p in _list(request.get("performer"))) if ref]
     return {
         "level": level,
         "performer": performers,
@@ -299,7 +306,7 @@ def _reasons(
 ) -> tuple[list[Coding], list[str]]:
     reasons = _coding_list(request.get("reasonCode"))
     references: list[str] = []
-    for target in request.get("reasonReference") or []:
+    for target in _list(request.get("reasonReference")):
         key = resolve(target, shared)
         if key is None:
             continue
@@ -330,7 +337,7 @@ def _is_substance_use(
 
 
 def _task_targets(task: Mapping[str, Any]) -> Iterator[str]:
-    for value in (task.get("focus"), *(task.get("basedOn") or [])):
+    for value in (task.get("focus"), *_list(task.get("basedOn"))):
         key = reference_key(value)
         if key is not None:
             yield key
@@ -349,13 +356,13 @@ def _task_moment(task: Mapping[str, Any]) -> str:
 
 
 def _task_state(task: Mapping[str, Any]) -> ReferralState | None:
-    status = task.get("status")
+    status = str(task.get("status"))
     if status in _TERMINAL_TASK_STATES:
-        return _TERMINAL_TASK_STATES[str(status)]
+        return _TERMINAL_TASK_STATES[status]
     for _, code in codings(task.get("businessStatus")):
         if code in _BUSINESS_STATES:
             return _BUSINESS_STATES[code]
-    return _TASK_STATES.get(str(status))
+    return _TASK_STATES.get(status)
 
 
 def _task_record(task: Mapping[str, Any], state: ReferralState, zone: tzinfo) -> ReferralTask:
@@ -381,7 +388,7 @@ def _tasks_by_request(
     """The latest usable Task per ServiceRequest (latest modification, then id, so order never matters)."""
     chosen: dict[str, tuple[tuple[str, str], Mapping[str, Any]]] = {}
     for task in tasks:
-        if task.get("status") in ("entered-in-error", "draft") or _task_state(task) is None:
+        if str(task.get("status")) in ("entered-in-error", "draft") or _task_state(task) is None:
             continue
         rank = (_task_moment(task), str(task.get("id")))
         for key in _task_targets(task):
@@ -413,7 +420,10 @@ def map_referrals(
     local = _local_keys(local_codes)
     result = ReferralResult()
     scratch: list[Reject] = []
-    items = [r for r in resources if isinstance(r, Mapping) and r.get("resourceType") in READ_TYPES]
+    items = [
+        r for r in resources if isinstance(r, Mapping) and isinstance(r.get("resourceType"), str)
+        and r["resourceType"] in READ_TYPES
+    ]  # fmt: skip
     for item in items:
         if (
             item.get("resourceType") == "ServiceRequest"
@@ -480,8 +490,8 @@ def _record(
     patient = shared.get(subject)
     identifiers = _identifiers(patient.get("identifier")) if patient else []
     subject_ref = request.get("subject")
-    assert isinstance(subject_ref, Mapping)
-    for identifier in _identifiers(subject_ref.get("identifier")):
+    sent = subject_ref.get("identifier") if isinstance(subject_ref, Mapping) else None
+    for identifier in _identifiers(sent):
         if identifier not in identifiers:
             identifiers.append(identifier)
     reasons, reason_references = _reasons(request, shared)
@@ -489,8 +499,10 @@ def _record(
     part2 = part2_program or _is_substance_use(referral_codes, reasons, target)
     task_state = _task_state(task) if task is not None else None
     task_record = _task_record(task, task_state, zone) if task is not None and task_state else None
-    status = request.get("status") if request.get("status") in _REQUEST_STATES else "unknown"
-    state: ReferralState = _REQUEST_STATES[str(status)]
+    status = str(request.get("status"))
+    if status not in _REQUEST_STATES:
+        status = "unknown"
+    state: ReferralState = _REQUEST_STATES[status]
     state_source: Literal["task", "service_request"] = "service_request"
     if task_record is not None:
         state, state_source = task_record["state"], "task"
@@ -506,7 +518,7 @@ def _record(
             "reference": f"ServiceRequest/{request_id}",
             "identifier": _identifiers(request.get("identifier")),
         },
-        "status": str(status),
+        "status": status,
         "intent": request.get("intent") if isinstance(request.get("intent"), str) else None,
         "state": state,
         "state_source": state_source,

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sync.errors import ConfigError
 from sync.inputs import InputError, InputReject, iter_resources, load_resources
@@ -150,3 +152,14 @@ def test_missing_inputs_and_empty_folders_cannot_run(tmp_path: Path, name: str) 
         load_resources([tmp_path / name])
     assert isinstance(caught.value, ConfigError)
     assert caught.value.exit_code == 2
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.binary(max_size=40) | st.sampled_from([b'{"resourceType": "Patient", "id": "p"}', b"[]"]),
+                max_size=8))  # fmt: skip
+def test_any_bytes_in_an_ndjson_file_load_without_raising(tmp_path: Path, lines: list[bytes]) -> None:
+    path = tmp_path / "fuzz.ndjson"
+    path.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines))
+    loaded = load_resources([path])
+    assert all(isinstance(r.get("resourceType"), str) for r in loaded.resources)
+    assert all(r.source == str(path) and r.line is not None for r in loaded.rejects)

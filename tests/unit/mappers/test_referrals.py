@@ -391,3 +391,49 @@ def test_codings_without_a_system_and_an_unknown_status_are_kept_safely() -> Non
     assert record["part2"] is False  # an ICD-10 code needs its system to count
     assert record["status"] == "unknown"
     assert record["state"] == "unknown"
+
+
+_JUNK = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["reference", "coding", "system", "code", "value", "identifier", "id", "text"]),
+            inner,
+            max_size=3,
+        )
+    ),
+    max_leaves=8,
+)
+_REQUEST_FIELDS = ["status", "intent", "priority", "authoredOn", "requester", "performer", "locationCode",
+                   "code", "reasonCode", "reasonReference", "identifier", "meta"]  # fmt: skip
+_ODD_REQUESTS = st.fixed_dictionaries(
+    {
+        "resourceType": st.just("ServiceRequest"),
+        "id": st.sampled_from(["a", "b"]),
+        "category": st.just([concept(SNOMED, "3457005")]),
+        "subject": st.sampled_from([{"reference": "Patient/p"}, None, "Patient/p", {"reference": 5}]),
+    },
+    optional=dict.fromkeys(_REQUEST_FIELDS, _JUNK),
+)
+_ODD_TASKS = st.fixed_dictionaries(
+    {
+        "resourceType": st.just("Task"),
+        "id": st.sampled_from(["t1", "t2"]),
+        "focus": st.sampled_from([{"reference": "ServiceRequest/a"}, "x", None]),
+    },
+    optional=dict.fromkeys(
+        ["status", "businessStatus", "basedOn", "lastModified", "meta", "authoredOn"], _JUNK
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_ODD_REQUESTS | _ODD_TASKS | _JUNK, max_size=5))
+def test_malformed_resources_never_crash_and_every_record_meets_the_contract(resources: list[Any]) -> None:
+    result = map_referrals(resources, ehr="north", rules=RULES)
+    for record in result.referrals:
+        validate("referral", 1, record)
+    for reject in result.rejects:
+        assert reject.resource_type == "ServiceRequest"
+        assert reject.reason

@@ -109,7 +109,7 @@ def seed_sandbox(base: str, size: int) -> int:
         subprocess.run(
             [*program, "seed", "--fhir-url", base, "--patients", str(info["patients"]), *anchored],
             check=True,
-            stdout=subprocess.DEVNULL,
+            capture_output=True,  # the seed's own log lines would bury the table
         )
     return int(info["encounters"])
 

@@ -6,8 +6,8 @@ state store, the Encounter built by ``sync.fhir_writes``, a conditional create (
 session identifier, ``Prefer: return=representation``), then a ``Provenance``, then the ledger entry.
 Floor: a bare ``httpx.Client`` sending the same two requests per event (the Encounter and Provenance
 built beforehand, outside the timed loop). Both write ``events`` new sessions (ids unique per run) for
-patients the sandbox was seeded with; one event at a time, as fast as the server answers. The note gives
-the per-event latency (p50 / p99) of both.
+patients the sandbox was seeded with; one event at a time, as fast as the server answers; best of two
+alternated rounds each. The note gives the per-event latency (p50 / p99) of both.
 
 Not measured yet: events through the real broker (the Kafka write-back consumer, issue 4) and
 event-to-write latency at a fixed 100 events/s; that row stays a placeholder until the consumer exists.
@@ -31,6 +31,7 @@ from bench.harness import Measurement, Row, Runner, timed, unavailable
 
 BENCH = "writeback"
 DEFAULT_EVENTS = 200
+ROUNDS = 2
 HCPCS = "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets"
 _NAMESPACE = uuid.UUID("6f1c3a52-0b7e-4d55-9a8e-5b0b3c1d2e4f")  # bench-only episode ids
 _FHIR_JSON = "application/fhir+json"
@@ -60,8 +61,12 @@ def rows(
             broker,
         ]
     folder = str(dataset(min(sizes)))
-    floor = runner.run("writeback", "floor", base=base, folder=folder, events=events)
-    ours = runner.run("writeback", "ours", base=base, folder=folder, events=events)
+    floors, ourses = [], []
+    for _ in range(ROUNDS):  # alternated, best of each: the server and the machine are shared
+        floors.append(runner.run("writeback", "floor", base=base, folder=folder, events=events))
+        ourses.append(runner.run("writeback", "ours", base=base, folder=folder, events=events))
+    floor = max(floors, key=lambda m: m.per_second)
+    ours = max(ourses, key=lambda m: m.per_second)
     note = (
         f"{events} events; latency p50/p99 ours {ours.extra['p50_ms']:.0f}/{ours.extra['p99_ms']:.0f} ms, "
         f"floor {floor.extra['p50_ms']:.0f}/{floor.extra['p99_ms']:.0f} ms; outcomes {ours.extra['outcomes']}"

@@ -5,6 +5,7 @@ Modes
 - ``search``: per resource type ``_lastUpdated=gt<cursor - overlap>``; ``since`` overrides the cursor.
   Types the vendor refuses to search without a patient (``profile.patient_scoped_types``) fan out over
   the configured panel (a Group's members or a file of ids), ``panel.concurrency`` patients at a time.
+  With a panel, such vendors' Patients are read by ``_id`` (an open Patient search is refused too).
   A patient new to the panel is searched without ``_lastUpdated`` (their history predates the cursor);
   the store remembers who was pulled in full, in the same transaction as the cursors.
 - ``bulk``: one ``$export`` with ``_since`` = the oldest stored cursor of the types asked for; the next
@@ -82,6 +83,7 @@ Progress = Callable[[str, int], None]
 _CHUNK = 250  # resources per validation task: large enough to amortise pickling, small enough to spread
 _INLINE_LIMIT = 2_000  # a pull smaller than this validates in-process (no pool start-up cost)
 _STAGING = ".bulk-staging"
+_IDS_PER_SEARCH = 50  # Patient?_id=a,b,… : short enough for any server's URL limit
 
 
 class PullError(ConnectorError):
@@ -253,11 +255,19 @@ class _Run:
             lower = self._lower_bound(kind)
             if lower is not None:
                 query = query.since(lower)
+            concurrency = self.ehr.panel.concurrency if self.ehr.panel else 1
             if panel is not None and kind in scoped:
                 # A patient new to the panel gets their whole history: the cursor only covers the others.
                 whole = SearchQuery(kind) if self.since is None else query
-                queries = [(p, query if p in known else whole) for p in panel]
-                pages = _fan_out(self.client, queries, self.ehr.panel.concurrency if self.ehr.panel else 1)
+                queries = [(query if p in known else whole).for_patient(p) for p in panel]
+                pages = _fan_out(self.client, queries, concurrency)
+            elif panel is not None and kind == "Patient":
+                # Vendors that scope searches by patient refuse an open Patient search too: read the panel
+                # by _id, a batch at a time (unchanged ones are skipped by the de-duplication).
+                batches = [panel[i : i + _IDS_PER_SEARCH] for i in range(0, len(panel), _IDS_PER_SEARCH)]
+                pages = _fan_out(
+                    self.client, [SearchQuery(kind).param("_id", ",".join(b)) for b in batches], concurrency
+                )
             else:
                 pages = search_pages(self.client, query)
             for page in pages:
@@ -412,21 +422,18 @@ class _Run:
 # -- fan-out over a panel -------------------------------------------------------------------------
 
 
-def _fan_out(
-    client: EhrClient, queries: Sequence[tuple[str, SearchQuery]], concurrency: int
-) -> Iterator[SearchPage]:
-    """Every page of each (patient, query), ``concurrency`` patients at a time, in panel order."""
+def _fan_out(client: EhrClient, queries: Sequence[SearchQuery], concurrency: int) -> Iterator[SearchPage]:
+    """Every page of each query (one per patient), ``concurrency`` at a time, in the given order."""
 
-    def one(job: tuple[str, SearchQuery]) -> list[SearchPage]:
-        patient_id, query = job
-        return list(search_pages(client, query.for_patient(patient_id)))
+    def one(query: SearchQuery) -> list[SearchPage]:
+        return list(search_pages(client, query))
 
     window = max(1, concurrency) * 2  # patients fetched ahead of the consumer: bounds memory
     with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="panel") as pool:
         pending: deque[concurrent.futures.Future[list[SearchPage]]] = deque()
         try:
-            for job in queries:
-                pending.append(pool.submit(one, job))
+            for query in queries:
+                pending.append(pool.submit(one, query))
                 if len(pending) >= window:
                     yield from pending.popleft().result()
             while pending:

@@ -95,6 +95,9 @@ class FakeFhirServer:
             stamp = datetime.fromisoformat(resource["meta"]["lastUpdated"])
             if not stamp > datetime.fromisoformat(bound[2:]):
                 return False
+        ids = params.get("_id")
+        if ids is not None and resource["id"] not in ids.split(","):
+            return False
         patient = params.get("patient")
         if patient is not None:
             return bool((resource.get("subject") or {}).get("reference") == f"Patient/{patient}")
@@ -391,13 +394,18 @@ def test_patient_scoped_types_fan_out_over_the_panel(
 ) -> None:
     for e in range(9):
         server.put(_encounter(f"e{e}", f"p{e % 3}"))
+    for p in range(3):
+        server.put(_patient(f"p{p}"))
     server.groups["ward-7"] = ["p0", "p1"]
     ids_file = tmp_path / "panel.txt"
     ids_file.write_text("# IOP panel\np0\n\nPatient/p1\np0\n", encoding="utf-8")
     panel = {"group_id": "ward-7"} if source == "group" else {"patients_file": str(ids_file)}
-    ehr = make_ehr(vendor="epic", resource_types=("Encounter",), panel={**panel, "concurrency": 2})
+    ehr = make_ehr(vendor="epic", resource_types=("Patient", "Encounter"), panel={**panel, "concurrency": 2})
     summary = _run(ehr, store, tmp_path / "out")
     assert summary.patients == 2
+    # Epic refuses an open Patient search too: the panel is read by _id.
+    assert [r.url.params["_id"] for r in server.searches("Patient")] == ["p0,p1"]
+    assert sorted(r["id"] for r in _read(tmp_path / "out", "Patient")) == ["p0", "p1"]
     searched = sorted(r.url.params["patient"] for r in server.searches("Encounter"))
     assert searched == ["p0", "p1"]
     assert sorted(r["id"] for r in _read(tmp_path / "out", "Encounter")) == [

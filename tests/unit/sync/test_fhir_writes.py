@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import copy
 from typing import Any
 
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
+from hypothesis import given
+from hypothesis import strategies as st
 
 from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, SESSION_ID_SYSTEM
 from sync import fhir_writes
@@ -174,3 +177,120 @@ def test_provenance_names_this_service_as_transmitter(created: bool, operation: 
     assert resource["activity"]["coding"][0]["code"] == operation
     assert resource["agent"][0]["type"]["coding"][0]["code"] == "transmitter"
     assert resource["target"] == [{"reference": "Encounter/e1/_history/1"}]
+
+
+@pytest.mark.parametrize(
+    ("status", "phrase"), [("attended", "attended"), ("absent", "not attended (no-show)")]
+)
+def test_attendance_note_is_a_progress_note_keyed_by_session(status: str, phrase: str) -> None:
+    note = fhir_writes.attendance_note(
+        _attendance(status, modality="telehealth"),
+        patient_reference="Patient/p1",
+        episode_id="7d2b8f7e-0000-5000-8000-000000000001",
+        security=PART2,
+    )
+    _valid(note)
+    assert note["type"]["coding"][0]["code"] == "11506-3"
+    assert note["type"]["coding"][0]["system"] == "http://loinc.org"
+    assert note["identifier"] == [{"system": SESSION_ID_SYSTEM, "value": "S-100"}]
+    assert note["status"] == "current"
+    assert note["subject"] == {"reference": "Patient/p1"}
+    assert note["context"]["period"]["end"] == "2026-03-02T12:00:00-06:00"
+    assert note["meta"]["security"] == PART2
+    text = base64.b64decode(note["content"][0]["attachment"]["data"]).decode()
+    assert text.startswith(f"IOP session S-100: {phrase}\n")
+    assert ("Modality: telehealth" in text) is (status == "attended")
+    assert ("S9480" in text) is (status == "attended")
+
+
+def test_voiding_a_note_marks_it_entered_in_error() -> None:
+    note = fhir_writes.attendance_note(
+        _attendance(), patient_reference="Patient/p1", episode_id="7d2b8f7e-0000-5000-8000-000000000001"
+    )
+    voided = fhir_writes.voided(note)
+    _valid(voided)
+    assert voided["status"] == "entered-in-error"
+    assert note["status"] == "current"
+
+
+def test_json_patch_touches_only_what_we_write() -> None:
+    current = {
+        "resourceType": "Appointment",
+        "id": "ap-1",
+        "meta": {"versionId": "4"},
+        "text": {"status": "generated", "div": "<div xmlns='http://www.w3.org/1999/xhtml'>x</div>"},
+        "status": "booked",
+        "minutesDuration": 180,  # set by the server: never removed
+        "start": "2026-03-02T09:00:00Z",
+    }
+    wanted = {
+        "resourceType": "Appointment",
+        "id": "ap-1",
+        "meta": {"security": PART2},
+        "status": "noshow",
+        "start": "2026-03-02T09:00:00Z",
+        "end": "2026-03-02T12:00:00Z",
+    }
+    assert fhir_writes.json_patch(current, wanted) == [
+        {"op": "replace", "path": "/status", "value": "noshow"},
+        {"op": "add", "path": "/end", "value": "2026-03-02T12:00:00Z"},
+        {"op": "add", "path": "/meta/security", "value": PART2},
+    ]
+    assert fhir_writes.json_patch(current, {**current, "meta": {}}) == []
+    assert fhir_writes.json_patch({"id": "x"}, {"meta": {"security": PART2}}) == [
+        {"op": "add", "path": "/meta", "value": {"security": PART2}}
+    ]
+    assert fhir_writes.json_patch({}, {"a/b~c": 1}) == [{"op": "add", "path": "/a~1b~0c", "value": 1}]
+
+
+def _apply(resource: dict[str, Any], operations: list[dict[str, Any]]) -> dict[str, Any]:
+    """A small JSON Patch applier for the operations json_patch emits (RFC 6902 add/replace)."""
+    result = copy.deepcopy(resource)
+    for operation in operations:
+        assert operation["op"] in ("add", "replace")
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in operation["path"].split("/")[1:]]
+        target = result
+        for part in parents:
+            target = target[part]
+        assert (last in target) is (operation["op"] == "replace")
+        target[last] = operation["value"]
+    return result
+
+
+_values = st.one_of(st.text(max_size=5), st.integers(), st.lists(st.integers(), max_size=2))
+_elements = st.dictionaries(st.sampled_from(["status", "start", "end", "a/b", "x~y", "id", "text"]), _values)
+
+
+@given(current=_elements, wanted=_elements, security=st.booleans())
+def test_applying_the_patch_gives_what_we_want_and_keeps_the_rest(
+    current: dict[str, Any], wanted: dict[str, Any], security: bool
+) -> None:
+    if security:
+        wanted = {**wanted, "meta": {"security": PART2}}
+    patched = _apply(current, fhir_writes.json_patch(current, wanted))
+    for key, value in wanted.items():
+        if key not in ("id", "text", "meta"):
+            assert patched[key] == value
+    for key, value in current.items():
+        if key not in wanted or key in ("id", "text"):
+            assert patched[key] == value
+    assert (patched.get("meta") or {}).get("security") == (PART2 if security else None)
+    assert fhir_writes.json_patch(patched, wanted) == []
+
+
+def test_search_window_is_the_days_of_the_resource() -> None:
+    appointment = fhir_writes.noshow_appointment(_attendance("absent"), patient_reference="Patient/p1")
+    assert fhir_writes.search_window(appointment) == ("2026-03-02", "2026-03-02")
+    encounter = {"resourceType": "Encounter", "period": {"start": "2026-03-01T23:00:00-06:00"}}
+    assert fhir_writes.search_window(encounter) == ("2026-03-01", "2026-03-01")
+    document = {"resourceType": "DocumentReference", "date": "2026-03-20T17:00:00+00:00"}
+    assert fhir_writes.search_window(document) == ("2026-03-20", "2026-03-20")
+    assert fhir_writes.search_window({"resourceType": "Appointment"}) is None
+
+
+def test_has_identifier_matches_system_and_value() -> None:
+    resource = {"identifier": [{"system": SESSION_ID_SYSTEM, "value": "S-100"}, {"value": "other"}]}
+    assert fhir_writes.has_identifier(resource, SESSION_ID_SYSTEM, "S-100")
+    assert not fhir_writes.has_identifier(resource, SESSION_ID_SYSTEM, "S-10")
+    assert not fhir_writes.has_identifier(resource, EVENT_ID_SYSTEM, "S-100")
+    assert not fhir_writes.has_identifier({}, SESSION_ID_SYSTEM, "S-100")

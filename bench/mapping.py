@@ -14,7 +14,9 @@ interpreter start-up and imports (about half a second) are included.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import os
 import resource
 import subprocess
@@ -61,7 +63,7 @@ def rows(runner: Runner, sizes: list[int], *, batch: int = DEFAULT_BATCH) -> lis
             )
             out.append(_row(label, "map_episodes", ours, floor, note, load))
         if cli:
-            ours = runner.run("mapping", "ours_cli", folder=folder)
+            ours = runner.run("mapping", "ours_cli", folder=folder, in_process=not runner.isolated)
             note = f"{ours.extra['episodes']} episodes, {ours.extra['rejects']} rejects; start-up included"
             out.append(_row(label, "iop-bridge map", ours, floor, note, load))
         elif size == sizes[0]:
@@ -141,35 +143,35 @@ def ours(folder: str, batch: int) -> Measurement:
     return measurement
 
 
-def ours_cli(folder: str) -> Measurement:
+def ours_cli(folder: str, in_process: bool = False) -> Measurement:
+    """``iop-bridge map FOLDER --out FILE``: a subprocess (start-up included), or ``sync.cli.main`` here."""
     encounters = int(manifest(Path(folder))["encounters"])
-    command = ROOT / ".venv" / "bin" / "iop-bridge"
-    program = [str(command)] if command.exists() else [sys.executable, "-m", "sync.cli"]
     with tempfile.TemporaryDirectory(prefix="bench-map-") as tmp:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.perf_counter()
-        subprocess.run(
-            [
-                *program,
-                "map",
-                folder,
-                "--out",
-                str(Path(tmp) / "episodes.ndjson"),
-                "--as-of",
-                AS_OF.isoformat(),
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wall = time.perf_counter() - start
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = Path(tmp) / "episodes.ndjson"
-        episodes = len(out.read_bytes().splitlines())
+        argv = ["map", folder, "--out", str(out), "--as-of", AS_OF.isoformat()]
+        if in_process:
+            from sync.cli import main as cli
+
+            with contextlib.redirect_stderr(io.StringIO()):
+                measurement = timed(lambda: encounters if cli(argv) == 0 else 0)
+        else:
+            command = ROOT / ".venv" / "bin" / "iop-bridge"
+            program = [str(command)] if command.exists() else [sys.executable, "-m", "sync.cli"]
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            start = time.perf_counter()
+            subprocess.run(
+                [*program, *argv], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            wall = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+            measurement = Measurement(items=encounters, wall=wall, cpu=cpu)
         rejects_file = out.with_name(out.name + ".rejects.ndjson")
-        rejects = len(rejects_file.read_bytes().splitlines()) if rejects_file.exists() else 0
-    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return Measurement(items=encounters, wall=wall, cpu=cpu, extra={"episodes": episodes, "rejects": rejects})
+        measurement.extra["episodes"] = len(out.read_bytes().splitlines())
+        measurement.extra["rejects"] = (
+            len(rejects_file.read_bytes().splitlines()) if rejects_file.exists() else 0
+        )
+    return measurement
 
 
 def patient_of(resource: dict[str, Any]) -> str | None:

@@ -11,20 +11,18 @@ cProfile roughly doubles the cost of Python-heavy code: read the shares, not the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import io
 import pstats
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import ``bench.*`` from the repository root, and let
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # no bench/ module shadow a library's
 
 from bench import mapping
-from bench.generate import dataset, manifest, parse_size, size_label
-from bench.harness import ROOT, Measurement, timed
+from bench.generate import dataset, parse_size, size_label
+from bench.harness import ROOT
 
 
 def shares(stats: pstats.Stats, key: str, top: int) -> list[str]:
@@ -48,24 +46,6 @@ def _short(filename: str) -> str:
     return filename
 
 
-def _cli(folder: str) -> Measurement:
-    """``iop-bridge map FOLDER --out …`` in this process (so the profiler sees it)."""
-    from sync.cli import main as cli
-
-    encounters = int(manifest(Path(folder))["encounters"])
-    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
-        argv = [
-            "map",
-            folder,
-            "--out",
-            str(Path(tmp) / "episodes.ndjson"),
-            "--as-of",
-            mapping.AS_OF.isoformat(),
-        ]
-        with contextlib.redirect_stderr(io.StringIO()):
-            return timed(lambda: encounters if cli(argv) == 0 else 0)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description="cProfile of the map path")
     parser.add_argument("--size", default="100k")
@@ -87,7 +67,7 @@ def main() -> int:
     profiler = cProfile.Profile()
     if args.path == "cli":
         profiler.enable()
-        measurement = _cli(folder)
+        measurement = mapping.ours_cli(folder, in_process=True)
         profiler.disable()
     else:
         profiler.enable()

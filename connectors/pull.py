@@ -7,7 +7,9 @@ Modes
   the configured panel (a Group's members or a file of ids), ``panel.concurrency`` patients at a time.
   With a panel, such vendors' Patients are read by ``_id`` (an open Patient search is refused too).
   A patient new to the panel is searched without ``_lastUpdated`` (their history predates the cursor);
-  the store remembers who was pulled in full, in the same transaction as the cursors.
+  the store remembers who was pulled in full, in the same transaction as the cursors. A patient the
+  EHR refuses for good (403, 404, ...) is skipped, counted, and forgotten by the store, so a later pull
+  fetches their whole history; temporary and auth failures stop the pull.
 - ``bulk``: one ``$export`` with ``_since`` = the oldest stored cursor of the types asked for; the next
   cursor of every type is the manifest's ``transactionTime`` (the server's own safe point).
 
@@ -53,6 +55,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import shutil
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -66,7 +69,7 @@ import structlog
 
 from connectors.bulk import bulk_export
 from connectors.config import EhrConfig
-from connectors.errors import ConnectorError
+from connectors.errors import ConnectorError, EhrError, TemporaryEhrError
 from connectors.http import EhrClient
 from connectors.output import OutputBusyError, RunOutput
 from connectors.panel import load_panel
@@ -107,6 +110,7 @@ class PullSummary:
     retries: int = 0
     bulk_error_lines: int = 0
     patients: int = 0
+    patients_failed: int = 0  # panel patients the EHR refused; fetched whole on a later pull
     duration_seconds: float = 0.0
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # patients_touched(ehr, this)
     cursors: dict[str, str] = field(default_factory=dict)
@@ -195,6 +199,8 @@ class _Run:
         self.validator: _Validator | None = None
         self.new_cursors: dict[str, str] = {}
         self.panel_added: list[str] = []
+        self.panel_failed: set[str] = set()
+        self._failed_lock = threading.Lock()
         self._max_seen: dict[str, tuple[datetime, str]] = {}  # per type: newest stamp, as the server wrote it
 
     def execute(
@@ -229,7 +235,13 @@ class _Run:
             Increment(kind, output.read(kind), self.new_cursors.get(kind) if kind in types else None)
             for kind in output.types()
         ]
-        self.store.commit_increments(self.ehr.name, increments, panel_added=self.panel_added)
+        summary.patients_failed = len(self.panel_failed)
+        self.store.commit_increments(
+            self.ehr.name,
+            increments,
+            panel_added=[p for p in self.panel_added if p not in self.panel_failed],
+            panel_removed=sorted(self.panel_failed),
+        )
         summary.cursors = {k: v for k in types if (v := self.store.get_cursor(self.ehr.name, k)) is not None}
 
     # search mode
@@ -259,14 +271,16 @@ class _Run:
             if panel is not None and kind in scoped:
                 # A patient new to the panel gets their whole history: the cursor only covers the others.
                 whole = SearchQuery(kind) if self.since is None else query
-                queries = [(query if p in known else whole).for_patient(p) for p in panel]
-                pages = _fan_out(self.client, queries, concurrency)
+                jobs = [(p, (query if p in known else whole).for_patient(p)) for p in panel]
+                pages = _fan_out(self.client, jobs, concurrency, self._patient_failed)
             elif panel is not None and kind == "Patient":
                 # Vendors that scope searches by patient refuse an open Patient search too: read the panel
                 # by _id, a batch at a time (unchanged ones are skipped by the de-duplication).
                 batches = [panel[i : i + _IDS_PER_SEARCH] for i in range(0, len(panel), _IDS_PER_SEARCH)]
                 pages = _fan_out(
-                    self.client, [SearchQuery(kind).param("_id", ",".join(b)) for b in batches], concurrency
+                    self.client,
+                    [(None, SearchQuery(kind).param("_id", ",".join(b))) for b in batches],
+                    concurrency,
                 )
             else:
                 pages = search_pages(self.client, query)
@@ -275,6 +289,13 @@ class _Run:
             self._advance(kind, started)
         assert self.validator is not None
         self.validator.drain(block=True)
+
+    def _patient_failed(self, patient_id: str, error: EhrError) -> None:
+        # Called from the fan-out threads. The patient counts as new next time: their whole history is
+        # fetched again once the EHR lets us, so skipping them now leaves no gap.
+        with self._failed_lock:
+            self.panel_failed.add(patient_id)
+        log.warning("patient_search_refused", ehr=self.ehr.name, patient=patient_id, status=error.status)
 
     def _lower_bound(self, kind: str) -> str | None:
         if self.since is not None:
@@ -422,18 +443,36 @@ class _Run:
 # -- fan-out over a panel -------------------------------------------------------------------------
 
 
-def _fan_out(client: EhrClient, queries: Sequence[SearchQuery], concurrency: int) -> Iterator[SearchPage]:
-    """Every page of each query (one per patient), ``concurrency`` at a time, in the given order."""
+def _fan_out(
+    client: EhrClient,
+    jobs: Sequence[tuple[str | None, SearchQuery]],
+    concurrency: int,
+    on_patient_error: Callable[[str, EhrError], None] | None = None,
+) -> Iterator[SearchPage]:
+    """Every page of each (patient, query), ``concurrency`` at a time, in the given order.
 
-    def one(query: SearchQuery) -> list[SearchPage]:
-        return list(search_pages(client, query))
+    A patient whose search the EHR refuses for good (403 not accessible, 404 merged away, ...) goes to
+    ``on_patient_error`` and the others go on; temporary and auth failures stop the pull.
+    """
+
+    def one(job: tuple[str | None, SearchQuery]) -> list[SearchPage]:
+        patient_id, query = job
+        try:
+            return list(search_pages(client, query))
+        except TemporaryEhrError:
+            raise
+        except EhrError as exc:
+            if patient_id is None or on_patient_error is None:
+                raise
+            on_patient_error(patient_id, exc)
+            return []
 
     window = max(1, concurrency) * 2  # patients fetched ahead of the consumer: bounds memory
     with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="panel") as pool:
         pending: deque[concurrent.futures.Future[list[SearchPage]]] = deque()
         try:
-            for query in queries:
-                pending.append(pool.submit(one, query))
+            for job in jobs:
+                pending.append(pool.submit(one, job))
                 if len(pending) >= window:
                     yield from pending.popleft().result()
             while pending:

@@ -44,6 +44,7 @@ from sqlalchemy import (
     Text,
     and_,
     create_engine,
+    delete,
     event,
     or_,
     select,
@@ -294,13 +295,19 @@ class StateStore:
         return self.commit_increments(ehr, [Increment(resource_type, resources, new_cursor, deletions)])
 
     def commit_increments(
-        self, ehr: str, increments: Sequence[Increment], *, panel_added: Sequence[str] = ()
+        self,
+        ehr: str,
+        increments: Sequence[Increment],
+        *,
+        panel_added: Sequence[str] = (),
+        panel_removed: Sequence[str] = (),
     ) -> int:
         """Upsert every increment's resources and advance every cursor, all in ONE transaction.
 
         ``resources`` may be a lazy iterable (e.g. read back from the output file): rows are written in
         batches, so memory stays bounded. ``panel_added`` records panel patients whose whole history this
-        pull fetched (see ``panel_known``). Returns how many resource rows were offered.
+        pull fetched (see ``panel_known``); ``panel_removed`` ones must be fetched whole again.
+        Returns how many resource rows were offered.
         """
         now = datetime.now(UTC)
         offered = 0
@@ -319,6 +326,10 @@ class StateStore:
             for batch in _batches(dict.fromkeys(panel_added), _BATCH):
                 stmt = _insert(self.dialect, panel_table).on_conflict_do_nothing()
                 conn.execute(stmt, [{"ehr": ehr, "patient_id": p, "added_at": now} for p in batch])
+            for batch in _batches(dict.fromkeys(panel_removed), _BATCH):
+                conn.execute(
+                    delete(panel_table).where(panel_table.c.ehr == ehr, panel_table.c.patient_id.in_(batch))
+                )
         return offered
 
     def _upsert_replica(self, conn: Connection, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:

@@ -18,7 +18,7 @@ from pytest_httpx import HTTPXMock
 import connectors.output
 import connectors.store
 from connectors.config import EhrConfig
-from connectors.errors import EhrError
+from connectors.errors import EhrError, TemporaryEhrError
 from connectors.http import EhrClient
 from connectors.output import RunOutput
 from connectors.pull import PullError, PullSummary, pull
@@ -435,6 +435,34 @@ def test_a_patient_who_joins_the_panel_gets_their_whole_history(
     assert "_lastUpdated" not in last["p1"]
     assert sorted(r["id"] for r in _read(tmp_path / "out", "Encounter")) == ["e1", "old-of-p1"]
     assert store.panel_known(ehr.name, ["p0", "p1", "p2"]) == {"p0", "p1"}
+
+
+def test_a_patient_the_ehr_refuses_is_skipped_and_fetched_whole_later(
+    server: FakeFhirServer, store: StateStore, make_ehr: Callable[..., EhrConfig], tmp_path: Path
+) -> None:
+    for p in range(3):
+        server.put(_encounter(f"e{p}", f"p{p}"))
+    server.groups["iop"] = ["p0", "p1", "p2"]
+    ehr = make_ehr(vendor="oracle", resource_types=("Encounter",), panel={"group_id": "iop"})
+    _run(ehr, store, tmp_path / "out")
+    server.put(_encounter("e1b", "p1"))
+    refused = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "forbidden"}]}
+    server.fail = lambda r: httpx.Response(403, json=refused) if r.url.params.get("patient") == "p1" else None
+    summary = _run(ehr, store, tmp_path / "out")
+    assert summary.patients_failed == 1
+    assert store.panel_known(ehr.name, ["p0", "p1", "p2"]) == {"p0", "p2"}
+    server.fail = None
+    _run(ehr, store, tmp_path / "out")
+    last = {r.url.params["patient"]: r.url.params for r in server.searches("Encounter")[-3:]}
+    assert "_lastUpdated" not in last["p1"]  # whole history: nothing of p1 is lost
+    assert sorted(r["id"] for r in _read(tmp_path / "out", "Encounter")) == ["e1b"]
+    # A temporary failure is not a refusal: after its retries it stops the pull, and the cursor stays.
+    cursor = store.get_cursor(ehr.name, "Encounter")
+    server.fail = lambda r: httpx.Response(503) if r.url.params.get("patient") == "p1" else None
+    with pytest.raises(TemporaryEhrError):
+        _run(ehr, store, tmp_path / "out")
+    assert store.get_cursor(ehr.name, "Encounter") == cursor
+    assert store.panel_known(ehr.name, ["p1"]) == {"p1"}
 
 
 def test_an_unreadable_panel_file_is_a_clear_error(

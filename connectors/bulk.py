@@ -100,7 +100,8 @@ def _poll(
     client: EhrClient, status_url: str, on_progress: Callable[[str], None] | None, timeout: float
 ) -> dict[str, Any]:
     deadline = client.clock() + timeout
-    interval = POLL_START
+    cap = min(POLL_MAX, client.ehr.bulk_poll_max_seconds)
+    interval = min(POLL_START, cap)
     while True:
         retries_before = client.stats.retries
         try:
@@ -130,9 +131,9 @@ def _poll(
         if progress and on_progress is not None:
             on_progress(progress)
         if client.stats.retries > retries_before:
-            interval = min(interval * 2, POLL_MAX)  # the server pushed back (429/503): poll less often
+            interval = min(interval * 2, cap)  # the server pushed back (429/503): poll less often
         asked = parse_retry_after(response.headers.get("Retry-After"), client.clock())
-        wait = min(asked, POLL_MAX) if asked is not None else interval
+        wait = min(asked, cap) if asked is not None else interval
         if client.clock() + wait > deadline:
             _delete_job(client, status_url)
             raise BulkExportError(
@@ -142,7 +143,7 @@ def _poll(
         log.debug("bulk_export_waiting", ehr=client.ehr.name, progress=progress, wait=wait)
         client.sleep(wait)
         if asked is None:
-            interval = min(interval * 1.5, POLL_MAX)
+            interval = min(interval * 1.5, cap)
 
 
 def _poll_failure_is_temporary(response: httpx.Response) -> bool:

@@ -94,6 +94,11 @@ class EhrConfig(_Strict):
     )
     mode: Literal["search", "bulk"] = "search"
     bulk_group_id: str | None = Field(default=None, description="Group-level $export instead of system level")
+    bulk_poll_max_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="longest wait between $export status polls, whatever Retry-After asks (HAPI asks 120 s)",
+    )
     panel: PanelConfig | None = None
     epic_client_id: str | None = Field(default=None, description="sent as the Epic-Client-ID header")
     concurrency: int = Field(default=4, ge=1, le=64, description="parallel requests to this EHR")

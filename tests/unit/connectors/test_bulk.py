@@ -307,3 +307,18 @@ def test_a_refused_kickoff_is_a_bulk_export_error_with_diagnostics(
     ):
         bulk_export(client, resource_types=["Encounter"], since=None, out_dir=tmp_path, group_id="g1")
     assert len(httpx_mock.get_requests()) == 1
+
+
+def test_poll_wait_is_capped_by_the_connection_setting(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    _kickoff(httpx_mock)
+    httpx_mock.add_response(url=STATUS, status_code=202, headers={"Retry-After": "120"})
+    httpx_mock.add_response(url=STATUS, json={"transactionTime": "2026-03-08T07:00:00Z", "output": []})
+    httpx_mock.add_response(url=STATUS, method="DELETE")
+    ehr = make_ehr(auth={"kind": "bearer", "token": "tok"}, bulk_poll_max_seconds=5)
+    with EhrClient(ehr, sleep=sleeps, clock=sleeps.clock) as client:
+        bulk_export(
+            client, resource_types=["Patient", "Encounter"], since="2026-01-01T00:00:00Z", out_dir=tmp_path
+        )
+    assert sleeps.slept == [5.0]  # HAPI asks for 120 s; the connection allows at most 5

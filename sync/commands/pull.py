@@ -118,6 +118,13 @@ def format_summary(summary: PullSummary) -> str:
         f"already seen {summary.duplicates} · pages {summary.pages} · requests {summary.requests} · "
         f"retries {summary.retries} · {summary.duration_seconds:.1f}s"
     )
+    if summary.patients:
+        refused = (
+            f" ({summary.patients_failed} refused, fetched whole next time)"
+            if summary.patients_failed
+            else ""
+        )
+        lines.append(f"panel patients {summary.patients}{refused}")
     if summary.bulk_error_lines:
         lines.append(f"server error lines (bulk) {summary.bulk_error_lines}")
     return "\n".join(lines)

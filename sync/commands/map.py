@@ -223,6 +223,10 @@ def summary(result: MapRun, *, args: argparse.Namespace, rules: Rules) -> str:
         f"rejects: {len(rejects):,} (input {len(result.loaded.rejects):,}, episodes "
         f"{len(result.episodes.rejects):,}, referrals {len(result.referrals.rejects):,})",
     ]
+    if args.explain and args.format != "episodes":
+        lines.append(
+            f"note: --explain adds to episode records only; --format {args.format} has no room for it"
+        )
     if args.out is not None:
         lines.append(f"output: {len(result.records):,} {args.format} records -> {args.out}")
         lines.append(f"rejects file: {rejects_path(args.out)}")

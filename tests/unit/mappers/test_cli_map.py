@@ -142,6 +142,15 @@ def test_explain_adds_why_to_each_episode(capsys: pytest.CaptureFixture[str], ex
     assert finished
 
 
+def test_explain_with_another_format_says_it_has_no_effect(
+    capsys: pytest.CaptureFixture[str], export: Path
+) -> None:
+    code, records, err = run(capsys, str(export), "--as-of", AS_OF, "--format", "referrals", "--explain")
+    assert code == 0
+    assert all("explain" not in r for r in records)
+    assert "note: --explain adds to episode records only; --format referrals has no room for it" in err
+
+
 def test_the_ehr_name_is_part_of_every_id(
     capsys: pytest.CaptureFixture[str], export: Path, journey_resources: list[dict[str, Any]]
 ) -> None:

@@ -36,6 +36,8 @@ as the last complete run left them, so the re-run fetches the same window again 
 and its files REPLACE whatever the killed run managed to write: never appended, so no duplicate; the
 window starts at the old cursor, so no gap. A run killed after step 3 is complete. Because all types
 commit in one transaction, the output folder never mixes a committed type with an uncommitted one.
+A run's folder is its increment once ``pull`` has returned: readers (the map step, the service) take it
+then. One pull at a time per folder (a lock file, ``.pull.lock``).
 
 Cursor choice (clock skew)
 --------------------------

@@ -52,6 +52,8 @@ published = Table(
     Column("content_hash", String(64), nullable=False),
     Column("record", Text, nullable=False),
     Column("fhir_id", String(200), nullable=True),
+    # The day from which an active episode is finished by time alone: its patient is re-mapped then.
+    Column("review_after", String(10), nullable=True, index=True),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
@@ -107,6 +109,7 @@ class Staged:
     message_key: str
     schema_name: str
     schema_version: int
+    review_after: str | None = None
 
 
 @dataclass(frozen=True)
@@ -155,12 +158,12 @@ class SyncState:
 
     # -- publishing -------------------------------------------------------------------------------
 
-    def stage_changes(self, ehr: str, items: Iterable[Staged]) -> int:
+    def stage_changes(self, ehr: str, items: Iterable[Staged]) -> list[Staged]:
         """Record new versions and put the changed ones in the outbox, in one transaction.
 
-        Returns how many messages were staged (unchanged records are skipped).
+        Returns the items that changed (unchanged records are skipped).
         """
-        staged = 0
+        staged: list[Staged] = []
         now = now_utc()
         with self.engine.begin() as conn:
             for item in items:
@@ -185,6 +188,7 @@ class SyncState:
                         "patient_id": item.patient_id,
                         "content_hash": digest,
                         "record": value,
+                        "review_after": item.review_after,
                         "updated_at": now,
                     },
                     ["ehr", "kind", "record_id"],
@@ -201,7 +205,7 @@ class SyncState:
                         created_at=now,
                     )
                 )
-                staged += 1
+                staged.append(item)
         return staged
 
     def outbox_batch(self, limit: int = 500) -> list[OutboxMessage]:
@@ -232,6 +236,21 @@ class SyncState:
     def outbox_size(self) -> int:
         with self.engine.connect() as conn:
             return len(conn.execute(select(outbox.c.seq)).all())
+
+    def patients_due(self, ehr: str, today: str) -> list[str]:
+        """Patients with an active episode whose gap deadline (``review_after``) is ``today`` or earlier."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(published.c.patient_id)
+                .where(
+                    published.c.ehr == ehr,
+                    published.c.kind == "episode",
+                    published.c.review_after.is_not(None),
+                    published.c.review_after <= today,
+                )
+                .distinct()
+            ).all()
+        return sorted(str(r.patient_id) for r in rows)
 
     def published_record(self, ehr: str, kind: str, record_id: str) -> dict[str, Any] | None:
         """The last published record (an episode or referral), or None when we never published it."""

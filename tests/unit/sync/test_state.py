@@ -36,9 +36,10 @@ def test_content_hash_ignores_key_order() -> None:
 
 
 def test_only_changed_records_are_staged(state: SyncState) -> None:
-    assert state.stage_changes("general", [_episode("e1"), _episode("e2")]) == 2
-    assert state.stage_changes("general", [_episode("e1"), _episode("e2")]) == 0
-    assert state.stage_changes("general", [_episode("e1", status="finished"), _episode("e2")]) == 1
+    assert len(state.stage_changes("general", [_episode("e1"), _episode("e2")])) == 2
+    assert state.stage_changes("general", [_episode("e1"), _episode("e2")]) == []
+    changed = state.stage_changes("general", [_episode("e1", status="finished"), _episode("e2")])
+    assert [c.record_id for c in changed] == ["e1"]
     messages = state.outbox_batch()
     assert [(m.value["episode_id"], m.value["status"]) for m in messages] == [
         ("e1", "active"),
@@ -96,3 +97,33 @@ def test_ledger_and_sessions(state: SyncState) -> None:
         "Encounter", "e1", "2026-01-02T10:00:00Z", "cancelled"
     )
     assert state.session_resource("other", "S-1") is None
+
+
+def test_patients_whose_gap_deadline_passed_are_due(state: SyncState) -> None:
+    def due(episode_id: str, patient: str, review_after: str | None) -> Staged:
+        return Staged(
+            kind="episode",
+            record_id=episode_id,
+            patient_id=patient,
+            record={
+                "episode_id": episode_id,
+                "patient": {"reference": f"Patient/{patient}"},
+                "status": "active" if review_after else "finished",
+            },
+            topic="iop.episodes.v1",
+            message_key=f"general|Patient/{patient}",
+            schema_name="episode",
+            schema_version=1,
+            review_after=review_after,
+        )
+
+    state.stage_changes(
+        "general", [due("a", "p1", "2026-03-10"), due("b", "p2", "2026-03-20"), due("c", "p3", None)]
+    )
+    assert state.patients_due("general", "2026-03-09") == []
+    assert state.patients_due("general", "2026-03-10") == ["p1"]
+    assert state.patients_due("general", "2026-04-01") == ["p1", "p2"]
+    assert state.patients_due("other", "2026-04-01") == []
+    # the episode finished by time: re-published without a deadline, the patient is no longer due
+    state.stage_changes("general", [due("a", "p1", None)])
+    assert state.patients_due("general", "2026-04-01") == ["p2"]

@@ -116,11 +116,15 @@ def _strip(uri: str) -> str:
     return text.rstrip("/")
 
 
-@lru_cache(maxsize=4096)
-def system_key(uri: str | None) -> str:
+def system_key(uri: Any) -> str:
     """The short key of a known code system (``"hcpcs"``…), else the normalised URI; ``""`` for none."""
-    if not uri:
+    if not isinstance(uri, str) or not uri:
         return ""
+    return _system_key(uri)
+
+
+@lru_cache(maxsize=4096)
+def _system_key(uri: str) -> str:
     stripped = _strip(uri)
     return _KEY_OF_ALIAS.get(stripped, stripped)
 

@@ -28,7 +28,7 @@ from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mappers import facts
-from mappers.fhir import rfc3339
+from mappers.fhir import element, is_literal, items, rfc3339
 from mappers.index import Collected, PatientResources, Reject, collect, resolve
 from mappers.rules import LEVEL_RANK, NONE_LEVEL, Rules
 from mappers.settings import EpisodeSettings
@@ -74,7 +74,7 @@ def review_after(record: Mapping[str, Any], settings: EpisodeSettings = DEFAULT_
     """
     if record.get("status") != "active":
         return None
-    days = [str(s["date"]) for s in record.get("sessions") or []] or [str(record["start"])]
+    days = [str(s["date"]) for s in items(record, "sessions")] or [str(record["start"])]
     return date.fromisoformat(max(days)) + timedelta(days=settings.max_gap_days + 1)
 
 
@@ -657,14 +657,14 @@ class _Patient:
     def _referral(self, episode: _Episode) -> dict[str, str] | None:
         members = ([episode.admission] if episode.admission else []) + list(episode.sessions)
         for visit in members:
-            for based_on in visit.resource.get("basedOn") or []:
+            for based_on in items(visit.resource, "basedOn"):
                 key = resolve(based_on, self.shared)
-                if key and key.startswith("ServiceRequest/"):
+                if key and key.startswith("ServiceRequest/") and is_literal(key):
                     return {"reference": key}
         if episode.hint is not None:
-            for request in episode.hint.resource.get("referralRequest") or []:
+            for request in items(episode.hint.resource, "referralRequest"):
                 key = resolve(request, self.shared)
-                if key and key.startswith("ServiceRequest/"):
+                if key and key.startswith("ServiceRequest/") and is_literal(key):
                     return {"reference": key}
         return None
 
@@ -672,7 +672,7 @@ class _Patient:
         identifiers = []
         patient = self.holder.patient
         if patient is not None:
-            for identifier in patient.get("identifier") or []:
+            for identifier in items(patient, "identifier"):
                 if isinstance(identifier, Mapping) and identifier.get("value"):
                     item = {"value": str(identifier["value"])}
                     if identifier.get("system"):
@@ -699,7 +699,7 @@ class _Patient:
                     level=str(grouping.level or ""),
                     anchor=None,
                     start=grouping.start.astimezone(self.zone).date() if grouping.start else None,
-                    part2=bool((grouping.resource.get("meta") or {}).get("security")),
+                    part2=bool(element(grouping.resource, "meta").get("security")),
                     members=members,
                 )
             )
@@ -805,6 +805,21 @@ def _previous_by_patient(previous_anchors: Mapping[str, str] | None) -> dict[str
     return by_patient
 
 
+def _map_patient(
+    patient: _Patient, previous: Sequence[_Previous]
+) -> tuple[list[tuple[dict[str, Any], list[str]]], list[str | None]]:
+    """One patient's episode records (with explanation lines) and the levels of their Encounters."""
+    patient.read()
+    patient.apply_hints()
+    counted = [*(v.level for v in patient.visits), *patient.unplaced]
+    built = patient.records(patient.group())
+    if patient.adopt_our_sessions(built):
+        built = patient.records(patient.group())
+    mapped = [(record, [*lines, *patient.notes]) for record, lines, _ in built]
+    mapped.extend(patient.superseded(built, previous))
+    return mapped, counted
+
+
 def _zone(timezone: str) -> tzinfo:
     try:
         return ZoneInfo(timezone)
@@ -864,31 +879,31 @@ def map_episodes(
     explanations: dict[str, list[str]] = {}
     levels: dict[str, int] = {}
     for patient_id in sorted(collected.patients):
-        patient = _Patient(
-            collected.patients[patient_id],
-            collected=collected,
-            ehr=ehr,
-            as_of=as_of,
-            zone=zone,
-            rules=rules,
-            settings=settings,
-            explain=explain,
-            rejects=rejects,
-        )
-        patient.read()
-        patient.apply_hints()
-        for level in [*(v.level for v in patient.visits), *patient.unplaced]:
+        own_rejects: list[Reject] = []
+        try:
+            mapped, counted = _map_patient(
+                _Patient(
+                    collected.patients[patient_id],
+                    collected=collected,
+                    ehr=ehr,
+                    as_of=as_of,
+                    zone=zone,
+                    rules=rules,
+                    settings=settings,
+                    explain=explain,
+                    rejects=own_rejects,
+                ),
+                previous.get(patient_id, ()),
+            )
+        except Exception as exc:  # one patient's unforeseen data must not stop the run: report it
+            reason = f"internal error mapping this patient's resources ({type(exc).__name__}); none mapped"
+            rejects.append(Reject("Patient", patient_id, reason))
+            continue
+        rejects.extend(own_rejects)
+        for level in counted:
             name = level or NONE_LEVEL
             levels[name] = levels.get(name, 0) + 1
-        built = patient.records(patient.group())
-        if patient.adopt_our_sessions(built):
-            built = patient.records(patient.group())
-        cancelled = patient.superseded(built, previous.get(patient_id, ()))
-        for record, lines, _ in built:
-            episodes.append(record)
-            if explain:
-                explanations[record["episode_id"]] = [*lines, *patient.notes]
-        for record, lines in cancelled:
+        for record, lines in mapped:
             episodes.append(record)
             if explain:
                 explanations[record["episode_id"]] = lines

@@ -21,7 +21,7 @@ from mappers.codes import (
     normalise_code,
     system_key,
 )
-from mappers.fhir import FhirValueError, parse_datetime, reference_key, rfc3339
+from mappers.fhir import FhirValueError, element, is_literal, items, parse_datetime, reference_key, rfc3339
 from mappers.index import resolve
 from mappers.settings import EpisodeSettings, PayerProfile
 from mappers.visits import Visit
@@ -151,7 +151,7 @@ def _icd_codes(value: Any) -> list[str]:
         return []
     return [
         str(coding["code"]).strip()
-        for coding in value.get("coding") or ()
+        for coding in items(value, "coding")
         if isinstance(coding, dict | Mapping)
         and isinstance(coding.get("code"), str)
         and system_key(coding.get("system")) == "icd10cm"
@@ -161,7 +161,7 @@ def _icd_codes(value: Any) -> list[str]:
 def diagnoses_of(resource: Mapping[str, Any], shared: Mapping[str, Mapping[str, Any]]) -> list[Diagnosis]:
     """ICD-10-CM diagnoses of an Encounter or EpisodeOfCare: diagnosis (with rank), reasonCode, reasons."""
     found: list[Diagnosis] = []
-    for entry in resource.get("diagnosis") or []:
+    for entry in items(resource, "diagnosis"):
         if not isinstance(entry, Mapping):
             continue
         rank = entry.get("rank") if isinstance(entry.get("rank"), int) else None
@@ -172,7 +172,7 @@ def diagnoses_of(resource: Mapping[str, Any], shared: Mapping[str, Mapping[str, 
             condition = next(
                 (
                     c
-                    for c in resource.get("contained") or []
+                    for c in items(resource, "contained")
                     if isinstance(c, Mapping) and c.get("id") == key[1:]
                 ),
                 None,
@@ -183,7 +183,7 @@ def diagnoses_of(resource: Mapping[str, Any], shared: Mapping[str, Mapping[str, 
             found.append(Diagnosis(code, normalise_code("icd10cm", code), key, rank))
     for code in _icd_codes(resource.get("reasonCode")):
         found.append(Diagnosis(code, normalise_code("icd10cm", code), None, None))
-    for target in resource.get("reasonReference") or []:
+    for target in items(resource, "reasonReference"):
         key = resolve(target, shared)
         condition = shared.get(key) if key else None
         if condition is not None:
@@ -214,7 +214,7 @@ def billing_diagnoses(ordered: Sequence[Sequence[Diagnosis]]) -> list[dict[str, 
                 "system": ICD10CM,
                 "code": diagnosis.code,
                 "principal": not result,
-                "condition": {"reference": condition} if condition else None,
+                "condition": {"reference": condition} if is_literal(condition) else None,
             }
         )
     return result
@@ -235,7 +235,7 @@ def security_labels(part2: bool) -> list[dict[str, str]]:
 
 
 def _payer_matches(profile: PayerProfile, coverage: Mapping[str, Any], shared: Mapping[str, Any]) -> bool:
-    for payor in coverage.get("payor") or []:
+    for payor in items(coverage, "payor"):
         if not isinstance(payor, Mapping):
             continue
         key = reference_key(payor)
@@ -278,7 +278,7 @@ def payer(
     coverage = min(chosen, key=lambda c: (c[0], c[1]))[2]
     profile = next((p for p in settings.payer_profiles if _payer_matches(p, coverage, shared)), None)
     profile = profile or settings.default_payer
-    payors = [p for p in coverage.get("payor") or [] if isinstance(p, Mapping)]
+    payors = [p for p in items(coverage, "payor") if isinstance(p, Mapping)]
     record: dict[str, Any] = {
         "coverage": {"reference": f"Coverage/{coverage.get('id')}"},
         "profile": profile.name,
@@ -308,11 +308,18 @@ def _overlaps(period: Any, first: date, last: date, zone: tzinfo) -> bool:
     return (start is None or start <= last) and (end is None or end >= first)
 
 
+def _positive(value: Any) -> float | None:
+    """A positive JSON number (not a bool) as float, else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return None
+
+
 def _schedule(plan: Mapping[str, Any]) -> dict[str, float | None]:
     sessions = 0.0
     hours = 0.0
     timed = False
-    for activity in plan.get("activity") or []:
+    for activity in items(plan, "activity"):
         detail = activity.get("detail") if isinstance(activity, Mapping) else None
         if not isinstance(detail, Mapping) or detail.get("status") in (
             "cancelled",
@@ -320,26 +327,26 @@ def _schedule(plan: Mapping[str, Any]) -> dict[str, float | None]:
             "entered-in-error",
         ):
             continue
-        repeat = (detail.get("scheduledTiming") or {}).get("repeat")
+        repeat = element(detail, "scheduledTiming").get("repeat")
         if not isinstance(repeat, Mapping):
             continue
-        raw_frequency = repeat.get("frequency")
-        frequency = float(raw_frequency) if isinstance(raw_frequency, int | float) else 1.0
+        frequency = _positive(repeat.get("frequency")) or 1.0
         days = repeat.get("dayOfWeek")
+        period = _positive(repeat.get("period"))
+        period_unit = repeat.get("periodUnit")
         per_week: float | None = None
         if isinstance(days, list) and days:
-            per_week = len(days) * float(frequency)
-        elif isinstance(repeat.get("period"), int | float) and repeat.get("periodUnit") in _UNIT_DAYS:
-            period_days = float(repeat["period"]) * _UNIT_DAYS[str(repeat["periodUnit"])]
-            per_week = float(frequency) * 7 / period_days if period_days > 0 else None
+            per_week = len(days) * frequency
+        elif period is not None and isinstance(period_unit, str) and period_unit in _UNIT_DAYS:
+            per_week = frequency * 7 / (period * _UNIT_DAYS[period_unit])
         if per_week is None:
             continue
         timed = True
         sessions += per_week
-        duration = repeat.get("duration")
+        duration = _positive(repeat.get("duration"))
         unit = repeat.get("durationUnit")
-        if isinstance(duration, int | float) and unit in _UNIT_HOURS:
-            hours += per_week * float(duration) * _UNIT_HOURS[str(unit)]
+        if duration is not None and isinstance(unit, str) and unit in _UNIT_HOURS:
+            hours += per_week * duration * _UNIT_HOURS[unit]
     if not timed:
         return {"sessions_per_week": None, "hours_per_session": None, "hours_per_week": None}
     return {

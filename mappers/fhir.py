@@ -68,6 +68,26 @@ def rfc3339(moment: datetime) -> str:
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
+def element(resource: Any, name: str) -> dict[str, Any]:
+    """A complex element of a resource as a dict; ``{}`` when it is absent or not an object."""
+    value = resource.get(name) if isinstance(resource, dict | Mapping) else None
+    return dict(value) if isinstance(value, dict | Mapping) else {}
+
+
+def items(resource: Any, name: str) -> list[Any]:
+    """A repeating element of a resource as a list; ``[]`` when it is absent or not an array."""
+    value = resource.get(name) if isinstance(resource, dict | Mapping) else None
+    return value if isinstance(value, list) else []
+
+
+_LITERAL: Final = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}")
+
+
+def is_literal(key: str | None) -> bool:
+    """``key`` is a ``Type/id`` with a valid FHIR id (what records may carry as a reference)."""
+    return key is not None and _LITERAL.fullmatch(key) is not None
+
+
 def reference_key(value: Any) -> str | None:
     """``Type/id`` of a reference (absolute URL, ``_history`` and contained ``#id`` kept as is).
 

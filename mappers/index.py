@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,7 +16,7 @@ from typing import Any, Final
 
 import orjson
 
-from mappers.fhir import FhirValueError, parse_datetime, reference_id, reference_key
+from mappers.fhir import FhirValueError, element, parse_datetime, reference_id, reference_key
 
 #: Resource types the engine reads, and the element naming their patient.
 PATIENT_ELEMENT: Final[Mapping[str, str]] = {
@@ -26,6 +27,7 @@ PATIENT_ELEMENT: Final[Mapping[str, str]] = {
     "Procedure": "subject",
     "Coverage": "beneficiary",
 }
+FHIR_ID: Final = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 #: Types kept in the shared index for references (no patient of their own needed).
 SHARED_TYPES: Final = frozenset({"Location", "Organization", "Condition"})
 
@@ -100,6 +102,10 @@ def newest_versions(
             if resource_type in PATIENT_ELEMENT or resource_type == "Patient":
                 rejects.append(Reject(resource_type, None, "no id"))
             continue
+        if not FHIR_ID.fullmatch(resource_id):
+            if resource_type in PATIENT_ELEMENT or resource_type == "Patient":
+                rejects.append(Reject(resource_type, None, "id is not a FHIR id ([A-Za-z0-9-.]{1,64})"))
+            continue
         key = (resource_type, resource_id)
         current = newest.get(key)
         if current is None or _newer(resource, current):
@@ -108,8 +114,9 @@ def newest_versions(
 
 
 def _patient_of(resource: Mapping[str, Any]) -> str | None:
-    element = PATIENT_ELEMENT[str(resource["resourceType"])]
-    return reference_id(resource.get(element), "Patient")
+    name = PATIENT_ELEMENT[str(resource["resourceType"])]
+    patient_id = reference_id(resource.get(name), "Patient")
+    return patient_id if patient_id is not None and FHIR_ID.fullmatch(patient_id) else None
 
 
 def collect(resources: Iterable[Mapping[str, Any]]) -> Collected:
@@ -152,8 +159,10 @@ def collect(resources: Iterable[Mapping[str, Any]]) -> Collected:
 
 
 def _is_error_condition(resource: Mapping[str, Any]) -> bool:
-    status = resource.get("verificationStatus")
-    codes = [c.get("code") for c in (status or {}).get("coding") or [] if isinstance(c, Mapping)]
+    coding = element(resource, "verificationStatus").get("coding")
+    codes = (
+        [c.get("code") for c in coding or [] if isinstance(c, Mapping)] if isinstance(coding, list) else []
+    )
     return "entered-in-error" in codes
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mappers.codes import codings
-from mappers.fhir import reference_key
+from mappers.fhir import element, items, reference_key
 from mappers.rules import NONE_LEVEL, Rule, Rules
 
 #: The resources an Encounter refers to, by reference key (``"Location/1"``, ``"Condition/7"``, and
@@ -34,7 +34,7 @@ class Classification:
 def _refs(encounter: Mapping[str, Any]) -> list[str]:
     """Location and department (serviceProvider) reference keys of an Encounter."""
     found = []
-    for item in encounter.get("location") or []:
+    for item in items(encounter, "location"):
         if isinstance(item, Mapping):
             key = reference_key(item.get("location"))
             if key:
@@ -47,7 +47,7 @@ def _refs(encounter: Mapping[str, Any]) -> list[str]:
 
 def _resolve(key: str, context: References, encounter: Mapping[str, Any]) -> Mapping[str, Any] | None:
     if key.startswith("#"):
-        for contained in encounter.get("contained") or []:
+        for contained in items(encounter, "contained"):
             if isinstance(contained, Mapping) and contained.get("id") == key[1:]:
                 return contained
         return None
@@ -55,7 +55,7 @@ def _resolve(key: str, context: References, encounter: Mapping[str, Any]) -> Map
 
 
 def _location_types(encounter: Mapping[str, Any], context: References) -> Iterator[tuple[str, str]]:
-    for item in encounter.get("location") or []:
+    for item in items(encounter, "location"):
         if not isinstance(item, Mapping):
             continue
         key = reference_key(item.get("location"))
@@ -81,8 +81,8 @@ def encounter_classes(encounter: Mapping[str, Any]) -> frozenset[str]:
 def diagnosis_codings(encounter: Mapping[str, Any], context: References) -> Iterator[tuple[str, str]]:
     """Codings of ``reasonCode``, ``diagnosis.condition`` and ``reasonReference`` Conditions."""
     yield from codings(encounter.get("reasonCode"))
-    targets = [d.get("condition") for d in encounter.get("diagnosis") or [] if isinstance(d, Mapping)]
-    targets.extend(encounter.get("reasonReference") or [])
+    targets = [d.get("condition") for d in items(encounter, "diagnosis") if isinstance(d, Mapping)]
+    targets.extend(items(encounter, "reasonReference"))
     for target in targets:
         if isinstance(target, Mapping) and "concept" in target:
             yield from codings(target)
@@ -98,7 +98,7 @@ def qualifier_of(encounter: Mapping[str, Any], context: References, rules: Rules
     checks: list[tuple[str, Iterator[tuple[str, str]]]] = [
         ("diagnosis", diagnosis_codings(encounter, context)),
         ("location_type", _location_types(encounter, context)),
-        ("admit_source", iter(codings((encounter.get("hospitalization") or {}).get("admitSource")))),
+        ("admit_source", iter(codings(element(encounter, "hospitalization").get("admitSource")))),
         ("service_type", iter(service_codes(encounter))),
     ]
     for kind, found in checks:

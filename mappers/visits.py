@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, tzinfo
 from typing import Any, Final
 
-from mappers.fhir import FhirValueError, parse_datetime
+from mappers.fhir import FhirValueError, element, items, parse_datetime
 from mappers.index import Reject, resolve
 from mappers.levels import Classification, References, classify_encounter, service_codes
 from mappers.rules import Rules
@@ -64,7 +64,7 @@ class Grouping:
 
 
 def _identifier_value(resource: Mapping[str, Any], system: str) -> str | None:
-    for identifier in resource.get("identifier") or []:
+    for identifier in items(resource, "identifier"):
         if isinstance(identifier, Mapping) and identifier.get("system") == system and identifier.get("value"):
             return str(identifier["value"])
     return None
@@ -116,7 +116,8 @@ def read_visit(
     hospitalization = encounter.get("hospitalization")
     disposition = None
     if isinstance(hospitalization, Mapping):
-        coding = (hospitalization.get("dischargeDisposition") or {}).get("coding") or []
+        coding = element(hospitalization, "dischargeDisposition").get("coding") or []
+        coding = coding if isinstance(coding, list) else []
         first = next((c for c in coding if isinstance(c, Mapping) and c.get("code")), None)
         if first is not None:
             disposition = {k: first[k] for k in ("system", "code", "display") if first.get(k)}
@@ -124,7 +125,7 @@ def read_visit(
             disposition = {}
     part_of = resolve(encounter.get("partOf"), shared)
     episodes = [
-        key for ref in encounter.get("episodeOfCare") or [] if (key := _episode_key(ref, shared)) is not None
+        key for ref in items(encounter, "episodeOfCare") if (key := _episode_key(ref, shared)) is not None
     ]
     return Visit(
         key=f"Encounter/{encounter['id']}",

@@ -116,7 +116,10 @@ def apply_env_overrides(raw: Mapping[str, Any], environ: Mapping[str, str]) -> d
                 added = True
             _set_path(ehr, parts[2:], value)
         elif len(parts) == 1:
-            merged[parts[0]] = value
+            # Only top-level keys are configuration; other single-word variables (the launchers'
+            # IOP_BRIDGE_KAFKA_PORT, IOP_BRIDGE_FHIR_PORT, …) belong to the scripts, not to us.
+            if parts[0] in _TOP_LEVEL_KEYS:
+                merged[parts[0]] = value
         else:
             section = merged.setdefault(parts[0], {})
             if not isinstance(section, dict):
@@ -125,6 +128,9 @@ def apply_env_overrides(raw: Mapping[str, Any], environ: Mapping[str, str]) -> d
     if added:
         merged["ehr"] = ehrs
     return merged
+
+
+_TOP_LEVEL_KEYS = frozenset({"rules"})
 
 
 def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -126,3 +126,16 @@ def test_missing_file_and_unknown_ehr_are_config_errors(config_file: Path, tmp_p
         load_settings(tmp_path / "nope.toml", environ={})
     with pytest.raises(ConfigError, match=r"no \[\[ehr\]\] named 'elsewhere'.*general-hospital, clinic"):
         load_settings(config_file, environ={}).ehr_named("elsewhere")
+
+
+def test_launcher_variables_are_not_configuration() -> None:
+    settings = load_settings(
+        None,
+        environ={
+            "IOP_BRIDGE_KAFKA_PORT": "19092",
+            "IOP_BRIDGE_FHIR_PORT": "18080",
+            "IOP_BRIDGE_RULES": "x.toml",
+        },
+    )
+    assert settings.rules == "x.toml"
+    assert settings.kafka.bootstrap_servers == "127.0.0.1:9092"

@@ -220,12 +220,28 @@ class Targets:
             raise PermanentEventError(f"EHR {self.ehr!r} ({self.style}) takes no {purpose} write-back")
         return resource_type
 
+    def unguarded_creates(self) -> list[str]:
+        """Types we create here that the server can neither create conditionally nor search for by
+        identifier or by patient and date: only our ledger and session table keep those creates single."""
+        types = {t for p, t in self.plan.items() if p not in self.off and p is not Purpose.EPISODE_OF_CARE}
+        types -= {"Task", "Provenance"}  # a Task is only updated; a Provenance is one per write, not keyed
+        return sorted(
+            t
+            for t in types
+            if not (
+                self.access(t).conditional_create
+                or self.access(t).searchable_by("identifier")
+                or self.access(t).searchable_by("patient", "date")
+            )
+        )
+
     def describe(self) -> dict[str, Any]:
-        """A log-friendly summary: purpose -> resource type, and the purposes that are off."""
+        """A log-friendly summary: purpose -> resource type, the purposes that are off, unguarded creates."""
         return {
             "style": self.style,
             "plan": {str(p): t for p, t in self.plan.items() if p not in self.off},
             "off": sorted(str(p) for p in self.off),
+            "unguarded": self.unguarded_creates(),
         }
 
 
@@ -330,4 +346,6 @@ def discover_targets(client: EhrClient) -> Targets:
     log.info("writeback_targets", ehr=client.ehr.name, **summary)
     for purpose in summary["off"]:
         log.warning("writeback_target_off", ehr=client.ehr.name, purpose=purpose)
+    for resource_type in summary["unguarded"]:
+        log.warning("writeback_create_unguarded", ehr=client.ehr.name, resource=resource_type)
     return targets

@@ -5,15 +5,17 @@ Idempotency has three locks, because servers' conditional create is racy (HAPI #
 1. the ledger: an ``event_id`` already processed is a no-op (redelivery, or the same event produced twice);
 2. the session table: a later event for the same IOP session updates the resource written for it
    (``If-Match``, re-reading on a version conflict: 412 per the spec, 409 from HAPI); an older one is stale;
-3. the server: creates are conditional (``If-None-Exist`` on our identifier), so a crash between the
-   write and the ledger entry finds the resource on the next try instead of creating a second one.
+3. the server: creates are conditional (``If-None-Exist`` on our identifier), or preceded by a look-up
+   for our identifier where the server has no conditional create, so a crash between the write and the
+   ledger entry finds the resource on the next try instead of creating a second one.
 
 What is written depends on the EHR (``sync.capabilities``: the vendor profile's plan checked against the
 server's CapabilityStatement): an Encounter / Appointment on generic servers and Oracle, a progress note on
 Epic; a resource is changed with PUT where the server has ``update`` and with a JSON Patch where it has only
 ``patch`` (Oracle), both under ``If-Match``. Where a server has no conditional create, the resource is
 looked up by our identifier before it is created (or, when it cannot search by identifier either, by
-patient and date, filtered by our identifier), so lock 3 holds there too.
+patient and date, filtered by our identifier); such a create is never resent by the HTTP client, and a
+retry of the event finds what an unanswered one wrote.
 
 Errors are classified for the consumer: ``PermanentEventError`` (the event can never be written:
 schema-invalid, unknown episode, or the EHR answered 400/404/405/410/422) goes to the dead-letter topic;

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from pytest_httpx import HTTPXMock
+from structlog.testing import capture_logs
 
 from connectors.config import EhrConfig
 from connectors.errors import EhrError
@@ -187,3 +188,21 @@ def test_discover_targets_refuses_what_is_not_a_server_statement(
     httpx_mock.add_response(method="GET", url=f"{BASE}/metadata", json=body)
     with EhrClient(EhrConfig(name="e", base_url=BASE)) as client, pytest.raises(EhrError, match=message):
         discover_targets(client)
+
+
+def test_creates_without_a_server_side_guard_are_named() -> None:
+    assert targets_for("oracle", recorded("oracle")).unguarded_creates() == []
+    assert targets_for("epic", recorded("epic")).unguarded_creates() == []
+    statement = _without(recorded("oracle"), "Appointment", "search-type")
+    assert targets_for("oracle", statement).unguarded_creates() == ["Appointment"]
+
+
+def test_discover_targets_logs_what_is_off_without_phi(httpx_mock: HTTPXMock) -> None:
+    statement = _without(recorded("oracle"), "Appointment", "create")
+    httpx_mock.add_response(method="GET", url=f"{BASE}/metadata", json=statement)
+    with capture_logs() as logs, EhrClient(EhrConfig(name="o", base_url=BASE, vendor="oracle")) as client:
+        discover_targets(client)
+    chosen = next(e for e in logs if e["event"] == "writeback_targets")
+    assert chosen["off"] == ["absent"]
+    assert chosen["plan"]["attended"] == "Encounter"
+    assert [e["purpose"] for e in logs if e["event"] == "writeback_target_off"] == ["absent"]

@@ -392,3 +392,29 @@ def test_discharge_finishes_the_episode_writes_the_summary_and_closes_the_task(
     assert puts["/fhir/EpisodeOfCare/eoc-1"]["period"]["end"] == "2026-03-20"
     assert puts["/fhir/Task/t-1"]["businessStatus"]["coding"][0]["code"] == "7.0"
     assert state.episode_fhir_id("general", EPISODE_ID) == "eoc-1"
+
+
+def test_session_cancelled_before_anything_was_written_can_still_be_attended_later(
+    httpx_mock: HTTPXMock, writeback: WriteBack
+) -> None:
+    for resource_type in ("Encounter", "Appointment"):
+        httpx_mock.add_response(
+            method="GET",
+            url=_search_url(resource_type, SESSION_ID_SYSTEM, "S-100"),
+            json={"resourceType": "Bundle"},
+        )
+    writeback.attendance(_attendance("evt-0", status="cancelled"), topic="iop.attendance.v1")
+    httpx_mock.add_response(
+        method="POST",
+        url=f"{BASE}/Encounter",
+        status_code=201,
+        json={"resourceType": "Encounter", "id": "enc-1"},
+    )
+    httpx_mock.add_response(method="POST", url=f"{BASE}/Provenance", status_code=201, json={})
+
+    result = writeback.attendance(
+        _attendance("evt-1", occurred_at="2026-03-02T19:00:00+00:00"), topic="iop.attendance.v1"
+    )
+
+    assert result.outcome is Outcome.CREATED
+    assert result.references == ["Encounter/enc-1"]

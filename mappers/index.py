@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -82,9 +83,15 @@ def _newer(candidate: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
     a, b = _version_key(candidate), _version_key(current)
     if a != b:
         return a > b
-    return orjson.dumps(candidate, option=orjson.OPT_SORT_KEYS) > orjson.dumps(
-        current, option=orjson.OPT_SORT_KEYS
-    )
+    return _canonical(candidate) > _canonical(current)
+
+
+def _canonical(resource: Mapping[str, Any]) -> bytes:
+    """Sorted-key JSON of a resource: the order-independent tie-break between equal versions."""
+    try:
+        return orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # values orjson refuses (integers beyond 64 bits, non-string keys)
+        return json.dumps(resource, sort_keys=True, default=repr).encode()
 
 
 def newest_versions(

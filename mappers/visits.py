@@ -7,6 +7,7 @@ that anchors an episode) or ours (carrying ``urn:iop-bridge:episode-id``: never 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, tzinfo
@@ -65,9 +66,17 @@ class Grouping:
 
 def _identifier_value(resource: Mapping[str, Any], system: str) -> str | None:
     for identifier in items(resource, "identifier"):
-        if isinstance(identifier, Mapping) and identifier.get("system") == system and identifier.get("value"):
-            return str(identifier["value"])
+        if isinstance(identifier, Mapping) and identifier.get("system") == system:
+            value = identifier.get("value")
+            return value if isinstance(value, str) else ""
     return None
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value.lower()
+    except ValueError:
+        return False
 
 
 def _period(
@@ -139,7 +148,7 @@ def read_visit(
         level=classification.level,
         part_of=part_of if part_of and part_of.startswith("Encounter/") else None,
         episodes_of_care=sorted(set(episodes)),
-        session_id=_identifier_value(encounter, SESSION_ID_SYSTEM),
+        session_id=_identifier_value(encounter, SESSION_ID_SYSTEM) or None,
         disposition=disposition,
         codes=codes,
         day_zone=zone,
@@ -163,12 +172,18 @@ def read_grouping(
     start, end, ok = _period(resource, zone, rejects)
     if not ok:
         return None
+    ours = _identifier_value(resource, EPISODE_ID_SYSTEM)
+    if ours is not None and not _is_uuid(ours):
+        rejects.append(
+            Reject("EpisodeOfCare", str(resource["id"]), f"{EPISODE_ID_SYSTEM} value is not a UUID")
+        )
+        return None
     classification = classify_encounter({"type": resource.get("type")}, {}, rules)
     return Grouping(
         key=f"EpisodeOfCare/{resource['id']}",
         resource=resource,
         status=str(resource.get("status") or "unknown"),
-        ours=_identifier_value(resource, EPISODE_ID_SYSTEM),
+        ours=ours,
         start=start,
         end=end,
         level=classification.level,

@@ -6,9 +6,9 @@ Pure helpers over the engine's ``Visit`` records and the patient's other resourc
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta, tzinfo
-from typing import Any, Final
+from functools import lru_cache
+from typing import Any, Final, NamedTuple
 
 from mappers.codes import (
     ACT_CODE,
@@ -135,8 +135,7 @@ def service_lines(
     return lines
 
 
-@dataclass(frozen=True)
-class Diagnosis:
+class Diagnosis(NamedTuple):
     code: str
     normalised: str
     condition: str | None
@@ -156,6 +155,11 @@ def _icd_codes(value: Any) -> list[str]:
         and isinstance(coding.get("code"), str)
         and system_key(coding.get("system")) == "icd10cm"
     ]
+
+
+@lru_cache(maxsize=16384)
+def _icd_key(code: str) -> str:
+    return normalise_code("icd10cm", code)
 
 
 def diagnoses_of(resource: Mapping[str, Any], shared: Mapping[str, Mapping[str, Any]]) -> list[Diagnosis]:
@@ -180,15 +184,15 @@ def diagnoses_of(resource: Mapping[str, Any], shared: Mapping[str, Mapping[str, 
             key = None
         codes = _icd_codes(condition.get("code")) if condition else _icd_codes(target)
         for code in codes:
-            found.append(Diagnosis(code, normalise_code("icd10cm", code), key, rank))
+            found.append(Diagnosis(code, _icd_key(code), key, rank))
     for code in _icd_codes(resource.get("reasonCode")):
-        found.append(Diagnosis(code, normalise_code("icd10cm", code), None, None))
+        found.append(Diagnosis(code, _icd_key(code), None, None))
     for target in items(resource, "reasonReference"):
         key = resolve(target, shared)
         condition = shared.get(key) if key else None
         if condition is not None:
             for code in _icd_codes(condition.get("code")):
-                found.append(Diagnosis(code, normalise_code("icd10cm", code), key, None))
+                found.append(Diagnosis(code, _icd_key(code), key, None))
     return found
 
 

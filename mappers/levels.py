@@ -69,9 +69,9 @@ def service_codes(encounter: Mapping[str, Any]) -> list[tuple[str, str]]:
     return codings(encounter.get("type")) + codings(encounter.get("serviceType"))
 
 
-def _class_codes(encounter: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
-    for system, code in codings(encounter.get("class")):
-        yield (system or "actcode"), code
+def _class_codes(encounter: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``Encounter.class`` as (system key, code); a class without a system is read as v3 ActCode."""
+    return [((system or "actcode"), code) for system, code in codings(encounter.get("class"))]
 
 
 def encounter_classes(encounter: Mapping[str, Any]) -> frozenset[str]:
@@ -153,7 +153,8 @@ def classify_encounter(
     """
     if codes is None:
         codes = service_codes(encounter)
-    classes = encounter_classes(encounter)
+    class_codes = _class_codes(encounter)
+    classes = frozenset(code for system, code in class_codes if system == "actcode")
     qualified = _Qualified(encounter, context, rules)
     order = rules.order
     missing_qualifier: Rule | None = None
@@ -162,18 +163,16 @@ def classify_encounter(
     tiers: tuple[Callable[[], list[tuple[str, str, tuple[Rule, ...]]]], ...] = (
         lambda: [
             ("location", key, rules.location_rules(key) + rules.location_rules(key.split("/")[-1]))
-            for key in _refs(encounter)
+            for key in (_refs(encounter) if rules.has_location_rules else ())
         ],
         lambda: [("code", f"{s} {c}", hits) for s, c in codes if (hits := rules.candidates("code", s, c))],
         lambda: [
             ("Location.type", f"{s} {c}", hits)
-            for s, c in _location_types(encounter, context)
+            for s, c in (_location_types(encounter, context) if rules.has_location_type_rules else ())
             if (hits := rules.candidates("location_type", s, c))
         ],
         lambda: [
-            ("class", f"{s} {c}", hits)
-            for s, c in _class_codes(encounter)
-            if (hits := rules.candidates("class", s, c))
+            ("class", f"{s} {c}", hits) for s, c in class_codes if (hits := rules.candidates("class", s, c))
         ],
     )
     for tier in tiers:

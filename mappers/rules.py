@@ -95,6 +95,8 @@ class Rules:
     )
     _by_id: dict[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False, default_factory=dict)
     order: dict[str, int] = field(init=False, repr=False, compare=False, default_factory=dict)
+    has_location_rules: bool = field(init=False, repr=False, compare=False, default=False)
+    has_location_type_rules: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         exact: dict[tuple[str, str, str], list[Rule]] = {}
@@ -113,6 +115,8 @@ class Rules:
         object.__setattr__(self, "_ranged", {k: tuple(v) for k, v in ranged.items()})
         object.__setattr__(self, "_by_id", {k: tuple(v) for k, v in by_id.items()})
         object.__setattr__(self, "order", {rule.id: i for i, rule in enumerate(self.rules)})
+        object.__setattr__(self, "has_location_rules", any(r.on == "location" for r in self.rules))
+        object.__setattr__(self, "has_location_type_rules", any(r.on == "location_type" for r in self.rules))
 
     def candidates(self, tier: str, system: str, code: str) -> tuple[Rule, ...]:
         """Rules of ``tier`` that match ``(system, code)``, in table order."""

@@ -43,6 +43,7 @@ from connectors.http import EhrClient
 from sync.errors import ConfigError, PermanentEventError
 
 __all__ = [
+    "ALL_INTERACTIONS",
     "JSON_PATCH",
     "Purpose",
     "ResourceAccess",

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from pytest_httpx import HTTPXMock
 from structlog.testing import capture_logs
 
@@ -197,7 +199,17 @@ def test_creates_without_a_server_side_guard_are_named() -> None:
     assert targets_for("oracle", statement).unguarded_creates() == ["Appointment"]
 
 
-def test_discover_targets_logs_what_is_off_without_phi(httpx_mock: HTTPXMock) -> None:
+@pytest.fixture
+def default_logging() -> Iterator[None]:
+    """structlog's defaults for this test (a CLI test run earlier may have configured a level filter)."""
+    saved = structlog.get_config()
+    structlog.reset_defaults()
+    yield
+    structlog.configure(**saved)
+
+
+@pytest.mark.usefixtures("default_logging")
+def test_discover_targets_logs_the_plan_and_what_is_off(httpx_mock: HTTPXMock) -> None:
     statement = _without(recorded("oracle"), "Appointment", "create")
     httpx_mock.add_response(method="GET", url=f"{BASE}/metadata", json=statement)
     with capture_logs() as logs, EhrClient(EhrConfig(name="o", base_url=BASE, vendor="oracle")) as client:

@@ -41,6 +41,11 @@ class SmartProxy:
     public_key_pem: bytes
     token_lifetime: int = 300
     host: str = "127.0.0.1"
+    #: False: forward without asking for a token (a plain FHIR server, for fault injection only).
+    require_auth: bool = True
+    #: Answer this many of the next forwarded requests with 503 (an EHR outage), then forward again.
+    fail_next: int = 0
+    failed: int = 0
     tokens: dict[str, float] = field(default_factory=dict)
     seen_jti: set[str] = field(default_factory=set)
     token_requests: int = 0
@@ -155,7 +160,15 @@ class SmartProxy:
         return expires is not None and expires > time.time()
 
     def _forward(self, environ: dict[str, Any], start_response: Any, path: str) -> list[bytes]:
-        if not self._authorised(environ):
+        with self._lock:
+            outage = self.fail_next > 0
+            if outage:
+                self.fail_next -= 1
+                self.failed += 1
+        if outage:
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain"), ("Retry-After", "0")])
+            return [b"down for maintenance"]
+        if self.require_auth and not self._authorised(environ):
             with self._lock:
                 self.rejected += 1
             start_response(

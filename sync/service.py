@@ -1,0 +1,340 @@
+"""The running service: pull -> map -> publish for each EHR, and the write-back consumers.
+
+A cycle for one EHR:
+
+1. drain what an earlier run left in the outbox (a crash between mapping and producing loses nothing);
+2. pull the increment (``connectors.pull``: cursor, replica, quarantine);
+3. re-map only the patients the increment touched, plus those whose active episode's gap deadline
+   passed (time alone finishes an episode), each from its whole history in the replica — so a cycle
+   costs in proportion to what changed, not to the size of the hospital;
+4. stage changed episodes and referrals (by content hash) in the outbox, in one transaction, then
+   produce them (Part 2 records only to the Part 2 topics);
+5. where the vendor allows it, write each changed episode's ``EpisodeOfCare`` to the EHR (conditional
+   update on ``urn:iop-bridge:episode-id``) so that write-backs can reference it.
+
+Write-back consumes ``iop.attendance.v1`` and ``iop.discharges.v1`` and hands each event to the
+``WriteBack`` of its EHR; permanent failures go to the dead-letter topic, temporary ones pause the
+partition and are retried.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+from sqlalchemy import select
+
+from connectors.config import EhrConfig
+from connectors.errors import EhrError
+from connectors.http import EhrClient
+from connectors.pull import PullSummary, pull
+from connectors.store import StateStore, replica_table
+from mappers import (
+    EpisodeSettings,
+    Rules,
+    anchor_key,
+    default_rules,
+    episode_of_care,
+    load_rules,
+    map_episodes,
+    map_referrals,
+    review_after,
+)
+from schemas.identifiers import EPISODE_ID_SYSTEM, token
+from schemas.topics import Topics
+from sync import writeback
+from sync.config import Settings
+from sync.errors import ConfigError, PermanentEventError
+from sync.kafka import Event, EventConsumer, EventProducer, PollStats
+from sync.metrics import Metrics
+from sync.publisher import drain_outbox, stage_records
+from sync.state import Staged, SyncState
+
+log = structlog.get_logger()
+
+#: Types that belong to no patient but give patients' resources their meaning (location types, payers).
+SHARED_TYPES = ("Location", "Organization")
+#: Patients mapped together: the shared resources are indexed once per batch.
+MAP_BATCH = 200
+
+
+@dataclass
+class CycleReport:
+    """What one pull-map-publish cycle did for one EHR (counts only: no PHI)."""
+
+    ehr: str
+    pulled: dict[str, int] = field(default_factory=dict)
+    rejected: int = 0
+    patients_mapped: int = 0
+    episodes: int = 0
+    referrals: int = 0
+    map_rejects: int = 0
+    staged: int = 0
+    published: int = 0
+    episode_of_care_written: int = 0
+
+
+def _load_rules(settings: Settings) -> Rules:
+    if not settings.rules:
+        return default_rules()
+    try:
+        return load_rules(Path(settings.rules).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"rules file {settings.rules}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"rules file {settings.rules}: {exc}") from exc
+
+
+class Service:
+    """One process: the pull-map-publish cycles and the write-back consumers (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        as_of: datetime | None = None,
+        metrics: Metrics | None = None,
+        episode_settings: EpisodeSettings | None = None,
+        client_factory: Callable[[EhrConfig], EhrClient] = EhrClient,
+        retry_pause_s: float = 30.0,
+    ) -> None:
+        if not settings.ehr:
+            raise ConfigError("no [[ehr]] configured: nothing to pull")
+        self.settings = settings
+        self.store = StateStore(settings.store.url)
+        self.state = SyncState(self.store.engine)
+        self.topics = Topics(settings.kafka.topic_prefix)
+        self.rules = _load_rules(settings)
+        self.metrics = metrics or Metrics()
+        self.episode_settings = episode_settings or EpisodeSettings()
+        self._fixed_as_of = as_of
+        self._client_factory = client_factory
+        self._retry_pause_s = retry_pause_s  # how long a partition waits after a temporary EHR failure
+        self._producer: EventProducer | None = None
+        self._clients: dict[str, EhrClient] = {}
+        self._writebacks: dict[str, writeback.WriteBack] = {}
+        self._lock = threading.Lock()
+
+    # -- resources ------------------------------------------------------------------------------------
+
+    def as_of(self) -> datetime:
+        return self._fixed_as_of or datetime.now(UTC)
+
+    @property
+    def producer(self) -> EventProducer:
+        if self._producer is None:
+            self._producer = EventProducer(self.settings.kafka)
+        return self._producer
+
+    def client(self, ehr: EhrConfig) -> EhrClient:
+        with self._lock:
+            if ehr.name not in self._clients:
+                self._clients[ehr.name] = self._client_factory(ehr)
+            return self._clients[ehr.name]
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        if self._producer is not None:
+            self._producer.close()
+        self.store.close()
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- pull, map, publish ---------------------------------------------------------------------------
+
+    def cycle(self) -> list[CycleReport]:
+        """One pull-map-publish cycle for every configured EHR."""
+        return [self.cycle_ehr(ehr) for ehr in self.settings.ehr]
+
+    def cycle_ehr(self, ehr: EhrConfig, *, since: str | None = None) -> CycleReport:
+        report = CycleReport(ehr=ehr.name)
+        report.published += drain_outbox(self.state, self.producer, metrics=self.metrics)  # an earlier crash
+        out_dir = Path(self.settings.service.out_dir) / ehr.name
+        try:
+            summary: PullSummary = pull(
+                ehr, self.store, out_dir, since=since, client_factory=self._client_factory
+            )
+        except Exception:
+            self.metrics.pulls.labels(ehr=ehr.name, result="failed").inc()
+            raise
+        self.metrics.pulls.labels(ehr=ehr.name, result="ok").inc()
+        for resource_type, count in summary.counts.items():
+            self.metrics.resources_pulled.labels(ehr=ehr.name, resource_type=resource_type).inc(count)
+        report.pulled = dict(summary.counts)
+        report.rejected = summary.rejected
+
+        as_of = self.as_of()
+        touched = set(self.store.patients_touched(ehr.name, summary.started_at))
+        due = set(self.state.patients_due(ehr.name, as_of.date().isoformat()))
+        patients = sorted(touched | due)
+        changed = self._map_and_stage(ehr, patients, as_of, report)
+        report.staged = len(changed)
+        report.published += drain_outbox(self.state, self.producer, metrics=self.metrics)
+        if ehr.write_back and self.client(ehr).profile.can_write_episode_of_care:
+            report.episode_of_care_written = self._write_episodes_of_care(ehr, changed)
+        log.info(
+            "cycle_done",
+            ehr=ehr.name,
+            pulled=sum(report.pulled.values()),
+            patients=report.patients_mapped,
+            staged=report.staged,
+            published=report.published,
+            episode_of_care_written=report.episode_of_care_written,
+        )
+        return report
+
+    def _shared_resources(self, ehr: str) -> list[dict[str, Any]]:
+        query = select(replica_table.c.resource).where(
+            replica_table.c.ehr == ehr,
+            replica_table.c.resource_type.in_(SHARED_TYPES),
+            replica_table.c.deleted.is_(False),
+            replica_table.c.resource.is_not(None),
+        )
+        with self.store.engine.connect() as conn:
+            return [dict(orjson.loads(row)) for row in conn.execute(query).scalars()]
+
+    def _map_and_stage(
+        self, ehr: EhrConfig, patients: list[str], as_of: datetime, report: CycleReport
+    ) -> list[Staged]:
+        if not patients:
+            return []
+        shared = self._shared_resources(ehr.name)
+        changed: list[Staged] = []
+        for start in range(0, len(patients), MAP_BATCH):
+            batch = patients[start : start + MAP_BATCH]
+            resources: list[dict[str, Any]] = list(shared)
+            previous: dict[str, str] = {}
+            for patient_id in batch:
+                resources.extend(self.store.patient_resources(ehr.name, patient_id))
+                for record_id, record in self.state.published_ids(ehr.name, "episode", patient_id).items():
+                    if record.get("status") != "cancelled":
+                        previous[record_id] = anchor_key(record)
+            mapped = map_episodes(
+                resources,
+                ehr=ehr.name,
+                as_of=as_of,
+                rules=self.rules,
+                settings=self.episode_settings,
+                timezone=ehr.timezone,
+                previous_anchors=previous,
+            )
+            referrals = map_referrals(resources, ehr=ehr.name, rules=self.rules, timezone=ehr.timezone)
+            report.patients_mapped += len(batch)
+            report.episodes += len(mapped.episodes)
+            report.referrals += len(referrals.referrals)
+            report.map_rejects += len(mapped.rejects) + len(referrals.rejects)
+            for reject in [*mapped.rejects, *referrals.rejects]:
+                log.warning("map_reject", ehr=ehr.name, resource_type=reject.resource_type, id=reject.id)
+            staged = stage_records(
+                ehr.name,
+                self.topics,
+                episodes=mapped.episodes,
+                referrals=[dict(r) for r in referrals.referrals],
+            )
+            staged = [
+                _with_review(item, self.episode_settings) if item.kind == "episode" else item
+                for item in staged
+            ]
+            changed.extend(self.state.stage_changes(ehr.name, staged))
+        return changed
+
+    def _write_episodes_of_care(self, ehr: EhrConfig, changed: Iterable[Staged]) -> int:
+        """Conditional update of each changed episode's EpisodeOfCare; returns how many were written."""
+        client = self.client(ehr)
+        written = 0
+        for item in changed:
+            if item.kind != "episode":
+                continue
+            resource = episode_of_care(item.record)
+            resource.pop("id", None)  # the server keeps its own id; the identifier is the key
+            query = token(EPISODE_ID_SYSTEM, item.record_id)
+            try:
+                response = client.request(
+                    "PUT",
+                    "EpisodeOfCare",
+                    params={"identifier": query},
+                    json=resource,
+                    headers={"Content-Type": "application/fhir+json", "Prefer": "return=representation"},
+                )
+            except EhrError as exc:
+                # The episode is published; the EHR copy is a convenience for write-backs, retried the
+                # next time the episode changes. Never stop the cycle for it.
+                log.warning(
+                    "episode_of_care_not_written", ehr=ehr.name, episode_id=item.record_id, status=exc.status
+                )
+                continue
+            body = response.json() if response.content else {}
+            fhir_id = body.get("id") if isinstance(body, Mapping) else None
+            if fhir_id:
+                self.state.set_episode_fhir_id(ehr.name, item.record_id, str(fhir_id))
+            written += 1
+        return written
+
+    # -- write-back -----------------------------------------------------------------------------------
+
+    def _writeback_for(self, ehr_name: str) -> writeback.WriteBack:
+        if ehr_name not in self._writebacks:
+            ehr = next((e for e in self.settings.ehr if e.name == ehr_name), None)
+            if ehr is None:
+                raise PermanentEventError(f"event for EHR {ehr_name!r}, which is not configured")
+            if not ehr.write_back:
+                raise PermanentEventError(f"write-back to EHR {ehr_name!r} is turned off")
+            self._writebacks[ehr_name] = writeback.WriteBack(self.client(ehr), self.state, ehr=ehr_name)
+        return self._writebacks[ehr_name]
+
+    def handle_event(self, event: Event) -> None:
+        """The write-back consumer's handler: route one validated event to its EHR."""
+        ehr_name = str(event.value.get("ehr", ""))
+        target = self._writeback_for(ehr_name)
+        try:
+            if event.topic == self.topics.attendance:
+                result = target.attendance(event.value, topic=event.topic)
+            elif event.topic == self.topics.discharges:
+                result = target.discharge(event.value, topic=event.topic)
+            else:
+                raise PermanentEventError(f"no write-back for topic {event.topic}")
+        except PermanentEventError:
+            self.metrics.writebacks.labels(ehr=ehr_name, outcome="dead_letter").inc()
+            self.metrics.dead_letters.labels(topic=event.topic).inc()
+            raise
+        self.metrics.writebacks.labels(ehr=ehr_name, outcome=str(result.outcome)).inc()
+
+    def consumer(self) -> EventConsumer:
+        return EventConsumer(
+            self.settings.kafka,
+            [self.topics.attendance, self.topics.discharges],
+            self.producer,
+            permanent=(PermanentEventError,),
+            retry_pause_s=self._retry_pause_s,
+        )
+
+    def drain_writebacks(self, max_seconds: float = 120.0) -> PollStats:
+        """Consume attendance and discharge events until the topics are idle (``run --once``)."""
+        with self.consumer() as consumer:
+            return consumer.drain(self.handle_event, max_seconds=max_seconds)
+
+
+def _with_review(item: Staged, settings: EpisodeSettings) -> Staged:
+    day = review_after(item.record, settings)
+    return Staged(
+        kind=item.kind,
+        record_id=item.record_id,
+        patient_id=item.patient_id,
+        record=item.record,
+        topic=item.topic,
+        message_key=item.message_key,
+        schema_name=item.schema_name,
+        schema_version=item.schema_version,
+        review_after=day.isoformat() if day else None,
+    )

@@ -1,0 +1,291 @@
+"""The service end to end against the real Kafka broker and the real HAPI FHIR sandbox.
+
+pull -> map -> publish (Part 2 apart), then attendance and discharge events -> write-back, read back
+from HAPI with FHIR searches: each event id makes exactly one resource, even when produced twice or
+when the consumer is SIGKILLed mid-batch; bad events go to the dead-letter topic with their reasons
+while the events after them are written; a 503 storm delays writes but loses none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, SESSION_ID_SYSTEM
+from schemas.topics import Topics, message_key
+from sync.cli import main
+from sync.config import Settings, load_settings
+from sync.kafka import EventProducer, ensure_topics
+from sync.service import Service
+from tests.integration.fhir_fixtures import unique_id
+from tests.integration.kafka_fixtures import consume_records
+from tests.integration.smart_proxy import SmartProxy
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+AS_OF = datetime(2026, 6, 1, 23, 59, tzinfo=UTC)
+EHR = "harbor"
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    config: Path
+    proxy: SmartProxy
+    fhir: httpx.Client
+    topics: Topics
+
+
+@pytest.fixture(scope="module")
+def stack(
+    fhir_base_url: str, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    assert (
+        main(["--log-level", "WARNING", "seed", "--anchor", "2026-06-01", "--fhir-url", fhir_base_url]) == 0
+    )
+    tmp = tmp_path_factory.mktemp("service")
+    # A plain (no auth) proxy in front of HAPI, so a test can make the EHR answer 503 for a while.
+    proxy = SmartProxy(upstream=fhir_base_url, client_id="-", public_key_pem=b"", require_auth=False).start()
+    prefix = unique_id("svc") + "."
+    config = tmp / "config.toml"
+    config.write_text(
+        f"""
+[store]
+url = "sqlite:///{tmp / "state.db"}"
+[kafka]
+bootstrap_servers = "{kafka_bootstrap}"
+topic_prefix = "{prefix}"
+group_id = "{prefix}writeback"
+[service]
+out_dir = "{tmp / "out"}"
+metrics_port = 0
+[[ehr]]
+name = "{EHR}"
+base_url = "{proxy.base_url}"
+vendor = "hapi"
+bulk_poll_max_seconds = 1
+"""
+    )
+    settings = load_settings(config)
+    ensure_topics(settings.kafka)
+    with httpx.Client(
+        base_url=fhir_base_url + "/", timeout=60, headers={"Accept": "application/fhir+json"}
+    ) as fhir:
+        yield Stack(settings, config, proxy, fhir, Topics(prefix))
+    proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def published(stack: Stack) -> dict[str, dict[str, Any]]:
+    """Run the first cycle; the published episodes by patient id and level ("pt-x/iop/1")."""
+    with Service(stack.settings, as_of=AS_OF) as service:
+        (report,) = service.cycle()
+        assert report.staged >= 20  # 16 episodes and 4 referrals of the example journeys
+        assert report.published == report.staged
+        episodes: dict[str, dict[str, Any]] = {}
+        for patient in ("pt-active-iop", "pt-stepdown-inpatient", "pt-sud-part2", "pt-two-stints"):
+            records = sorted(
+                service.state.published_ids(EHR, "episode", patient).values(), key=lambda r: r["start"]
+            )
+            for n, record in enumerate(records, start=1):
+                episodes[f"{patient}/{record['level']}/{n}"] = record
+    return episodes
+
+
+def _count(fhir: httpx.Client, resource_type: str, system: str, value: str) -> list[dict[str, Any]]:
+    bundle = fhir.get(f"{resource_type}?identifier={quote(system + '|' + value, safe='')}").json()
+    return [e["resource"] for e in bundle.get("entry", [])]
+
+
+def _attendance(
+    episode: dict[str, Any],
+    session: str,
+    *,
+    status: str = "attended",
+    event: str | None = None,
+    occurred: str = "2026-06-02T18:00:00+00:00",
+    end: str = "2026-06-02T12:00:00+00:00",
+) -> dict[str, Any]:
+    return {
+        "event_id": event or unique_id("evt"),
+        "occurred_at": occurred,
+        "ehr": EHR,
+        "episode_id": episode["episode_id"],
+        "patient": {"reference": episode["patient"]["reference"]},
+        "session": {
+            "id": session,
+            "start": "2026-06-02T09:00:00+00:00",
+            "end": end,
+            "status": status,
+            "modality": "in-person",
+        },
+    }
+
+
+def _produce(stack: Stack, events: list[tuple[str, dict[str, Any]]]) -> None:
+    with EventProducer(stack.settings.kafka) as producer:
+        for topic, event in events:
+            key = message_key(EHR, event["patient"]["reference"])
+            schema = "attendance" if topic == stack.topics.attendance else "discharge"
+            producer.publish(topic, key, event, schema=schema, version=1, event_id=event["event_id"])
+        producer.flush()
+
+
+def _produce_raw(stack: Stack, topic: str, key: str, value: bytes) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=stack.settings.kafka.bootstrap_servers)
+    producer.send(topic, key=key.encode(), value=value).get(timeout=30)
+    producer.close()
+
+
+def test_episodes_are_published_and_part2_kept_apart(
+    stack: Stack, published: dict[str, dict[str, Any]]
+) -> None:
+    settings = stack.settings
+    plain = consume_records(settings.kafka.bootstrap_servers, stack.topics.episodes, 15)
+    part2 = consume_records(settings.kafka.bootstrap_servers, stack.topics.episodes_part2, 1)
+    plain_ids = {json.loads(r.value)["episode_id"] for r in plain}
+    (sud,) = [json.loads(r.value) for r in part2]
+    assert sud["patient"]["reference"] == "Patient/pt-sud-part2"
+    assert {s["code"] for s in sud["security"]} == {"ETH", "R", "42CFRPart2"}
+    assert sud["episode_id"] not in plain_ids
+    assert all(not json.loads(r.value)["part2"] for r in plain)
+    assert {r.key.decode() for r in part2} == {f"{EHR}|Patient/pt-sud-part2"}
+
+
+def test_a_cycle_with_nothing_new_publishes_nothing(
+    stack: Stack, published: dict[str, dict[str, Any]]
+) -> None:
+    with Service(stack.settings, as_of=AS_OF) as service:
+        service.cycle()  # pulls back the EpisodeOfCare resources the first cycle wrote
+        (report,) = service.cycle()
+    assert report.staged == 0
+
+
+def test_attendance_and_discharge_are_written_once(
+    stack: Stack, published: dict[str, dict[str, Any]]
+) -> None:
+    active = published["pt-active-iop/iop/1"]
+    finished = published["pt-stepdown-inpatient/iop/1"]
+    attended, absent = unique_id("S"), unique_id("S")
+    first = _attendance(active, attended, event=unique_id("evt"))
+    later = _attendance(
+        active, attended, occurred="2026-06-02T19:00:00+00:00", end="2026-06-02T12:30:00+00:00"
+    )
+    discharge = {
+        "event_id": unique_id("evt"),
+        "occurred_at": "2026-06-01T17:00:00+00:00",
+        "ehr": EHR,
+        "episode_id": finished["episode_id"],
+        "patient": {"reference": finished["patient"]["reference"]},
+        "discharge": {
+            "date": "2026-04-06",
+            "reason": "stepped_down",
+            "to_level": "outpatient",
+            "summary": "Completed IOP; weekly therapy next.",
+        },
+    }
+    unknown = _attendance(active, unique_id("S"))
+    unknown["episode_id"] = "00000000-0000-5000-8000-000000000000"
+    events = [
+        (stack.topics.attendance, first),
+        (stack.topics.attendance, first),  # produced twice
+        (stack.topics.attendance, unknown),
+        (stack.topics.attendance, later),
+        (stack.topics.attendance, _attendance(active, absent, status="absent")),
+        (stack.topics.discharges, discharge),
+    ]
+    key = message_key(EHR, active["patient"]["reference"])
+    _produce_raw(stack, stack.topics.attendance, key, b'{"event_id": "broken", "session": {}}')
+    _produce(stack, events)
+
+    with Service(stack.settings, as_of=AS_OF, retry_pause_s=1) as service:
+        stats = service.drain_writebacks(max_seconds=120)
+    assert stats.dead_lettered == 2
+
+    (encounter,) = _count(stack.fhir, "Encounter", SESSION_ID_SYSTEM, attended)
+    assert encounter["status"] == "finished"
+    assert encounter["period"]["end"] == "2026-06-02T12:30:00+00:00"  # the later event updated it
+    assert encounter["subject"] == {"reference": "Patient/pt-active-iop"}
+    (appointment,) = _count(stack.fhir, "Appointment", SESSION_ID_SYSTEM, absent)
+    assert appointment["status"] == "noshow"
+    (document,) = _count(stack.fhir, "DocumentReference", EVENT_ID_SYSTEM, discharge["event_id"])
+    assert document["subject"] == {"reference": "Patient/pt-stepdown-inpatient"}
+    (episode_of_care,) = _count(stack.fhir, "EpisodeOfCare", EPISODE_ID_SYSTEM, finished["episode_id"])
+    assert episode_of_care["status"] == "finished"
+    assert episode_of_care["period"]["end"] == "2026-04-06"
+
+    letters = consume_records(stack.settings.kafka.bootstrap_servers, stack.topics.deadletter, 2)
+    reasons = sorted(json.loads(r.value)["reason"] for r in letters)
+    assert any("unknown episode" in r for r in reasons)
+    assert any("session" in r for r in reasons)  # the malformed event: its contract problem is named
+
+    # everything again (redelivery): nothing new is written
+    _produce(stack, events)
+    with Service(stack.settings, as_of=AS_OF, retry_pause_s=1) as service:
+        service.drain_writebacks(max_seconds=120)
+    assert len(_count(stack.fhir, "Encounter", SESSION_ID_SYSTEM, attended)) == 1
+    assert len(_count(stack.fhir, "DocumentReference", EVENT_ID_SYSTEM, discharge["event_id"])) == 1
+
+
+def test_a_503_storm_delays_writes_but_loses_none(stack: Stack, published: dict[str, dict[str, Any]]) -> None:
+    active = published["pt-two-stints/iop/2"]
+    sessions = [unique_id("S") for _ in range(4)]
+    _produce(stack, [(stack.topics.attendance, _attendance(active, s)) for s in sessions])
+    stack.proxy.fail_next = 12
+    with Service(stack.settings, as_of=AS_OF, retry_pause_s=1) as service:
+        service.drain_writebacks(max_seconds=240)
+    assert stack.proxy.failed >= 12
+    for session in sessions:
+        assert len(_count(stack.fhir, "Encounter", SESSION_ID_SYSTEM, session)) == 1
+
+
+def test_consumer_killed_mid_batch_writes_each_event_once(
+    stack: Stack, published: dict[str, dict[str, Any]]
+) -> None:
+    active = published["pt-active-iop/iop/1"]
+    sessions = [unique_id("K") for _ in range(40)]
+    _produce(stack, [(stack.topics.attendance, _attendance(active, s)) for s in sessions])
+
+    def written() -> int:
+        return sum(len(_count(stack.fhir, "Encounter", SESSION_ID_SYSTEM, s)) for s in sessions[:8])
+
+    command = [
+        sys.executable,
+        "-m",
+        "sync.cli",
+        "--log-level",
+        "WARNING",
+        "run",
+        "--once",
+        "--config",
+        str(stack.config),
+        "--as-of",
+        AS_OF.isoformat(),
+    ]
+    worker = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while written() < 3 and time.monotonic() < deadline and worker.poll() is None:
+        time.sleep(0.2)
+    os.kill(worker.pid, signal.SIGKILL)  # mid-batch: some written, their offsets maybe not committed
+    worker.wait()
+
+    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    counts = [len(_count(stack.fhir, "Encounter", SESSION_ID_SYSTEM, s)) for s in sessions]
+    assert counts == [1] * len(sessions)

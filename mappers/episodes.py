@@ -28,6 +28,7 @@ from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mappers import facts
+from mappers.codes import codings
 from mappers.fhir import element, is_literal, items, rfc3339
 from mappers.index import Collected, PatientResources, Reject, collect, resolve
 from mappers.rules import LEVEL_RANK, NONE_LEVEL, Rules
@@ -573,8 +574,14 @@ class _Patient:
             sources.append(episode.hint.resource)
         diagnoses = facts.billing_diagnoses([facts.diagnoses_of(r, self.shared) for r in sources])
         principal = diagnoses[0]["code"] if diagnoses else None
-        substance_use = level == "iop" and facts.is_substance_use(sessions, principal)
-        part2 = self.settings.part2_program or facts.is_substance_use(sessions, principal)
+        coded = [v.codes for v in sessions]
+        if episode.admission is not None:
+            coded.append(episode.admission.codes)
+        if episode.hint is not None:
+            coded.append(codings(episode.hint.resource.get("type")))
+        treats_sud = facts.is_substance_use(coded, principal)
+        substance_use = level == "iop" and treats_sud
+        part2 = self.settings.part2_program or treats_sud
         payer, profile = facts.payer(
             self.holder.of("Coverage"),
             start_day,

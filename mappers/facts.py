@@ -224,10 +224,10 @@ def billing_diagnoses(ordered: Sequence[Sequence[Diagnosis]]) -> list[dict[str, 
     return result
 
 
-def is_substance_use(sessions: Sequence[Visit], principal: str | None) -> bool:
-    """H0015 or revenue 0906 on a session, or an F10-F16/F18/F19 principal diagnosis."""
-    for visit in sessions:
-        for key, code in visit.codes:
+def is_substance_use(coded: Sequence[Sequence[tuple[str, str]]], principal: str | None) -> bool:
+    """H0015 or revenue 0906 among the episode's codes, or an F10-F16/F18/F19 principal diagnosis."""
+    for codes in coded:
+        for key, code in codes:
             if (key, code) in (("hcpcs", "H0015"), ("revenue", "0906")):
                 return True
     number = icd10_f_range(principal) if principal else None

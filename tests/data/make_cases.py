@@ -912,6 +912,41 @@ case(
 )
 
 
+# 14. A transaction Bundle with urn:uuid references (how Synthea and many exports link entries). -------
+p = "6d2f4a8e-1b7c-4c1e-9a55-0f3b8e2d7c10"
+adm_id = "b3c1e7a2-58d4-4f0e-8e6a-7d9c2f1a4b33"
+bundle_sessions = sessions("u", p, days("2025-05-05", 6), codes=((HCPCS, "G0410"),))
+for item in bundle_sessions:
+    item["subject"] = {"reference": f"urn:uuid:{p}"}
+    item["partOf"] = {"reference": f"urn:uuid:{adm_id}"}
+bundle_admission = enc(adm_id, p, "2025-05-05", start_hour=8, codes=((HCPCS, "H0015"),), status="in-progress")
+bundle_admission["subject"] = {"reference": f"urn:uuid:{p}"}
+del bundle_admission["period"]["end"]
+case(
+    "bundle_urn_uuid_references",
+    "2025-05-20T12:00:00Z",
+    [patient(p), bundle_admission, *bundle_sessions],
+    [
+        {
+            "episode_id": eid(p, "iop", f"Encounter/{adm_id}"),
+            "level": "iop",  # the admission's H0015
+            "status": "active",  # last session 16 May, as of 20 May
+            "start": "2025-05-05",
+            "anchor": {"reference": f"Encounter/{adm_id}"},
+            "patient": {
+                "reference": f"Patient/{p}",
+                "identifier": [{"system": "urn:oid:1.2.3.4", "value": f"MRN-{p}"}],
+            },
+            "session_refs": refs("u", 6),
+            # Substance-use treatment: H0015 on the admission (F33.1, the principal, is no SUD code).
+            "part2": True,
+            "billing": {"revenue_code": "0906", "hcpcs": "H0015"},
+        }
+    ],
+    bundle=True,
+)
+
+
 def _order(expected: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return expected
 
@@ -920,8 +955,13 @@ def main() -> None:
     for name, spec in CASES.items():
         folder = HERE / name
         folder.mkdir(exist_ok=True)
-        lines = [json.dumps(r, sort_keys=True) for r in spec["resources"]]
-        (folder / "input.ndjson").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        if spec.get("bundle"):
+            entries = [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in spec["resources"]]
+            bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+            (folder / "input.bundle.json").write_text(json.dumps(bundle, indent=1) + "\n", encoding="utf-8")
+        else:
+            lines = [json.dumps(r, sort_keys=True) for r in spec["resources"]]
+            (folder / "input.ndjson").write_text("\n".join(lines) + "\n", encoding="utf-8")
         toml = [f'ehr = "{EHR}"', f'as_of = "{spec["as_of"]}"', f'timezone = "{TZ}"']
         if spec.get("without"):
             toml.append("# Resources whose absence must give the same episodes (our own writes pulled back).")

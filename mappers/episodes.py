@@ -450,8 +450,26 @@ class _Patient:
             end_day = max(last_day, discharge[0]) if discharge else last_day
             end = end_day.isoformat()
         lines.append(f"status {status} as of {self.today.isoformat()}")
+        if self.explain:
+            lines.extend(self._around(episode, start_day, date.fromisoformat(end) if end else self.today))
         record = self._facts(episode, new_id, anchor, start_day, end, status, entry, exit_record)
         return record, lines
+
+    def _around(self, episode: _Episode, first: date, last: date) -> list[str]:
+        """Why each other Encounter in and around the episode did (not) count: its level and rule."""
+        members = {v.key for v in episode.sessions}
+        low = first.toordinal() - self.settings.lookback_days
+        high = last.toordinal() + self.settings.lookahead_days
+        lines = []
+        for visit in self.visits:
+            if visit.key in members or not low <= visit.day.toordinal() <= high:
+                continue
+            role = "admission" if visit.is_admission else visit.status if not visit.attended else "care"
+            level = visit.level or "none"
+            lines.append(
+                f"{visit.key} {visit.day.isoformat()}: {role}, {level} ({visit.classification.reason})"
+            )
+        return lines
 
     def _entry(
         self, episode: _Episode, start: datetime, start_day: date, care: Sequence[Visit], lines: list[str]

@@ -417,3 +417,17 @@ def test_review_after_is_the_first_day_time_alone_finishes_an_active_episode() -
     finished = run(resources, "2025-03-20T00:30:00+00:00").episodes[0]
     assert finished["status"] == "finished"
     assert review_after(finished) is None
+
+
+def test_explain_says_why_other_encounters_around_the_episode_did_not_count() -> None:
+    primary = session("pc", "2025-01-07", code="99213", system=CPT, reasonCode=[])
+    cancelled = session("cx", "2025-01-09", status="cancelled")
+    result = run([session("a", "2025-01-06"), session("b", "2025-01-08"), primary, cancelled], explain=True)
+    lines = result.explanations[result.episodes[0]["episode_id"]]
+    assert (
+        "Encounter/pc 2025-01-07: care, none (no level: rule outpatient-em-medication-management needs a "
+        "behavioral-health qualifier)" in lines
+    )
+    assert any(
+        line.startswith("Encounter/cx 2025-01-09: cancelled, iop (rule iop-hcpcs-per-diem") for line in lines
+    )

@@ -49,6 +49,7 @@ from mappers import (
 from schemas.identifiers import EPISODE_ID_SYSTEM, token
 from schemas.topics import Topics
 from sync import writeback
+from sync.capabilities import discover_targets
 from sync.config import Settings
 from sync.errors import ConfigError, PermanentEventError
 from sync.kafka import Event, EventConsumer, EventProducer, PollStats
@@ -290,7 +291,13 @@ class Service:
                 raise PermanentEventError(f"event for EHR {ehr_name!r}, which is not configured")
             if not ehr.write_back:
                 raise PermanentEventError(f"write-back to EHR {ehr_name!r} is turned off")
-            self._writebacks[ehr_name] = writeback.WriteBack(self.client(ehr), self.state, ehr=ehr_name)
+            client = self.client(ehr)
+            # What this EHR lets us write, from its CapabilityStatement (a temporary failure here
+            # pauses the partition like any other).
+            targets = discover_targets(client)
+            self._writebacks[ehr_name] = writeback.WriteBack(
+                client, self.state, ehr=ehr_name, targets=targets
+            )
         return self._writebacks[ehr_name]
 
     def handle_event(self, event: Event) -> None:

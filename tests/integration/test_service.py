@@ -289,3 +289,56 @@ def test_consumer_killed_mid_batch_writes_each_event_once(
     assert finished.returncode == 0, finished.stderr[-2000:]
     counts = [len(_count(stack.fhir, "Encounter", SESSION_ID_SYSTEM, s)) for s in sessions]
     assert counts == [1] * len(sessions)
+
+
+def test_no_phi_reaches_any_log_line(
+    stack: Stack, published: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The whole flow at DEBUG with planted PHI: names, birth dates, MRNs and free text stay out of logs."""
+    finished = published["pt-two-stints/iop/1"]
+    planted_summary = "PLANTED Jane Q. Public, born 1961-02-03, MRN 99-ZZ-4242, lives at 12 Elm Street"
+    discharge = {
+        "event_id": unique_id("evt"),
+        "occurred_at": "2026-06-01T17:00:00+00:00",
+        "ehr": EHR,
+        "episode_id": finished["episode_id"],
+        "patient": {"reference": finished["patient"]["reference"]},
+        "discharge": {"date": "2026-01-05", "reason": "completed", "summary": planted_summary},
+    }
+    _produce(stack, [(stack.topics.discharges, discharge)])
+    command = [
+        sys.executable,
+        "-m",
+        "sync.cli",
+        "--log-level",
+        "DEBUG",
+        "run",
+        "--once",
+        "--config",
+        str(stack.config),
+        "--as-of",
+        AS_OF.isoformat(),
+    ]
+    # A fresh cursor: the whole hospital is pulled, mapped and published again under DEBUG logging.
+    env = {**os.environ, "IOP_BRIDGE_STORE__URL": f"sqlite:///{tmp_path / 'fresh.db'}"}
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    logs = result.stderr + result.stdout
+    assert "event_written" in logs or "event_duplicate" in logs  # the discharge did go through the flow
+
+    patients = [json.loads(line) for line in (stack.fhir.get("Patient?_count=500").text,)]
+    secrets: set[str] = {"Jane Q. Public", "1961-02-03", "99-ZZ-4242", "12 Elm Street", planted_summary}
+    for entry in patients[0].get("entry", []):
+        patient = entry["resource"]
+        if not patient.get("id", "").startswith("pt-"):
+            continue
+        for name in patient.get("name", []):
+            secrets.add(" ".join([*name.get("given", []), name.get("family", "")]).strip())
+            secrets.add(name.get("family", ""))
+        secrets.add(patient.get("birthDate", "unset-birth-date"))
+        secrets.update(i["value"] for i in patient.get("identifier", []))
+    secrets.discard("")
+    leaked = sorted(s for s in secrets if s in logs)
+    assert leaked == []

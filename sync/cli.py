@@ -18,7 +18,7 @@ import structlog
 
 from sync.logs import configure_logging
 
-COMMANDS: tuple[str, ...] = ("seed", "pull", "map", "run", "dlq")
+COMMANDS: tuple[str, ...] = ("seed", "pull", "map", "run", "dlq", "demo")
 
 EXIT_OK = 0
 EXIT_OTHER = 1

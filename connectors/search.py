@@ -80,7 +80,9 @@ class SearchPage:
     """One page of a searchset: its URL, the data, and the server's OperationOutcomes."""
 
     url: str
-    resources: list[dict[str, Any]] = field(default_factory=list)
+    #: The data, as sent: an entry whose ``resource`` is not a JSON object stays here too, so the
+    #: pull's validation rejects it with its reason instead of it vanishing.
+    resources: list[Any] = field(default_factory=list)
     outcomes: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -155,10 +157,12 @@ def _split(bundle: dict[str, Any], url: str) -> SearchPage:
     page = SearchPage(url=url)
     for entry in bundle.get("entry") or []:
         if not isinstance(entry, dict):
+            page.resources.append(entry)  # not an entry at all: rejected downstream with its reason
             continue
         resource = entry.get("resource")
         mode = (entry.get("search") or {}).get("mode")
         if not isinstance(resource, dict):
+            page.resources.append(resource)
             continue
         if mode == "outcome" or resource.get("resourceType") == "OperationOutcome":
             page.outcomes.append(resource)

@@ -30,7 +30,7 @@ from fhir.resources.R4B.episodeofcare import EpisodeOfCare
 from pydantic import ValidationError
 
 from mappers.codes import LEVEL_SYSTEM
-from schemas.identifiers import EPISODE_ID_SYSTEM
+from schemas.identifiers import EPISODE_ID_SYSTEM, EXIT_REASON_SYSTEM
 
 __all__ = [
     "DIAGNOSIS_ROLE_SYSTEM",
@@ -48,7 +48,6 @@ LEVEL_DISPLAY: Final[Mapping[str, str]] = {
 }
 DIAGNOSIS_ROLE_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/diagnosis-role"
 #: ``meta.tag`` system carrying a finished episode's exit reason (code = episode.v1 ``exit.reason``).
-EXIT_REASON_SYSTEM: Final = "urn:iop-bridge:exit-reason"
 _STATUSES: Final = frozenset({"active", "finished", "cancelled"})
 
 

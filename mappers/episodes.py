@@ -509,6 +509,8 @@ class _Patient:
             if visit.disposition is not None:
                 found.append((visit.last_day, visit.key, visit.disposition))
         for grouping in (episode.hint, self.ours.get(f"ours:{new_id}")):
+            if grouping is not None and grouping.exit_reason not in (None, "discharged"):
+                continue  # our own derived exit read back: the evidence decides again, unchanged
             if grouping is not None and grouping.status == "finished" and grouping.end is not None:
                 found.append((grouping.end.astimezone(self.zone).date(), grouping.key, {}))
         if not found:

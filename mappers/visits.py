@@ -17,7 +17,7 @@ from mappers.fhir import FhirValueError, element, items, parse_datetime
 from mappers.index import Reject, resolve
 from mappers.levels import Classification, References, classify_encounter, service_codes
 from mappers.rules import Rules
-from schemas.identifiers import EPISODE_ID_SYSTEM, SESSION_ID_SYSTEM
+from schemas.identifiers import EPISODE_ID_SYSTEM, EXIT_REASON_SYSTEM, SESSION_ID_SYSTEM
 
 ATTENDED: Final = frozenset({"finished", "arrived", "triaged", "in-progress", "onleave"})
 GROUPING_STATUSES: Final = frozenset({"active", "onhold", "finished"})
@@ -57,6 +57,10 @@ class Grouping:
     resource: Mapping[str, Any]
     status: str
     ours: str | None  # our episode id when we wrote it
+    #: On our own EpisodeOfCare: the exit reason we derived when we wrote it finished
+    #: (``urn:iop-bridge:exit-reason`` tag). Anything but "discharged" means the finished status is our
+    #: own conclusion coming back, not a discharge the EHR or the program recorded.
+    exit_reason: str | None
     start: datetime | None
     end: datetime | None
     level: str | None
@@ -166,6 +170,18 @@ def _episode_key(reference: Any, shared: Mapping[str, Mapping[str, Any]]) -> str
     return key if key and key.startswith("EpisodeOfCare/") else None
 
 
+def _exit_reason_tag(resource: Mapping[str, Any]) -> str | None:
+    meta = resource.get("meta")
+    for tag in items(meta, "tag") if isinstance(meta, Mapping) else ():
+        if (
+            isinstance(tag, Mapping)
+            and tag.get("system") == EXIT_REASON_SYSTEM
+            and isinstance(tag.get("code"), str)
+        ):
+            return str(tag["code"])
+    return None
+
+
 def read_grouping(
     resource: Mapping[str, Any], *, zone: tzinfo, rules: Rules, rejects: list[Reject]
 ) -> Grouping | None:
@@ -184,6 +200,7 @@ def read_grouping(
         resource=resource,
         status=str(resource.get("status") or "unknown"),
         ours=ours,
+        exit_reason=_exit_reason_tag(resource) if ours is not None else None,
         start=start,
         end=end,
         level=classification.level,

@@ -18,6 +18,9 @@ EPISODE_ID_SYSTEM: Final = "urn:iop-bridge:episode-id"
 SESSION_ID_SYSTEM: Final = "urn:iop-bridge:session-id"
 #: Any other resource we create carries the ``event_id`` of the event that caused it (idempotency key).
 EVENT_ID_SYSTEM: Final = "urn:iop-bridge:event-id"
+#: A ``meta.tag`` on a finished EpisodeOfCare we wrote: the exit reason we derived (``lost_to_follow_up``,
+#: ``stepped_up``, …). Read back, it tells our own conclusion apart from a recorded discharge.
+EXIT_REASON_SYSTEM: Final = "urn:iop-bridge:exit-reason"
 
 
 def token(system: str, value: str) -> str:

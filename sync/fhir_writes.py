@@ -27,7 +27,7 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, SESSION_ID_SYSTEM
+from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, EXIT_REASON_SYSTEM, SESSION_ID_SYSTEM
 
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
@@ -271,6 +271,13 @@ def finished_episode_of_care(existing: Mapping[str, Any], *, end_date: str) -> d
         history.append({"status": previous, "period": _period(period.get("start"), end_date)})
         result["statusHistory"] = history
     result["status"] = "finished"
+    # A discharge the program reports is a recorded discharge: our own derived exit reason no longer holds.
+    meta = dict(result.get("meta") or {})
+    if meta.get("tag"):
+        meta["tag"] = [t for t in meta["tag"] if t.get("system") != EXIT_REASON_SYSTEM]
+        if not meta["tag"]:
+            del meta["tag"]
+        result["meta"] = meta
     period["end"] = end_date
     result["period"] = period
     return result

@@ -294,3 +294,18 @@ def test_has_identifier_matches_system_and_value() -> None:
     assert not fhir_writes.has_identifier(resource, SESSION_ID_SYSTEM, "S-10")
     assert not fhir_writes.has_identifier(resource, EVENT_ID_SYSTEM, "S-100")
     assert not fhir_writes.has_identifier({}, SESSION_ID_SYSTEM, "S-100")
+
+
+def test_a_reported_discharge_replaces_our_derived_exit_reason() -> None:
+    existing = {
+        "resourceType": "EpisodeOfCare",
+        "id": "eoc-9",
+        "meta": {"tag": [{"system": "urn:iop-bridge:exit-reason", "code": "lost_to_follow_up"}]},
+        "status": "finished",
+        "patient": {"reference": "Patient/p1"},
+        "period": {"start": "2026-02-02", "end": "2026-03-01"},
+    }
+    finished = fhir_writes.finished_episode_of_care(existing, end_date="2026-03-20")
+    _valid(finished)
+    assert "tag" not in finished.get("meta", {})
+    assert finished["period"]["end"] == "2026-03-20"

@@ -1,0 +1,117 @@
+"""``iop-bridge demo`` end to end, twice, against the session's real Kafka broker and HAPI sandbox.
+
+The first run writes the simulated program's events back; the second re-sends the same events, which
+write-back's ledger reports as duplicates: no new resource appears in the EHR.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from kafka import KafkaAdminClient
+
+from schemas.identifiers import EVENT_ID_SYSTEM, SESSION_ID_SYSTEM
+from sync.cli import main
+from tests.integration.kafka_fixtures import unique_name
+
+pytestmark = pytest.mark.integration
+
+_WRITEBACKS = re.compile(r"^write-backs: (\d+) written, (\d+) duplicates", re.MULTILINE)
+_EVENTS = re.compile(
+    r"^program simulator: (\d+) events sent \((\d+) attendance, (\d+) discharge\)", re.MULTILINE
+)
+_EPISODE_LINE = re.compile(r"  episode ([0-9a-f-]{36})$", re.MULTILINE)
+
+
+@pytest.fixture
+def demo_topics(monkeypatch: pytest.MonkeyPatch, kafka_admin: KafkaAdminClient) -> Iterator[str]:
+    """The demo's topics and consumer group under a prefix of this test (the demo creates them)."""
+    prefix = unique_name("demo") + "."
+    monkeypatch.setenv("IOP_BRIDGE_KAFKA__TOPIC_PREFIX", prefix)
+    monkeypatch.setenv("IOP_BRIDGE_KAFKA__GROUP_ID", prefix + "writeback")
+    yield prefix
+    ours = [name for name in kafka_admin.list_topics() if name.startswith(prefix)]
+    if ours:
+        kafka_admin.delete_topics(ours)
+
+
+def _ours(fhir: httpx.Client) -> dict[str, int]:
+    """How many resources our write-back made, by type and identifier system."""
+    counts = {}
+    for resource_type, system in (
+        ("Encounter", SESSION_ID_SYSTEM),
+        ("Appointment", SESSION_ID_SYSTEM),
+        ("DocumentReference", EVENT_ID_SYSTEM),
+    ):
+        response = fhir.get(resource_type, params={"identifier": f"{system}|", "_summary": "count"})
+        response.raise_for_status()
+        counts[resource_type] = int(response.json()["total"])
+    return counts
+
+
+def _run(
+    capsys: pytest.CaptureFixture[str], kafka: str, fhir_url: str, state: Path, report: Path
+) -> tuple[int, str]:
+    code = main(
+        [
+            "--log-level",
+            "WARNING",
+            "demo",
+            "--kafka",
+            kafka,
+            "--fhir-url",
+            fhir_url,
+            "--state-dir",
+            str(state),
+            "--report",
+            str(report),
+        ]
+    )
+    return code, capsys.readouterr().out
+
+
+def test_demo_twice_second_run_writes_nothing_new(
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    fhir_base_url: str,
+    fhir: httpx.Client,
+    demo_topics: str,
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    report = tmp_path / "out" / "report.html"
+
+    code, first = _run(capsys, kafka_bootstrap, fhir_base_url, state, report)
+    assert code == 0, first
+    events = _EVENTS.search(first)
+    assert events, first
+    sent, attendance, discharges = (int(n) for n in events.groups())
+    assert attendance > 0
+    assert discharges > 0
+    written = _WRITEBACKS.search(first)
+    assert written, first
+    assert (int(written.group(1)), int(written.group(2))) == (sent, 0)
+    assert "dead letters: 0" in first
+    assert f"HTML report: {report.resolve()}" in first
+    assert (state / "iop-bridge.db").is_file()
+    html = report.read_text(encoding="utf-8")
+    shown = set(re.findall(r'data-episode-id="([^"]+)"', html))
+    assert shown
+    assert shown == set(_EPISODE_LINE.findall(first))
+    resources_after_first = _ours(fhir)
+
+    code, second = _run(capsys, kafka_bootstrap, fhir_base_url, state, report)
+    assert code == 0, second
+    again = _EVENTS.search(second)
+    assert again, second
+    assert int(again.group(1)) == sent, "the same events are sent again"
+    duplicates = _WRITEBACKS.search(second)
+    assert duplicates, second
+    assert (int(duplicates.group(1)), int(duplicates.group(2))) == (0, sent)
+    assert "dead letters: 0" in second
+    assert _ours(fhir) == resources_after_first
+    assert report.read_text(encoding="utf-8").count("data-episode-id=") >= len(shown)

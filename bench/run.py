@@ -42,13 +42,20 @@ def run_benches(
     fhir_url: str | None = None,
     pull_size: int | None = None,
     validate_limit: int = validate.DEFAULT_LIMIT,
-    validate_min_cpu: float = validate.MIN_CPU,
+    min_cpu: float | None = None,
     on_rows: Callable[[list[Row]], None] | None = None,
 ) -> list[Row]:
-    """Every selected benchmark's rows, in table order."""
+    """Every selected benchmark's rows, in table order.
+
+    ``min_cpu`` overrides how long the small measurements repeat (0: one pass, for the smoke test).
+    """
     plan: dict[str, Callable[[], list[Row]]] = {
-        "validate": lambda: validate.rows(runner, sizes, limit=validate_limit, min_cpu=validate_min_cpu),
-        "map": lambda: mapping.rows(runner, sizes),
+        "validate": lambda: validate.rows(
+            runner, sizes, limit=validate_limit, min_cpu=validate.MIN_CPU if min_cpu is None else min_cpu
+        ),
+        "map": lambda: mapping.rows(
+            runner, sizes, floor_min_cpu=mapping.FLOOR_MIN_CPU if min_cpu is None else min_cpu
+        ),
         "pull": lambda: pull.rows(runner, [pull_size] if pull_size else sizes, fhir_url=fhir_url),
         "writeback": lambda: writeback.rows(runner, [pull_size] if pull_size else sizes, fhir_url=fhir_url),
     }

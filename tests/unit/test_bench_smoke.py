@@ -52,7 +52,7 @@ def test_every_bench_gives_rows_of_the_table_shape(data_dir: Path) -> None:
         runner=Runner(isolated=False),
         fhir_url=None,
         validate_limit=5,
-        validate_min_cpu=0.0,
+        min_cpu=0.0,
     )
     by_bench: dict[str, list[Row]] = {}
     for row in rows:

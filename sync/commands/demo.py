@@ -1,7 +1,7 @@
 """``iop-bridge demo``: the whole loop on this machine, in one command.
 
     iop-bridge demo [--report PATH] [--anchor DATE] [--state-dir DIR] [--kafka HOST:PORT]
-                    [--fhir-url URL] [--stop-services]
+                    [--fhir-url URL] [--stop-services] [--verbose]
 
 1. starts (or reuses) the local Kafka broker and the HAPI FHIR sandbox with their launchers
    (``deploy/kafka/run start``, ``deploy/fhir-sandbox/run start``; the address is their last line), unless
@@ -22,6 +22,7 @@ reports them as duplicates and nothing new is written. The services are left run
 from __future__ import annotations
 
 import argparse
+import logging
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ from sync.config import Settings, load_settings
 from sync.errors import ConfigError
 from sync.journeys import build_resources
 from sync.kafka import ensure_topics
+from sync.logs import configure_logging
 from sync.report import DeadLetterRow, WriteBackRow, render_report, render_text
 from sync.service import Service
 from sync.simulator import ProgramEvent, publish_events, simulate
@@ -85,6 +87,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     parser.add_argument("--kafka", help="use this running broker (host:port) instead of the launcher's")
     parser.add_argument("--fhir-url", help="use this running FHIR server instead of the sandbox launcher's")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the service's log lines at --log-level (default: warnings only, so the report stands out)",
+    )
     parser.add_argument(
         "--stop-services",
         action="store_true",
@@ -241,7 +248,16 @@ def _anchor(text: str | None, today: date) -> date:
         raise ConfigError(f"--anchor must be a date (YYYY-MM-DD), got {text!r}") from exc
 
 
+def _quiet_logs() -> None:
+    """Warnings only: the demo's own output is the report. kafka-python's routine warnings (slow event
+    loop tasks, metadata not yet there while the group forms) are not the user's concern here."""
+    configure_logging("WARNING")
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+
+
 def run(args: argparse.Namespace) -> int:
+    if not args.verbose:
+        _quiet_logs()
     began = time.monotonic()
     now = datetime.now(UTC)
     anchor = _anchor(args.anchor, now.date())

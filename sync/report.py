@@ -239,6 +239,9 @@ th{background:#eef2f6}
 svg text{font-family:system-ui,sans-serif}
 .ok{color:#1d7a46}.bad{color:#a42e2e}
 code{font-size:12px}
+ol.transitions{margin:0 0 6px;padding-left:28px;font-size:13px}
+ol.transitions li.step-up::marker{color:#a42e2e}
+ol.transitions li.step-down::marker{color:#1d7a46}
 """
 
 _TIMELINE_WIDTH: Final = 900
@@ -384,20 +387,36 @@ def _timeline(patient: str, items: Sequence[Mapping[str, Any]], as_of: date, uid
             f'stroke="{_LEVEL_COLOUR.get(level, "#888")}"><title>{_e(_level(level))} {_e(start)} to '
             f"{_e(episode.get('end') or 'ongoing')} ({_e(episode.get('status'))})</title></rect>"
         )
-    for index, t in enumerate(transitions):
+    legend = []
+    for number, t in enumerate(transitions, start=1):
         x1, y1, x2, y2 = x(t.from_day), y(t.from_level), x(t.to_day), y(t.to_level)
         if x2 - x1 < 8:
             x2 = x1 + 8
-        label_y = (y1 + y2) / 2 + (-4 if index % 2 == 0 else 12)
-        kind = "step-up" if LEVEL_RANK.get(t.to_level, 0) > LEVEL_RANK.get(t.from_level, 0) else "step-down"
+        kind = _kind(t)
+        mid_x, mid_y = round((x1 + x2) / 2, 1), round((y1 + y2) / 2, 1)
+        # The arrow carries its number; the legend under the chart says what it is (labels of steps a
+        # few days apart would overlap on a chart that spans months).
         parts.append(
-            f'<g class="transition {kind}"><line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="#1d2430" '
+            f'<g class="transition {kind}"><title>{_e(t.label)}</title>'
+            f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="#1d2430" '
             f'stroke-width="1.6" marker-end="url(#arrow-{uid})"/>'
-            f'<text x="{max(x1, x2) + 6}" y="{label_y}" font-size="11" fill="#1d2430">'
-            f"{_e(t.label)}</text></g>"
+            f'<circle cx="{mid_x}" cy="{mid_y}" r="7" fill="#ffffff" stroke="#1d2430"/>'
+            f'<text x="{mid_x}" y="{mid_y + 3.5}" font-size="10" text-anchor="middle" fill="#1d2430">'
+            f"{number}</text></g>"
+        )
+        legend.append(
+            f'<li class="{kind}">{_e(t.label)}: {_e(_level(t.from_level))} {_e(t.from_day.isoformat())} → '
+            f"{_e(_level(t.to_level))} {_e(t.to_day.isoformat())}</li>"
         )
     parts.append("</svg>")
+    if legend:
+        parts.append(f'<ol class="transitions">{"".join(legend)}</ol>')
     return "".join(parts)
+
+
+def _kind(transition: _Transition) -> str:
+    up = LEVEL_RANK.get(transition.to_level, 0) > LEVEL_RANK.get(transition.from_level, 0)
+    return "step-up" if up else "step-down"
 
 
 def _weeks_chart(episode: Mapping[str, Any]) -> str:

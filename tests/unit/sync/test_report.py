@@ -101,10 +101,16 @@ def test_step_ups_and_step_downs_are_drawn_as_labelled_arrows_once() -> None:
     # outpatient -> IOP (entry), IOP -> PHP (exit = the PHP entry, drawn once), PHP -> IOP (ditto).
     assert stepup.count('class="transition step-up"') == 2
     assert stepup.count('class="transition step-down"') == 1
-    assert ">step up from Outpatient</text>" in stepup
-    assert ">step up to PHP</text>" in stepup
-    assert ">step down to IOP</text>" in stepup
-    assert ">step up from IOP</text>" not in stepup  # the same transition as "step up to PHP"
+    legend = re.findall(r'<li class="(step-up|step-down)">([^<]+)</li>', stepup)
+    assert [(kind, text.split(":")[0]) for kind, text in legend] == [
+        ("step-up", "step up from Outpatient"),
+        ("step-up", "step up to PHP"),  # not again as "step up from IOP": the same transition
+        ("step-down", "step down to IOP"),
+    ]
+    php = next(
+        e for e in episodes() if e["patient"]["reference"] == "Patient/pt-stepup-php" and e["level"] == "php"
+    )
+    assert f"step up to PHP: IOP {php['entry']['at']} → PHP {php['start']}" in stepup
     assert 'marker-end="url(#arrow-' in stepup
     direct = _section(document, "Patient/pt-two-stints")
     assert "transition" not in direct

@@ -35,13 +35,15 @@ from typing import Any, Final
 
 import orjson
 import structlog
+from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import select
 
+from schemas.topics import Topics
 from sync.commands.seed import load_book, load_into_server
-from sync.config import Settings, load_settings
+from sync.config import KafkaConfig, Settings, load_settings
 from sync.errors import ConfigError
 from sync.journeys import build_resources
-from sync.kafka import ensure_topics
+from sync.kafka import client_kwargs, ensure_topics
 from sync.logs import configure_logging
 from sync.report import DeadLetterRow, WriteBackRow, render_report, render_text
 from sync.service import Service
@@ -204,6 +206,40 @@ def ledger_entries(service: Service, event_ids: Sequence[str]) -> dict[str, tupl
     return found
 
 
+def dead_letter_reasons(
+    config: KafkaConfig, event_ids: Iterable[str], *, max_seconds: float = 15.0
+) -> dict[str, tuple[str, str]]:
+    """``event_id -> (original topic, reason)`` of those events found on the dead-letter topic.
+
+    Reads the topic from its beginning to its end as it is now (no consumer group, nothing committed).
+    Only called when some events were not written, so a long dead-letter topic costs nothing otherwise.
+    """
+    wanted = set(event_ids)
+    topic = Topics(config.topic_prefix).deadletter
+    consumer = KafkaConsumer(**client_kwargs(config), group_id=None, enable_auto_commit=False)
+    found: dict[str, tuple[str, str]] = {}
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not partitions:
+            return found
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        ends = consumer.end_offsets(partitions)
+        deadline = time.monotonic() + max_seconds
+        while time.monotonic() < deadline and any(consumer.position(tp) < ends[tp] for tp in partitions):
+            for records in consumer.poll(timeout_ms=500).values():
+                for record in records:
+                    try:
+                        value = orjson.loads(record.value)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(value, dict) and value.get("event_id") in wanted:
+                        found[str(value["event_id"])] = (str(value.get("topic")), str(value.get("reason")))
+    finally:
+        consumer.close()
+    return found
+
+
 def _detail(event: ProgramEvent) -> str:
     if event.kind == "attendance":
         session = event.value["session"]
@@ -217,8 +253,11 @@ def writeback_rows(
     events: Sequence[ProgramEvent],
     before: Mapping[str, tuple[str, list[str]]],
     after: Mapping[str, tuple[str, list[str]]],
+    dead_letters: Mapping[str, tuple[str, str]],
+    topics: Topics,
 ) -> tuple[list[WriteBackRow], list[DeadLetterRow]]:
-    """What write-back did with each event in this run: written, a duplicate, or dead-lettered."""
+    """What write-back did with each event in this run: written, a duplicate, or dead-lettered (with the
+    reason from the dead-letter topic, when it is there)."""
     rows: list[WriteBackRow] = []
     dead: list[DeadLetterRow] = []
     for event in events:
@@ -227,8 +266,11 @@ def writeback_rows(
         elif event.event_id in after:
             outcome, refs = after[event.event_id]
         else:
-            topic = "iop.attendance.v1" if event.kind == "attendance" else "iop.discharges.v1"
-            dead.append(DeadLetterRow(event.event_id, topic, "not written: see iop.deadletter.v1"))
+            topic = topics.attendance if event.kind == "attendance" else topics.discharges
+            topic, reason = dead_letters.get(
+                event.event_id, (topic, f"not written (nothing on {topics.deadletter} yet)")
+            )
+            dead.append(DeadLetterRow(event.event_id, topic, reason))
             continue
         rows.append(
             WriteBackRow(event.event_id, event.kind, event.episode_id, _detail(event), outcome, tuple(refs))
@@ -301,7 +343,10 @@ def run(args: argparse.Namespace) -> int:
         )
         stats = service.drain_writebacks(max_seconds=WRITEBACK_MAX_SECONDS)
         after = ledger_entries(service, event_ids)
-    writebacks, dead_letters = writeback_rows(events, before, after)
+        missing = [i for i in event_ids if i not in before and i not in after]
+        reasons = dead_letter_reasons(settings.kafka, missing) if missing else {}
+        topics = service.topics
+    writebacks, dead_letters = writeback_rows(events, before, after, reasons, topics)
     log.info(
         "demo_writeback_done",
         processed=stats.processed,

@@ -7,16 +7,19 @@ write-back's ledger reports as duplicates: no new resource appears in the EHR.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 from kafka import KafkaAdminClient
 
 from schemas.identifiers import EVENT_ID_SYSTEM, SESSION_ID_SYSTEM
 from sync.cli import main
-from tests.integration.kafka_fixtures import unique_name
+from sync.commands.demo import dead_letter_reasons
+from sync.config import KafkaConfig
+from tests.integration.kafka_fixtures import TopicFactory, unique_name
 
 pytestmark = pytest.mark.integration
 
@@ -115,3 +118,27 @@ def test_demo_twice_second_run_writes_nothing_new(
     assert "dead letters: 0" in second
     assert _ours(fhir) == resources_after_first
     assert report.read_text(encoding="utf-8").count("data-episode-id=") >= len(shown)
+
+
+def test_dead_letter_reasons_are_read_back_for_the_events_asked(
+    kafka_bootstrap: str,
+    make_topic: TopicFactory,
+    topic_prefix: str,
+    produce: Callable[..., list[tuple[int, int]]],
+) -> None:
+    topic = make_topic(f"{topic_prefix}iop.deadletter.v1", partitions=2)
+    envelope = {"event_id": "sim-att-1", "topic": "iop.attendance.v1", "reason": "unknown episode e1"}
+    produce(
+        topic,
+        [
+            (b"k", b"not json", []),
+            (b"k", orjson.dumps({**envelope, "event_id": "other", "reason": "not asked for"}), []),
+            (b"k", orjson.dumps(envelope), []),
+        ],
+    )
+    config = KafkaConfig(bootstrap_servers=kafka_bootstrap, topic_prefix=topic_prefix)
+    found = dead_letter_reasons(config, ["sim-att-1", "sim-dis-2"])
+    assert found == {"sim-att-1": ("iop.attendance.v1", "unknown episode e1")}
+    assert (
+        dead_letter_reasons(KafkaConfig(bootstrap_servers=kafka_bootstrap, topic_prefix="none."), ["x"]) == {}
+    )

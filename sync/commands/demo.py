@@ -281,7 +281,7 @@ def writeback_rows(
 # -- the command ----------------------------------------------------------------------------------------
 
 
-def _anchor(text: str | None, today: date) -> date:
+def journeys_anchor(text: str | None, today: date) -> date:
     if not text:
         return today - timedelta(days=DEFAULT_ANCHOR_DAYS_AGO)
     try:
@@ -302,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
         _quiet_logs()
     began = time.monotonic()
     now = datetime.now(UTC)
-    anchor = _anchor(args.anchor, now.date())
+    anchor = journeys_anchor(args.anchor, now.date())
     # The program has recorded every session that ended before today (UTC): the same events all day long.
     program_as_of = datetime.combine(now.date(), datetime.min.time(), tzinfo=UTC)
 

@@ -303,14 +303,32 @@ def run(args: argparse.Namespace) -> int:
     began = time.monotonic()
     now = datetime.now(UTC)
     anchor = journeys_anchor(args.anchor, now.date())
-    # The program has recorded every session that ended before today (UTC): the same events all day long.
-    program_as_of = datetime.combine(now.date(), datetime.min.time(), tzinfo=UTC)
-
     book = load_book(REPO / "examples" / "journeys.yaml")
     resources = list(build_resources(book, anchor=anchor, timezone="UTC", seed=7))
     patient_ids = {str(r["id"]) for r in resources if r["resourceType"] == "Patient"}
 
     kafka, fhir_url, launched = _services(args)
+    try:
+        config, report_path = _loop(args, kafka, fhir_url, anchor, patient_ids, resources, now)
+    finally:
+        _finish(launched, stop=args.stop_services)
+    print(f"done in {time.monotonic() - began:.1f} s; config {config}")
+    print(f"HTML report: {report_path.resolve()}")
+    return 0
+
+
+def _loop(
+    args: argparse.Namespace,
+    kafka: str,
+    fhir_url: str,
+    anchor: date,
+    patient_ids: set[str],
+    resources: list[dict[str, Any]],
+    now: datetime,
+) -> tuple[Path, Path]:
+    """Config, topics, seed, one cycle, the simulated program, write-back, the reports."""
+    # The program has recorded every session that ended before today (UTC): the same events all day long.
+    program_as_of = datetime.combine(now.date(), datetime.min.time(), tzinfo=UTC)
     config = write_config(args.state_dir, kafka=kafka, fhir_url=fhir_url, patient_ids=patient_ids)
     settings: Settings = load_settings(config)
     created = ensure_topics(settings.kafka)
@@ -362,10 +380,7 @@ def run(args: argparse.Namespace) -> int:
     report_path.write_text(
         render_report(episodes, referrals, writebacks, dead_letters, as_of=now), encoding="utf-8"
     )
-    _finish(launched, stop=args.stop_services)
-    print(f"done in {time.monotonic() - began:.1f} s; config {config}")
-    print(f"HTML report: {report_path.resolve()}")
-    return 0
+    return config, report_path
 
 
 def _finish(launched: Sequence[ServiceAddress], *, stop: bool) -> None:

@@ -24,6 +24,9 @@ from sync.service import Service
 
 log = structlog.get_logger()
 
+#: /healthz turns unhealthy when the consumer loop has not come round for this long (outside pulls).
+STUCK_AFTER_SECONDS = 300
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("run", help="run the service (pull, map, publish, write back)")
@@ -79,25 +82,37 @@ def run(args: argparse.Namespace) -> int:
             )
             return 0
 
-        healthy = threading.Event()
-        healthy.set()
+        interval = settings.service.pull_interval_seconds
+        # Liveness: the consumer loop must come round. A poll stuck in the Kafka client turns /healthz 503
+        # so the orchestrator restarts the process; at-least-once processing makes a restart safe. A
+        # pull in progress counts as alive: it is bounded by its own timeouts and retry budget, and a
+        # first backfill may take hours.
+        progress = [time.monotonic()]
+        pulling = threading.Event()
+
+        def healthy() -> bool:
+            return pulling.is_set() or time.monotonic() - progress[0] < STUCK_AFTER_SECONDS
+
         health = None
         if settings.service.metrics_port:
-            health = HealthServer(service.metrics, port=settings.service.metrics_port, healthy=healthy.is_set)
+            health = HealthServer(service.metrics, port=settings.service.metrics_port, healthy=healthy)
             health.start()
-        interval = settings.service.pull_interval_seconds
         next_cycle = 0.0
         try:
             with service.consumer() as consumer:
                 while not stop.is_set():
                     if time.monotonic() >= next_cycle:
+                        pulling.set()
                         for ehr in settings.ehr:
                             try:
                                 service.cycle_ehr(ehr)
                             except Exception as exc:  # one EHR's failure must not stop the others
                                 log.error("cycle_failed", ehr=ehr.name, error_type=type(exc).__name__)
                         next_cycle = time.monotonic() + interval
+                        progress[0] = time.monotonic()
+                        pulling.clear()
                     consumer.poll_once(service.handle_event, timeout_ms=1000)
+                    progress[0] = time.monotonic()
         finally:
             if health is not None:
                 health.stop()

@@ -59,6 +59,7 @@ class KafkaConfig(_Section):
 
 class ServiceConfig(_Section):
     metrics_port: int = Field(default=9464, ge=0, le=65535)
+    metrics_host: str = Field(default="127.0.0.1", description="0.0.0.0 in a container")
     pull_interval_seconds: int = Field(default=300, ge=1)
     out_dir: str = ".run/out"
 

@@ -95,7 +95,12 @@ def run(args: argparse.Namespace) -> int:
 
         health = None
         if settings.service.metrics_port:
-            health = HealthServer(service.metrics, port=settings.service.metrics_port, healthy=healthy)
+            health = HealthServer(
+                service.metrics,
+                port=settings.service.metrics_port,
+                host=settings.service.metrics_host,
+                healthy=healthy,
+            )
             health.start()
         next_cycle = 0.0
         try:

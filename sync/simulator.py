@@ -23,9 +23,10 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, tzinfo
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from schemas.topics import ATTENDANCE, DISCHARGES, Topics, message_key
+from sync.publisher import EventProducer
 
 ATTENDANCE_SCHEMA: Final = ("attendance", 1)
 DISCHARGE_SCHEMA: Final = ("discharge", 1)
@@ -83,23 +84,6 @@ class ProgramEvent:
     @property
     def episode_id(self) -> str:
         return str(self.value["episode_id"])
-
-
-class Producer(Protocol):
-    """What ``publish_events`` needs of ``sync.kafka.EventProducer``."""
-
-    def publish(
-        self,
-        topic: str,
-        key: str,
-        value: Mapping[str, Any],
-        *,
-        schema: str,
-        version: int,
-        event_id: str,
-    ) -> Any: ...
-
-    def flush(self) -> None: ...
 
 
 def simulate(episodes: Iterable[Mapping[str, Any]], *, since: date, as_of: datetime) -> list[ProgramEvent]:
@@ -272,7 +256,7 @@ def discharge_event(episode: Mapping[str, Any], *, as_of: datetime) -> ProgramEv
     return ProgramEvent("discharge", value)
 
 
-def publish_events(producer: Producer, events: Iterable[ProgramEvent], topics: Topics) -> int:
+def publish_events(producer: EventProducer, events: Iterable[ProgramEvent], topics: Topics) -> int:
     """Produce the events to the attendance and discharge topics (key ``{ehr}|Patient/{id}``), wait for
     the broker's acknowledgement, and return how many were sent."""
     count = 0

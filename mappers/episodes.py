@@ -428,9 +428,7 @@ class _Patient:
         level = episode.level
         anchor = self._anchor(episode)
         new_id = episode_id(self.ehr, self.holder.patient_id, level, anchor)
-        lines = [
-            f"{v.key} {v.day.isoformat()}: {v.level} ({v.classification.reason})" for v in episode.sessions
-        ]
+        lines = [f"{v.key} {v.day.isoformat()}: {v.level} ({_why_level(v)})" for v in episode.sessions]
         if episode.admission is not None:
             lines.insert(
                 0, f"{episode.admission.key}: program admission ({episode.admission.classification.reason})"
@@ -700,7 +698,7 @@ class _Patient:
         patient = self.holder.patient
         if patient is not None:
             for identifier in items(patient, "identifier"):
-                if isinstance(identifier, Mapping) and identifier.get("value"):
+                if isinstance(identifier, (dict, Mapping)) and identifier.get("value"):
                     item = {"value": str(identifier["value"])}
                     if identifier.get("system"):
                         item["system"] = str(identifier["system"])
@@ -795,6 +793,13 @@ class _Patient:
             "superseded_by": target["episode_id"] if target else None,
             "rules_version": self.rules.version,
         }
+
+
+def _why_level(visit: Visit) -> str:
+    """Why a session has its level: its own rule, or the admission / EpisodeOfCare that groups it."""
+    if visit.classification.level is None and visit.hint is not None:
+        return f"from {visit.hint}, which groups it; {visit.classification.reason} on its own"
+    return visit.classification.reason
 
 
 def _direction(from_level: str, to_level: str) -> str:

@@ -70,6 +70,10 @@ class Step:
     entered_in_error: frozenset[int] = frozenset()
     discharge: str | None = None
     telehealth: bool = False
+    #: A program-level admission Encounter spans the sessions, which point to it with ``partOf``.
+    admission: bool = False
+    #: The EHR groups the sessions in an EpisodeOfCare of its own (``Encounter.episodeOfCare``).
+    grouped: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,8 @@ def _step(key: str, index: int, raw: Mapping[str, Any]) -> Step:
         entered_in_error=frozenset(int(n) for n in raw.get("entered_in_error", [])),
         discharge=raw.get("discharge"),
         telehealth=bool(raw.get("telehealth", False)),
+        admission=bool(raw.get("admission", False)),
+        grouped=bool(raw.get("grouped", False)),
     )
     if step.level in SESSION_LEVELS and (step.weeks < 1 or step.per_week not in _WEEK_PATTERN):
         raise JourneyError(f"{where}: sessions need weeks >= 1 and per_week 1..5")
@@ -441,6 +447,17 @@ class _Builder:
         ]
         if step.level in ("iop", "php"):
             yield self.care_plan(journey, index, step, patient_ref, code, system, days)
+        links: dict[str, Any] = {}
+        if step.admission or step.grouped:
+            container = self.program_container(journey, index, step, patient_ref, code, system, days)
+            yield container
+            if step.admission:
+                links["partOf"] = {"reference": f"Encounter/{container['id']}"}
+            else:
+                links["episodeOfCare"] = [{"reference": f"EpisodeOfCare/{container['id']}"}]
+            # The sessions carry only the group-therapy code: the admission or the EHR's episode says
+            # which program they belong to (G0410 alone decides no level).
+            code, system = "G0410", HCPCS
         for number, day in enumerate(days, start=1):
             sid = f"{journey.key}-{index}-{number}"
             start = self.instant(day)
@@ -480,6 +497,7 @@ class _Builder:
             }
             if based_on is not None:
                 encounter["basedOn"] = [based_on]
+            encounter.update(links)
             if step.discharge and number == len(days):
                 encounter["hospitalization"] = {
                     "dischargeDisposition": {
@@ -487,6 +505,52 @@ class _Builder:
                     }
                 }
             yield encounter
+
+    def program_container(
+        self,
+        journey: Journey,
+        index: int,
+        step: Step,
+        patient_ref: dict[str, str],
+        code: str,
+        system: str,
+        days: Sequence[int],
+    ) -> dict[str, Any]:
+        """The admission Encounter, or the EHR's own EpisodeOfCare, that groups a step's sessions."""
+        finished = days[-1] <= 0
+        period: dict[str, str] = {"start": self.instant(days[0])}
+        if finished:
+            period["end"] = self.instant(days[-1], plus_hours=step.hours)
+        if step.admission:
+            admission: dict[str, Any] = {
+                "resourceType": "Encounter",
+                "id": f"enc-{journey.key}-{index}-admission",
+                "status": "finished" if finished else "in-progress",
+                "class": {"system": ACT_CODE, "code": "AMB"},
+                "type": [{"coding": [{"system": system, "code": code}]}],
+                "subject": patient_ref,
+                "period": period,
+                "reasonCode": [{"coding": [{"system": ICD10, "code": journey.diagnosis}]}],
+                "serviceProvider": {"reference": "Organization/org-hospital"},
+            }
+            if finished and step.discharge:
+                admission["hospitalization"] = {
+                    "dischargeDisposition": {
+                        "coding": [{"system": DISCHARGE_DISPOSITION, "code": step.discharge}]
+                    }
+                }
+            return admission
+        return {
+            "resourceType": "EpisodeOfCare",
+            "id": f"eoc-{journey.key}-{index}",
+            "status": "finished" if finished else "active",
+            "type": [{"coding": [{"system": system, "code": code}]}],
+            "patient": patient_ref,
+            "managingOrganization": {"reference": f"Organization/org-{step.program}"}
+            if step.program
+            else {"reference": "Organization/org-hospital"},
+            "period": {"start": self.date(days[0]), **({"end": self.date(days[-1])} if finished else {})},
+        }
 
     def care_plan(
         self,

@@ -154,12 +154,17 @@ def codings(value: Any) -> list[tuple[str, str]]:
 
 
 def _collect(value: Any, found: list[tuple[str, str]]) -> None:
-    if isinstance(value, list):
+    if type(value) is list:
         for item in value:
             _collect(item, found)
         return
-    if not isinstance(value, dict | Mapping):
-        return
+    if type(value) is not dict:
+        if isinstance(value, list):
+            for item in value:
+                _collect(item, found)
+            return
+        if not isinstance(value, Mapping):
+            return
     inner = value.get("coding")
     if inner is not None:
         _collect(inner, found)
@@ -169,7 +174,11 @@ def _collect(value: Any, found: list[tuple[str, str]]) -> None:
         _collect(concept, found)
         return
     code = value.get("code")
-    if isinstance(code, str) and code:
+    if type(code) is str and code:
+        system = value.get("system")
+        key = _system_key(system) if type(system) is str and system else ""
+        found.append((key, _normalise_cached(key, code)))
+    elif isinstance(code, str) and code:
         system = value.get("system")
         key = system_key(system if isinstance(system, str) else None)
         found.append((key, _normalise_cached(key, code)))

@@ -61,7 +61,7 @@ class EpisodeOfCareError(ValueError):
 
 
 def _reference(value: Any) -> dict[str, str] | None:
-    if isinstance(value, Mapping) and isinstance(value.get("reference"), str) and value["reference"]:
+    if isinstance(value, (dict, Mapping)) and isinstance(value.get("reference"), str) and value["reference"]:
         return {"reference": value["reference"]}
     return None
 

@@ -146,12 +146,12 @@ def _icd_codes(value: Any) -> list[str]:
     """ICD-10-CM codes (as written) of a CodeableConcept or a list of them."""
     if isinstance(value, list):
         return [code for item in value for code in _icd_codes(item)]
-    if not isinstance(value, dict | Mapping):
+    if not isinstance(value, (dict, Mapping)):
         return []
     return [
         str(coding["code"]).strip()
         for coding in items(value, "coding")
-        if isinstance(coding, dict | Mapping)
+        if isinstance(coding, (dict, Mapping))
         and isinstance(coding.get("code"), str)
         and system_key(coding.get("system")) == "icd10cm"
     ]
@@ -166,7 +166,7 @@ def diagnoses_of(resource: Mapping[str, Any], shared: Mapping[str, Mapping[str, 
     """ICD-10-CM diagnoses of an Encounter or EpisodeOfCare: diagnosis (with rank), reasonCode, reasons."""
     found: list[Diagnosis] = []
     for entry in items(resource, "diagnosis"):
-        if not isinstance(entry, Mapping):
+        if not isinstance(entry, (dict, Mapping)):
             continue
         rank = entry.get("rank") if isinstance(entry.get("rank"), int) else None
         target = entry.get("condition")
@@ -177,7 +177,7 @@ def diagnoses_of(resource: Mapping[str, Any], shared: Mapping[str, Mapping[str, 
                 (
                     c
                     for c in items(resource, "contained")
-                    if isinstance(c, Mapping) and c.get("id") == key[1:]
+                    if isinstance(c, (dict, Mapping)) and c.get("id") == key[1:]
                 ),
                 None,
             )
@@ -240,13 +240,13 @@ def security_labels(part2: bool) -> list[dict[str, str]]:
 
 def _payer_matches(profile: PayerProfile, coverage: Mapping[str, Any], shared: Mapping[str, Any]) -> bool:
     for payor in items(coverage, "payor"):
-        if not isinstance(payor, Mapping):
+        if not isinstance(payor, (dict, Mapping)):
             continue
         key = reference_key(payor)
         if key and (key in profile.payor_ids or key.split("/")[-1] in profile.payor_ids):
             return True
         identifier = payor.get("identifier")
-        if isinstance(identifier, Mapping) and identifier.get("value") in profile.payor_ids:
+        if isinstance(identifier, (dict, Mapping)) and identifier.get("value") in profile.payor_ids:
             return True
         organization = shared.get(key) if key else None
         names = [str(payor.get("display") or "")]
@@ -282,7 +282,7 @@ def payer(
     coverage = min(chosen, key=lambda c: (c[0], c[1]))[2]
     profile = next((p for p in settings.payer_profiles if _payer_matches(p, coverage, shared)), None)
     profile = profile or settings.default_payer
-    payors = [p for p in items(coverage, "payor") if isinstance(p, Mapping)]
+    payors = [p for p in items(coverage, "payor") if isinstance(p, (dict, Mapping))]
     record: dict[str, Any] = {
         "coverage": {"reference": f"Coverage/{coverage.get('id')}"},
         "profile": profile.name,
@@ -302,7 +302,7 @@ def payer(
 
 
 def _overlaps(period: Any, first: date, last: date, zone: tzinfo) -> bool:
-    if not isinstance(period, Mapping):
+    if not isinstance(period, (dict, Mapping)):
         return True
     try:
         start = parse_datetime(period["start"], zone).astimezone(zone).date() if period.get("start") else None
@@ -324,15 +324,15 @@ def _schedule(plan: Mapping[str, Any]) -> dict[str, float | None]:
     hours = 0.0
     timed = False
     for activity in items(plan, "activity"):
-        detail = activity.get("detail") if isinstance(activity, Mapping) else None
-        if not isinstance(detail, Mapping) or detail.get("status") in (
+        detail = activity.get("detail") if isinstance(activity, (dict, Mapping)) else None
+        if not isinstance(detail, (dict, Mapping)) or detail.get("status") in (
             "cancelled",
             "stopped",
             "entered-in-error",
         ):
             continue
         repeat = element(detail, "scheduledTiming").get("repeat")
-        if not isinstance(repeat, Mapping):
+        if not isinstance(repeat, (dict, Mapping)):
             continue
         frequency = _positive(repeat.get("frequency")) or 1.0
         days = repeat.get("dayOfWeek")
@@ -374,7 +374,7 @@ def care_plans(
     for plan in plans:
         period = plan.get("period")
         linked = resolve(plan.get("encounter"), shared) in encounters
-        if isinstance(period, Mapping) and period.get("start"):
+        if isinstance(period, (dict, Mapping)) and period.get("start"):
             if not _overlaps(period, first, last, zone):
                 continue
         elif not linked:
@@ -393,10 +393,10 @@ def _date_of(value: Any, zone: tzinfo) -> str | None:
 
 
 def _plan_record(plan: Mapping[str, Any], zone: tzinfo) -> dict[str, Any]:
-    period = plan.get("period") if isinstance(plan.get("period"), Mapping) else {}
-    assert isinstance(period, Mapping)
-    meta = plan.get("meta") if isinstance(plan.get("meta"), Mapping) else {}
-    assert isinstance(meta, Mapping)
+    period = plan.get("period") if isinstance(plan.get("period"), (dict, Mapping)) else {}
+    assert isinstance(period, (dict, Mapping))
+    meta = plan.get("meta") if isinstance(plan.get("meta"), (dict, Mapping)) else {}
+    assert isinstance(meta, (dict, Mapping))
     revised: str | None = None
     if meta.get("lastUpdated"):
         try:

@@ -31,6 +31,13 @@ def parse_datetime(value: Any, zone: tzinfo) -> datetime:
     """
     if not isinstance(value, str):
         raise FhirValueError(f"not a date: {type(value).__name__}")
+    return _parse_datetime(value, zone)
+
+
+@lru_cache(maxsize=131072)
+def _parse_datetime(value: str, zone: tzinfo) -> datetime:
+    """``parse_datetime`` of a string, cached: an export repeats the same instants (and datetimes are
+    immutable, so sharing one is safe)."""
     if len(value) >= 19 and value[10] == "T":  # the common full dateTime: the C parser first
         try:
             moment = datetime.fromisoformat(value)
@@ -70,13 +77,13 @@ def rfc3339(moment: datetime) -> str:
 
 def element(resource: Any, name: str) -> dict[str, Any]:
     """A complex element of a resource as a dict; ``{}`` when it is absent or not an object."""
-    value = resource.get(name) if isinstance(resource, dict | Mapping) else None
-    return dict(value) if isinstance(value, dict | Mapping) else {}
+    value = resource.get(name) if isinstance(resource, (dict, Mapping)) else None
+    return dict(value) if isinstance(value, (dict, Mapping)) else {}
 
 
 def items(resource: Any, name: str) -> list[Any]:
     """A repeating element of a resource as a list; ``[]`` when it is absent or not an array."""
-    value = resource.get(name) if isinstance(resource, dict | Mapping) else None
+    value = resource.get(name) if isinstance(resource, (dict, Mapping)) else None
     return value if isinstance(value, list) else []
 
 
@@ -94,7 +101,7 @@ def reference_key(value: Any) -> str | None:
     ``urn:uuid:…`` / ``urn:oid:…`` references (Bundle entries) come back unchanged; the index resolves them
     by resource id.
     """
-    reference = value.get("reference") if isinstance(value, dict | Mapping) else value
+    reference = value.get("reference") if isinstance(value, (dict, Mapping)) else value
     if not isinstance(reference, str):
         return None
     return _key_of(reference)

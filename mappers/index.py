@@ -68,8 +68,8 @@ _MIN: Final = datetime.min.replace(tzinfo=UTC)
 
 
 def _version_key(resource: Mapping[str, Any]) -> tuple[int, datetime]:
-    meta = resource.get("meta") if isinstance(resource.get("meta"), Mapping) else {}
-    assert isinstance(meta, Mapping)
+    meta = resource.get("meta") if isinstance(resource.get("meta"), (dict, Mapping)) else {}
+    assert isinstance(meta, (dict, Mapping))
     version = meta.get("versionId")
     number = int(version) if isinstance(version, str) and version.isdigit() else -1
     try:
@@ -100,7 +100,7 @@ def newest_versions(
     """The newest version of each ``(type, id)``; unusable items go to ``rejects``."""
     newest: dict[tuple[str, str], Mapping[str, Any]] = {}
     for resource in resources:
-        if not isinstance(resource, Mapping) or not isinstance(resource.get("resourceType"), str):
+        if not isinstance(resource, (dict, Mapping)) or not isinstance(resource.get("resourceType"), str):
             rejects.append(Reject("unknown", None, "not a FHIR resource (no resourceType)"))
             continue
         resource_type = str(resource["resourceType"])
@@ -168,7 +168,9 @@ def collect(resources: Iterable[Mapping[str, Any]]) -> Collected:
 def _is_error_condition(resource: Mapping[str, Any]) -> bool:
     coding = element(resource, "verificationStatus").get("coding")
     codes = (
-        [c.get("code") for c in coding or [] if isinstance(c, Mapping)] if isinstance(coding, list) else []
+        [c.get("code") for c in coding or [] if isinstance(c, (dict, Mapping))]
+        if isinstance(coding, list)
+        else []
     )
     return "entered-in-error" in codes
 

@@ -35,7 +35,7 @@ def _refs(encounter: Mapping[str, Any]) -> list[str]:
     """Location and department (serviceProvider) reference keys of an Encounter."""
     found = []
     for item in items(encounter, "location"):
-        if isinstance(item, Mapping):
+        if isinstance(item, (dict, Mapping)):
             key = reference_key(item.get("location"))
             if key:
                 found.append(key)
@@ -48,7 +48,7 @@ def _refs(encounter: Mapping[str, Any]) -> list[str]:
 def _resolve(key: str, context: References, encounter: Mapping[str, Any]) -> Mapping[str, Any] | None:
     if key.startswith("#"):
         for contained in items(encounter, "contained"):
-            if isinstance(contained, Mapping) and contained.get("id") == key[1:]:
+            if isinstance(contained, (dict, Mapping)) and contained.get("id") == key[1:]:
                 return contained
         return None
     return context.get(key)
@@ -56,7 +56,7 @@ def _resolve(key: str, context: References, encounter: Mapping[str, Any]) -> Map
 
 def _location_types(encounter: Mapping[str, Any], context: References) -> Iterator[tuple[str, str]]:
     for item in items(encounter, "location"):
-        if not isinstance(item, Mapping):
+        if not isinstance(item, (dict, Mapping)):
             continue
         key = reference_key(item.get("location"))
         location = _resolve(key, context, encounter) if key else None
@@ -81,10 +81,10 @@ def encounter_classes(encounter: Mapping[str, Any]) -> frozenset[str]:
 def diagnosis_codings(encounter: Mapping[str, Any], context: References) -> Iterator[tuple[str, str]]:
     """Codings of ``reasonCode``, ``diagnosis.condition`` and ``reasonReference`` Conditions."""
     yield from codings(encounter.get("reasonCode"))
-    targets = [d.get("condition") for d in items(encounter, "diagnosis") if isinstance(d, Mapping)]
+    targets = [d.get("condition") for d in items(encounter, "diagnosis") if isinstance(d, (dict, Mapping))]
     targets.extend(items(encounter, "reasonReference"))
     for target in targets:
-        if isinstance(target, Mapping) and "concept" in target:
+        if isinstance(target, (dict, Mapping)) and "concept" in target:
             yield from codings(target)
             continue
         key = reference_key(target)

@@ -195,7 +195,7 @@ def _list(value: Any) -> list[Any]:
     """A repeating element as a list (a single value sent where FHIR says 0..*, too); junk as empty."""
     if isinstance(value, list):
         return value
-    return [value] if isinstance(value, Mapping) else []
+    return [value] if isinstance(value, (dict, Mapping)) else []
 
 
 def _local_keys(local_codes: Iterable[tuple[str, str]]) -> frozenset[tuple[str, str]]:
@@ -230,10 +230,10 @@ def _raw_codings(value: Any) -> Iterator[tuple[str, str, Coding]]:
         for item in value:
             yield from _raw_codings(item)
         return
-    if not isinstance(value, Mapping):
+    if not isinstance(value, (dict, Mapping)):
         return
     for coding in _list(value.get("coding")):
-        if isinstance(coding, Mapping):
+        if isinstance(coding, (dict, Mapping)):
             for key, code in codings(coding):
                 sent = coding.get("system")
                 system = CANONICAL.get(key) or (sent.strip() if isinstance(sent, str) else "")
@@ -256,10 +256,10 @@ def _coding_list(value: Any) -> list[Coding]:
 
 def _identifiers(value: Any) -> list[Identifier]:
     """Identifiers as ``{system, value}`` (type text and other free text left out)."""
-    items = value if isinstance(value, list) else [value] if isinstance(value, Mapping) else []
+    items = value if isinstance(value, list) else [value] if isinstance(value, (dict, Mapping)) else []
     found: list[Identifier] = []
     for item in items:
-        if isinstance(item, Mapping) and isinstance(item.get("value"), str) and item["value"].strip():
+        if isinstance(item, (dict, Mapping)) and isinstance(item.get("value"), str) and item["value"].strip():
             identifier: Identifier = {"value": item["value"].strip()}
             if isinstance(item.get("system"), str) and item["system"].strip():
                 identifier = {"system": item["system"].strip(), **identifier}
@@ -269,7 +269,7 @@ def _identifiers(value: Any) -> list[Identifier]:
 
 def _reference(value: Any, shared: Mapping[str, Mapping[str, Any]]) -> Reference | None:
     """A reference as the records carry it: ``{"reference": "Type/id", "identifier": [...]}`` or None."""
-    if not isinstance(value, Mapping):
+    if not isinstance(value, (dict, Mapping)):
         return None
     key = resolve(value, shared)
     identifiers = _identifiers(value.get("identifier"))
@@ -344,8 +344,8 @@ def _task_targets(task: Mapping[str, Any]) -> Iterator[str]:
 
 
 def _task_moment(task: Mapping[str, Any]) -> str:
-    meta = task.get("meta") if isinstance(task.get("meta"), Mapping) else {}
-    assert isinstance(meta, Mapping)
+    meta = task.get("meta") if isinstance(task.get("meta"), (dict, Mapping)) else {}
+    assert isinstance(meta, (dict, Mapping))
     for value in (task.get("lastModified"), meta.get("lastUpdated"), task.get("authoredOn")):
         if isinstance(value, str):
             try:
@@ -421,7 +421,7 @@ def map_referrals(
     result = ReferralResult()
     scratch: list[Reject] = []
     items = [
-        r for r in resources if isinstance(r, Mapping) and isinstance(r.get("resourceType"), str)
+        r for r in resources if isinstance(r, (dict, Mapping)) and isinstance(r.get("resourceType"), str)
         and r["resourceType"] in READ_TYPES
     ]  # fmt: skip
     for item in items:
@@ -490,7 +490,7 @@ def _record(
     patient = shared.get(subject)
     identifiers = _identifiers(patient.get("identifier")) if patient else []
     subject_ref = request.get("subject")
-    sent = subject_ref.get("identifier") if isinstance(subject_ref, Mapping) else None
+    sent = subject_ref.get("identifier") if isinstance(subject_ref, (dict, Mapping)) else None
     for identifier in _identifiers(sent):
         if identifier not in identifiers:
             identifiers.append(identifier)

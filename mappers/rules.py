@@ -219,7 +219,7 @@ def _qualifier(entry: Mapping[str, Any], index: int) -> Qualifier:
 
 def _entries(document: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
     entries = document.get(key, [])
-    if not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries):
+    if not isinstance(entries, list) or not all(isinstance(e, (dict, Mapping)) for e in entries):
         raise RulesError(f"{key}: must be an array of tables ([[{key}]])")
     return entries
 

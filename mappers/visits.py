@@ -70,7 +70,7 @@ class Grouping:
 
 def _identifier_value(resource: Mapping[str, Any], system: str) -> str | None:
     for identifier in items(resource, "identifier"):
-        if isinstance(identifier, Mapping) and identifier.get("system") == system:
+        if isinstance(identifier, (dict, Mapping)) and identifier.get("system") == system:
             value = identifier.get("value")
             return value if isinstance(value, str) else ""
     return None
@@ -86,8 +86,8 @@ def _is_uuid(value: str) -> bool:
 def _period(
     resource: Mapping[str, Any], zone: tzinfo, rejects: list[Reject]
 ) -> tuple[datetime | None, datetime | None, bool]:
-    period = resource.get("period") if isinstance(resource.get("period"), Mapping) else {}
-    assert isinstance(period, Mapping)
+    period = resource.get("period") if isinstance(resource.get("period"), (dict, Mapping)) else {}
+    assert isinstance(period, (dict, Mapping))
     start = end = None
     try:
         if period.get("start") is not None:
@@ -128,10 +128,10 @@ def read_visit(
         return None
     hospitalization = encounter.get("hospitalization")
     disposition = None
-    if isinstance(hospitalization, Mapping):
+    if isinstance(hospitalization, (dict, Mapping)):
         coding = element(hospitalization, "dischargeDisposition").get("coding") or []
         coding = coding if isinstance(coding, list) else []
-        first = next((c for c in coding if isinstance(c, Mapping) and c.get("code")), None)
+        first = next((c for c in coding if isinstance(c, (dict, Mapping)) and c.get("code")), None)
         if first is not None:
             disposition = {k: first[k] for k in ("system", "code", "display") if first.get(k)}
         elif hospitalization.get("dischargeDisposition"):
@@ -161,9 +161,9 @@ def read_visit(
 
 def _episode_key(reference: Any, shared: Mapping[str, Mapping[str, Any]]) -> str | None:
     """``EpisodeOfCare/<id>`` for a literal reference, ``ours:<episode id>`` for our logical one."""
-    if isinstance(reference, Mapping) and not reference.get("reference"):
+    if isinstance(reference, (dict, Mapping)) and not reference.get("reference"):
         identifier = reference.get("identifier")
-        if isinstance(identifier, Mapping) and identifier.get("system") == EPISODE_ID_SYSTEM:
+        if isinstance(identifier, (dict, Mapping)) and identifier.get("system") == EPISODE_ID_SYSTEM:
             return f"ours:{identifier.get('value')}"
         return None
     key = resolve(reference, shared)
@@ -172,9 +172,9 @@ def _episode_key(reference: Any, shared: Mapping[str, Mapping[str, Any]]) -> str
 
 def _exit_reason_tag(resource: Mapping[str, Any]) -> str | None:
     meta = resource.get("meta")
-    for tag in items(meta, "tag") if isinstance(meta, Mapping) else ():
+    for tag in items(meta, "tag") if isinstance(meta, (dict, Mapping)) else ():
         if (
-            isinstance(tag, Mapping)
+            isinstance(tag, (dict, Mapping))
             and tag.get("system") == EXIT_REASON_SYSTEM
             and isinstance(tag.get("code"), str)
         ):

@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 import structlog
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -46,6 +47,8 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
+    literal,
     or_,
     select,
 )
@@ -60,6 +63,7 @@ __all__ = [
     "Increment",
     "ReplicaRow",
     "StateStore",
+    "create_tables",
     "cursor_upsert",
     "patient_of",
     "rank_of",
@@ -74,13 +78,17 @@ _BATCH = 400  # rows per statement: well under SQLite's bound-parameter limit
 _BUSY_TIMEOUT_MS = 30_000  # a second writer (the service, a manual pull) waits instead of failing
 
 metadata = MetaData()
+# Values that come from the EHR (ids, versionIds, statuses, cursors) have no length limit here:
+# PostgreSQL enforces VARCHAR(n) where SQLite does not, and real servers exceed FHIR's limits (Epic ids
+# are longer than 64 characters, some versionIds are long opaque strings).
+_TEXT = String()
 
 cursor_table = Table(
     "connector_cursors",
     metadata,
     Column("ehr", String(200), primary_key=True),
     Column("resource_type", String(64), primary_key=True),
-    Column("value", String(64), nullable=False),
+    Column("value", _TEXT, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
@@ -89,13 +97,13 @@ replica_table = Table(
     metadata,
     Column("ehr", String(200), primary_key=True),
     Column("resource_type", String(64), primary_key=True),
-    Column("id", String(255), primary_key=True),
-    Column("version_id", String(64), nullable=True),
-    Column("last_updated", String(64), nullable=True),
+    Column("id", _TEXT, primary_key=True),
+    Column("version_id", _TEXT, nullable=True),
+    Column("last_updated", _TEXT, nullable=True),
     Column("rank", String(64), nullable=False),
-    Column("token", String(80), nullable=False),  # version_token(): what overlap de-duplication compares
-    Column("patient_id", String(255), nullable=True),
-    Column("status", String(64), nullable=True),
+    Column("token", _TEXT, nullable=False),  # version_token(): what overlap de-duplication compares
+    Column("patient_id", _TEXT, nullable=True),
+    Column("status", _TEXT, nullable=True),
     Column("deleted", Boolean, nullable=False),
     Column("resource", Text, nullable=True),
     Column("pulled_at", DateTime(timezone=True), nullable=False),
@@ -106,7 +114,7 @@ panel_table = Table(
     "connector_panel",
     metadata,
     Column("ehr", String(200), primary_key=True),
-    Column("patient_id", String(255), primary_key=True),
+    Column("patient_id", _TEXT, primary_key=True),
     Column("added_at", DateTime(timezone=True), nullable=False),
 )
 
@@ -247,10 +255,15 @@ class StateStore:
             )
         if self.dialect == "sqlite" and parsed.database and parsed.database != ":memory:":
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(url)
+        # hide_parameters: a failing statement's message would otherwise carry the resource (PHI) into
+        # the CLI's error line and the logs. pre_ping: a PostgreSQL restart costs one reconnect, not a
+        # failed cycle.
+        self.engine: Engine = create_engine(
+            url, hide_parameters=True, pool_pre_ping=self.dialect == "postgresql"
+        )
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
+        create_tables(self.engine, metadata)
 
     def __enter__(self) -> StateStore:
         return self
@@ -312,6 +325,11 @@ class StateStore:
         now = datetime.now(UTC)
         offered = 0
         with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                # Two instances committing the same EHR's rows in different orders would deadlock
+                # (PostgreSQL then aborts one pull); one writer per EHR at a time, released at commit.
+                # SQLite needs nothing: it has one writer anyway.
+                _advisory_lock(conn, "replica:" + ehr)
             for increment in increments:
                 for batch in _batches(increment.resources, _BATCH):
                     rows = [_row(ehr, increment.resource_type, r, now) for r in batch]
@@ -444,6 +462,22 @@ class StateStore:
             query = query.where(replica_table.c.resource_type == resource_type)
         with self.engine.connect() as conn:
             return len(conn.execute(query).all())
+
+
+def create_tables(engine: Engine, tables: MetaData) -> None:
+    """Create whichever of ``tables`` are missing. On PostgreSQL this holds an advisory lock for the
+    transaction: instances starting together would otherwise both see a table missing and the second
+    CREATE would fail (DDL is transactional there, so the second waits and then finds the tables)."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            _advisory_lock(conn, "schema")
+        tables.create_all(conn)
+
+
+def _advisory_lock(conn: Connection, name: str) -> None:
+    """A PostgreSQL transaction-level advisory lock named ``name`` (a 64-bit key from its hash)."""
+    key = int.from_bytes(hashlib.sha256(("iop-bridge:" + name).encode()).digest()[:8], "big", signed=True)
+    conn.execute(select(func.pg_advisory_xact_lock(literal(key, BigInteger))))
 
 
 def replica_upsert(dialect: str, columns: Sequence[str] = _CONTENT_COLUMNS) -> Insert:

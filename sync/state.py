@@ -40,7 +40,12 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from connectors.store import create_tables
+
 metadata = MetaData()
+# Values other systems choose (patient and server ids, event and session ids, timestamps as sent) have
+# no length limit: PostgreSQL enforces VARCHAR(n) where SQLite does not.
+_TEXT = String()
 
 published = Table(
     "sync_published",
@@ -48,10 +53,10 @@ published = Table(
     Column("ehr", String(200), primary_key=True),
     Column("kind", String(20), primary_key=True),
     Column("record_id", String(64), primary_key=True),
-    Column("patient_id", String(200), nullable=False, index=True),
+    Column("patient_id", _TEXT, nullable=False, index=True),
     Column("content_hash", String(64), nullable=False),
     Column("record", Text, nullable=False),
-    Column("fhir_id", String(200), nullable=True),
+    Column("fhir_id", _TEXT, nullable=True),
     # The day from which an active episode is finished by time alone: its patient is re-mapped then.
     Column("review_after", String(10), nullable=True, index=True),
     Column("updated_at", DateTime(timezone=True), nullable=False),
@@ -62,18 +67,18 @@ outbox = Table(
     metadata,
     Column("seq", Integer, primary_key=True, autoincrement=True),
     Column("topic", String(255), nullable=False),
-    Column("message_key", String(500), nullable=False),
+    Column("message_key", _TEXT, nullable=False),
     Column("value", Text, nullable=False),
     Column("schema_name", String(50), nullable=False),
     Column("schema_version", Integer, nullable=False),
-    Column("event_id", String(200), nullable=False),
+    Column("event_id", _TEXT, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
 ledger = Table(
     "sync_ledger",
     metadata,
-    Column("event_id", String(200), primary_key=True),
+    Column("event_id", _TEXT, primary_key=True),
     Column("topic", String(255), nullable=False),
     Column("outcome", String(50), nullable=False),
     Column("detail", Text, nullable=False),
@@ -84,10 +89,10 @@ sessions = Table(
     "sync_sessions",
     metadata,
     Column("ehr", String(200), primary_key=True),
-    Column("session_id", String(200), primary_key=True),
+    Column("session_id", _TEXT, primary_key=True),
     Column("resource_type", String(50), nullable=False),
-    Column("resource_id", String(200), nullable=False),
-    Column("occurred_at", String(40), nullable=False),
+    Column("resource_id", _TEXT, nullable=False),
+    Column("occurred_at", _TEXT, nullable=False),
     Column("status", String(20), nullable=False),
 )
 
@@ -154,7 +159,7 @@ class SyncState:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        metadata.create_all(engine)
+        create_tables(engine, metadata)
 
     # -- publishing -------------------------------------------------------------------------------
 

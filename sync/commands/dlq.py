@@ -16,9 +16,9 @@ from typing import Any
 import orjson
 import structlog
 from kafka import KafkaConsumer, TopicPartition
-from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, insert, select
+from sqlalchemy import BigInteger, Column, DateTime, Integer, MetaData, String, Table, insert, select
 
-from connectors.store import StateStore
+from connectors.store import StateStore, create_tables
 from schemas.contracts import ContractError
 from schemas.contracts import errors as contract_errors
 from sync import deadletter
@@ -34,7 +34,7 @@ replayed = Table(
     _metadata,
     Column("topic", String(255), primary_key=True),
     Column("partition", Integer, primary_key=True),
-    Column("offset", Integer, primary_key=True),
+    Column("offset", BigInteger, primary_key=True),  # Kafka offsets are 64-bit
     Column("replayed_at", DateTime(timezone=True), nullable=False),
 )
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     topic = settings.kafka.topic_prefix + "iop.deadletter.v1"
     with StateStore(settings.store.url) as store:
-        _metadata.create_all(store.engine)
+        create_tables(store.engine, _metadata)
         with store.engine.connect() as conn:
             done = {(r.topic, r.partition, r.offset) for r in conn.execute(select(replayed)).all()}
         producer = EventProducer(settings.kafka) if args.dlq_action == "replay" else None

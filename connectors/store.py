@@ -258,9 +258,15 @@ class StateStore:
         # hide_parameters: a failing statement's message would otherwise carry the resource (PHI) into
         # the CLI's error line and the logs. pre_ping: a PostgreSQL restart costs one reconnect, not a
         # failed cycle.
-        self.engine: Engine = create_engine(
-            url, hide_parameters=True, pool_pre_ping=self.dialect == "postgresql"
-        )
+        try:
+            self.engine: Engine = create_engine(
+                url, hide_parameters=True, pool_pre_ping=self.dialect == "postgresql"
+            )
+        except ModuleNotFoundError as exc:
+            raise ValueError(
+                f"the {self.dialect} state store needs its driver ({exc.name}): "
+                "pip install 'iop-bridge[postgres]'"
+            ) from exc
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         create_tables(self.engine, metadata)

@@ -479,3 +479,11 @@ def test_a_failing_statement_does_not_echo_the_resource(store: StateStore) -> No
     assert "Jane Roe" not in str(caught.value)
     assert "parameters hidden" in str(caught.value)
     assert store.cursors(EHR) == {}
+
+
+def test_a_missing_driver_is_a_clear_configuration_error() -> None:
+    # pg8000 is not installed: the message says what to install instead of an ImportError trace.
+    with pytest.raises(
+        ValueError, match=r"needs its driver \(pg8000\): pip install 'iop-bridge\[postgres\]'"
+    ):
+        StateStore("postgresql+pg8000://postgres@127.0.0.1:1/nowhere")

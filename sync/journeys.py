@@ -168,6 +168,14 @@ def parse_book(data: Mapping[str, Any]) -> JourneyBook:
     return JourneyBook(programs=programs, payers=payers, journeys=tuple(journeys))
 
 
+def prefixed(book: JourneyBook, prefix: str) -> JourneyBook:
+    """The same journeys under other patient keys (``pt-<prefix><key>``): several copies of the book can
+    live in one FHIR server side by side, e.g. one per test module, anchored on different days."""
+    if prefix and not prefix.replace("-", "").isalnum():
+        raise JourneyError(f"prefix {prefix!r}: letters, digits and '-' only")
+    return replace(book, journeys=tuple(replace(j, key=prefix + j.key) for j in book.journeys))
+
+
 def scaled(book: JourneyBook, patients: int, *, seed: int = 7) -> JourneyBook:
     """A health system of ``patients`` patients: the book's journeys repeated, shifted by up to a year."""
     rng = random.Random(seed)

@@ -15,7 +15,15 @@ import yaml
 from connectors.config import AuthConfig, EhrConfig
 from connectors.http import EhrClient
 from sync.errors import ConfigError
-from sync.journeys import JourneyBook, JourneyError, build_resources, parse_book, scaled, transaction_bundle
+from sync.journeys import (
+    JourneyBook,
+    JourneyError,
+    build_resources,
+    parse_book,
+    prefixed,
+    scaled,
+    transaction_bundle,
+)
 
 log = structlog.get_logger()
 DEFAULT_JOURNEYS = Path("examples/journeys.yaml")
@@ -29,6 +37,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--anchor", help="the date that is day 0 of the journeys (default: today, UTC)")
     parser.add_argument("--timezone", default="UTC", help="IANA zone of the session times")
     parser.add_argument("--patients", type=int, help="scale to this many patients (benchmarks)")
+    parser.add_argument(
+        "--prefix", default="", help="prefix for every patient key (several copies side by side)"
+    )
     parser.add_argument("--seed", type=int, default=7, help="random seed (names, shifts)")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", type=Path, help="write <Type>.ndjson files into this folder")
@@ -54,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
     book = load_book(args.journeys)
     if args.patients:
         book = scaled(book, args.patients, seed=args.seed)
+    if args.prefix:
+        try:
+            book = prefixed(book, args.prefix)
+        except JourneyError as exc:
+            raise ConfigError(str(exc)) from exc
     try:
         anchor = date.fromisoformat(args.anchor) if args.anchor else datetime.now(UTC).date()
     except ValueError as exc:

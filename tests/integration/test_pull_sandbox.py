@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sync.cli import main
+from tests.integration.fhir_fixtures import unique_id
 from tests.integration.smart_proxy import SmartProxy
 
 pytestmark = pytest.mark.integration
@@ -28,14 +30,27 @@ TYPES = (
 )
 
 
+#: This module's own copy of the journeys: the sandbox is shared, other tests seed other days.
+PREFIX = unique_id("pull") + "-"
+
+
 @pytest.fixture(scope="module")
 def seeded(fhir_base_url: str) -> list[str]:
     """Seed the journeys once; returns the seeded patients' ids."""
-    assert main(["--log-level", "WARNING", "seed", "--anchor", ANCHOR, "--fhir-url", fhir_base_url]) == 0
-    import yaml
-
+    command = [
+        "--log-level",
+        "WARNING",
+        "seed",
+        "--anchor",
+        ANCHOR,
+        "--prefix",
+        PREFIX,
+        "--fhir-url",
+        fhir_base_url,
+    ]
+    assert main(command) == 0
     book = yaml.safe_load((REPO / "examples" / "journeys.yaml").read_text())
-    return [f"pt-{p['key']}" for p in book["patients"]]
+    return [f"pt-{PREFIX}{p['key']}" for p in book["patients"]]
 
 
 @pytest.fixture(scope="module")
@@ -161,5 +176,5 @@ def test_search_and_bulk_pulls_give_the_same_episodes(
     assert len(search_episodes) >= 16  # every journey's episodes (see examples/journeys.yaml)
     assert search_episodes == bulk_episodes
     levels = sorted((e["patient"]["reference"], e["level"], e["entry"]["direction"]) for e in search_episodes)
-    assert ("Patient/pt-stepup-php", "php", "step_up") in levels
-    assert ("Patient/pt-php-to-iop", "iop", "step_down") in levels
+    assert (f"Patient/pt-{PREFIX}stepup-php", "php", "step_up") in levels
+    assert (f"Patient/pt-{PREFIX}php-to-iop", "iop", "step_down") in levels

@@ -39,6 +39,8 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 AS_OF = datetime(2026, 6, 1, 23, 59, tzinfo=UTC)
 EHR = "harbor"
+#: This module's own copy of the journeys: the sandbox is shared, other tests seed other days.
+PREFIX = unique_id("svc") + "-"
 
 
 @dataclass
@@ -54,9 +56,8 @@ class Stack:
 def stack(
     fhir_base_url: str, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    assert (
-        main(["--log-level", "WARNING", "seed", "--anchor", "2026-06-01", "--fhir-url", fhir_base_url]) == 0
-    )
+    seed = ["--log-level", "WARNING", "seed", "--anchor", "2026-06-01", "--prefix", PREFIX]
+    assert main([*seed, "--fhir-url", fhir_base_url]) == 0
     tmp = tmp_path_factory.mktemp("service")
     # A plain (no auth) proxy in front of HAPI, so a test can make the EHR answer 503 for a while.
     proxy = SmartProxy(upstream=fhir_base_url, client_id="-", public_key_pem=b"", require_auth=False).start()
@@ -97,13 +98,31 @@ def published(stack: Stack) -> dict[str, dict[str, Any]]:
         assert report.staged >= 20  # 16 episodes and 4 referrals of the example journeys
         assert report.published == report.staged
         episodes: dict[str, dict[str, Any]] = {}
-        for patient in ("pt-active-iop", "pt-stepdown-inpatient", "pt-sud-part2", "pt-two-stints"):
-            records = sorted(
-                service.state.published_ids(EHR, "episode", patient).values(), key=lambda r: r["start"]
-            )
-            for n, record in enumerate(records, start=1):
-                episodes[f"{patient}/{record['level']}/{n}"] = record
+        for patient in ("active-iop", "stepdown-inpatient", "sud-part2", "two-stints"):
+            records = service.state.published_ids(EHR, "episode", f"pt-{PREFIX}{patient}").values()
+            for n, record in enumerate(sorted(records, key=lambda r: r["start"]), start=1):
+                episodes[f"pt-{patient}/{record['level']}/{n}"] = record
     return episodes
+
+
+def _all_records(bootstrap: str, topic: str) -> list[Any]:
+    """Every record of a topic, up to its current end (the service publishes the whole shared sandbox)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        ends = consumer.end_offsets(partitions)
+        found: list[Any] = []
+        deadline = time.monotonic() + 60
+        while any(consumer.position(tp) < ends[tp] for tp in partitions) and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                found.extend(batch)
+        return found
+    finally:
+        consumer.close()
 
 
 def _count(fhir: httpx.Client, resource_type: str, system: str, value: str) -> list[dict[str, Any]]:
@@ -157,15 +176,17 @@ def test_episodes_are_published_and_part2_kept_apart(
     stack: Stack, published: dict[str, dict[str, Any]]
 ) -> None:
     settings = stack.settings
-    plain = consume_records(settings.kafka.bootstrap_servers, stack.topics.episodes, 15)
-    part2 = consume_records(settings.kafka.bootstrap_servers, stack.topics.episodes_part2, 1)
+    plain = _all_records(settings.kafka.bootstrap_servers, stack.topics.episodes)
+    part2 = _all_records(settings.kafka.bootstrap_servers, stack.topics.episodes_part2)
+    assert len([r for r in plain if PREFIX in r.key.decode()]) >= 15
     plain_ids = {json.loads(r.value)["episode_id"] for r in plain}
-    (sud,) = [json.loads(r.value) for r in part2]
-    assert sud["patient"]["reference"] == "Patient/pt-sud-part2"
+    (sud,) = [json.loads(r.value) for r in part2 if PREFIX in r.key.decode()]
+    assert sud["patient"]["reference"] == f"Patient/pt-{PREFIX}sud-part2"
     assert {s["code"] for s in sud["security"]} == {"ETH", "R", "42CFRPart2"}
     assert sud["episode_id"] not in plain_ids
     assert all(not json.loads(r.value)["part2"] for r in plain)
-    assert {r.key.decode() for r in part2} == {f"{EHR}|Patient/pt-sud-part2"}
+    ours = {r.key.decode() for r in part2 if PREFIX in r.key.decode()}
+    assert ours == {f"{EHR}|Patient/pt-{PREFIX}sud-part2"}
 
 
 def test_a_cycle_with_nothing_new_publishes_nothing(
@@ -221,11 +242,11 @@ def test_attendance_and_discharge_are_written_once(
     (encounter,) = _count(stack.fhir, "Encounter", SESSION_ID_SYSTEM, attended)
     assert encounter["status"] == "finished"
     assert encounter["period"]["end"] == "2026-06-02T12:30:00+00:00"  # the later event updated it
-    assert encounter["subject"] == {"reference": "Patient/pt-active-iop"}
+    assert encounter["subject"] == {"reference": f"Patient/pt-{PREFIX}active-iop"}
     (appointment,) = _count(stack.fhir, "Appointment", SESSION_ID_SYSTEM, absent)
     assert appointment["status"] == "noshow"
     (document,) = _count(stack.fhir, "DocumentReference", EVENT_ID_SYSTEM, discharge["event_id"])
-    assert document["subject"] == {"reference": "Patient/pt-stepdown-inpatient"}
+    assert document["subject"] == {"reference": f"Patient/pt-{PREFIX}stepdown-inpatient"}
     (episode_of_care,) = _count(stack.fhir, "EpisodeOfCare", EPISODE_ID_SYSTEM, finished["episode_id"])
     assert episode_of_care["status"] == "finished"
     assert episode_of_care["period"]["end"] == "2026-04-06"
@@ -332,7 +353,7 @@ def test_no_phi_reaches_any_log_line(
     secrets: set[str] = {"Jane Q. Public", "1961-02-03", "99-ZZ-4242", "12 Elm Street", planted_summary}
     for entry in patients[0].get("entry", []):
         patient = entry["resource"]
-        if not patient.get("id", "").startswith("pt-"):
+        if not patient.get("id", "").startswith(f"pt-{PREFIX}"):
             continue
         for name in patient.get("name", []):
             secrets.add(" ".join([*name.get("given", []), name.get("family", "")]).strip())

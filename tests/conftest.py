@@ -2,7 +2,8 @@
 
 Fixtures for the real services live in plugin modules of their own (one owner each):
 ``tests/integration/kafka_fixtures.py`` (the Kafka broker) and ``tests/integration/fhir_fixtures.py``
-(the HAPI FHIR sandbox). Each is loaded once it exists.
+(the HAPI FHIR sandbox) and ``tests/integration/postgres_fixtures.py`` (PostgreSQL). Each is loaded
+once it exists.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import structlog
 _HERE = Path(__file__).parent
 pytest_plugins = [
     f"tests.integration.{name}"
-    for name in ("kafka_fixtures", "fhir_fixtures")
+    for name in ("kafka_fixtures", "fhir_fixtures", "postgres_fixtures")
     if (_HERE / "integration" / f"{name}.py").exists()
 ]
 

@@ -20,12 +20,6 @@ from sqlalchemy.exc import DBAPIError
 from connectors.store import Deletion, Increment, StateStore, create_tables, version_token
 from sync.commands.dlq import replayed
 from sync.state import SessionResource, Staged, SyncState
-from tests.integration.postgres_fixtures import (  # noqa: F401  (fixtures, until conftest loads the plugin)
-    _icu_available,
-    postgres_admin,
-    postgres_database,
-    postgres_url,
-)
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +50,7 @@ def _at(minutes: int) -> str:
 
 
 @pytest.fixture
-def store(postgres_database: str) -> Iterator[StateStore]:  # noqa: F811
+def store(postgres_database: str) -> Iterator[StateStore]:
     with StateStore(postgres_database) as s:
         yield s
 
@@ -278,7 +272,7 @@ def test_long_ids_versions_and_unicode_survive(store: StateStore) -> None:
     assert store.get_cursor("an-ehr-with-a-long-name-" + "n" * 150, "Encounter") == "c" * 200
 
 
-def test_two_pulls_racing_keep_the_newest_version(postgres_database: str) -> None:  # noqa: F811
+def test_two_pulls_racing_keep_the_newest_version(postgres_database: str) -> None:
     # Two service instances (two engines) write overlapping resources at once, in opposite orders and
     # across several batches; each id must end at its newest version, whoever committed last.
     ids = [f"e{i}" for i in range(900)]
@@ -299,7 +293,7 @@ def test_two_pulls_racing_keep_the_newest_version(postgres_database: str) -> Non
         assert first.replica_count(EHR, "Encounter") == len(ids)
 
 
-def test_instances_starting_together_create_the_schema_once(postgres_database: str) -> None:  # noqa: F811
+def test_instances_starting_together_create_the_schema_once(postgres_database: str) -> None:
     stores: list[StateStore] = []
 
     def start() -> None:
@@ -382,7 +376,7 @@ def test_only_changed_records_are_staged_in_order(state: SyncState) -> None:
     assert [m.value["episode_id"] for m in state.outbox_batch(limit=1)] == ["e1"]
 
 
-def test_outbox_survives_a_restart_until_acknowledged(postgres_database: str) -> None:  # noqa: F811
+def test_outbox_survives_a_restart_until_acknowledged(postgres_database: str) -> None:
     first = SyncState(create_engine(postgres_database))
     first.stage_changes(EHR, [_episode("e1"), _episode("e2")])
     first.engine.dispose()

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run.py [--sizes 10k,100k,1M] [--only map,validate,pull,writeback]
                                   [--json out.json] [--fhir URL | --start-sandbox] [--pull-size 10k]
+                                  [--kafka HOST:PORT | --start-broker]
 
 Each measurement runs in a fresh process (see bench/harness.py); rates are per core (per CPU-second).
 The table also goes to ``bench/results/latest.json`` (git-ignored) and to ``--json`` when given.
@@ -31,7 +32,7 @@ from bench.harness import ROOT, Row, Runner
 BENCHES = ("validate", "map", "pull", "writeback")
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 SANDBOX_PORT = 18090  # not the tests' 8080: a private sandbox never meets a test run's
-SANDBOX_STATE = ROOT / ".run" / "bench" / "fhir-sandbox"
+BROKER_PORT = 19092  # and 19093 for its controller: not the tests' 9092/9093
 
 
 def run_benches(
@@ -41,6 +42,7 @@ def run_benches(
     runner: Runner,
     fhir_url: str | None = None,
     pull_size: int | None = None,
+    kafka: str | None = None,
     validate_limit: int = validate.DEFAULT_LIMIT,
     min_cpu: float | None = None,
     on_rows: Callable[[list[Row]], None] | None = None,
@@ -57,7 +59,9 @@ def run_benches(
             runner, sizes, floor_min_cpu=mapping.FLOOR_MIN_CPU if min_cpu is None else min_cpu
         ),
         "pull": lambda: pull.rows(runner, [pull_size] if pull_size else sizes, fhir_url=fhir_url),
-        "writeback": lambda: writeback.rows(runner, [pull_size] if pull_size else sizes, fhir_url=fhir_url),
+        "writeback": lambda: writeback.rows(
+            runner, [pull_size] if pull_size else sizes, fhir_url=fhir_url, kafka=kafka
+        ),
     }
     rows: list[Row] = []
     for name in BENCHES:
@@ -132,13 +136,17 @@ def report(rows: Sequence[Row], started: float, sizes: list[int]) -> dict[str, o
 
 
 @contextlib.contextmanager
-def private_sandbox(port: int) -> Iterator[str]:
-    """Our own HAPI sandbox (its own port and state under .run/bench/), stopped when the block ends."""
-    script = ROOT / "deploy" / "fhir-sandbox" / "run"
+def private_service(name: str, port: int) -> Iterator[str]:
+    """Our own FHIR sandbox or Kafka broker (own port, state in .run/bench/), stopped when the block ends."""
+    script = ROOT / "deploy" / name / "run"
     if not script.exists():
-        raise SystemExit("--start-sandbox: deploy/fhir-sandbox/run does not exist yet")
-    env = {**os.environ, "IOP_BRIDGE_FHIR_PORT": str(port), "IOP_BRIDGE_FHIR_STATE_DIR": str(SANDBOX_STATE)}
-    print(f"starting a private FHIR sandbox on port {port} (state in {SANDBOX_STATE})", file=sys.stderr)
+        raise SystemExit(f"deploy/{name}/run does not exist yet")
+    prefix = "IOP_BRIDGE_FHIR" if name == "fhir-sandbox" else "IOP_BRIDGE_KAFKA"
+    state = ROOT / ".run" / "bench" / name
+    env = {**os.environ, f"{prefix}_PORT": str(port), f"{prefix}_STATE_DIR": str(state)}
+    if name == "kafka":
+        env["IOP_BRIDGE_KAFKA_CONTROLLER_PORT"] = str(port + 1)
+    print(f"starting a private {name} on port {port} (state in {state})", file=sys.stderr)
     try:
         started = subprocess.run(
             [str(script), "start"], env=env, stdout=subprocess.PIPE, text=True, check=True
@@ -161,6 +169,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         const=SANDBOX_PORT,
         metavar="PORT",
         help=f"start a private FHIR sandbox for pull on PORT (default {SANDBOX_PORT}), stop it at the end",
+    )
+    parser.add_argument("--kafka", help="Kafka bootstrap for write-back (default: $IOP_BRIDGE_TEST_KAFKA)")
+    parser.add_argument(
+        "--start-broker",
+        type=int,
+        nargs="?",
+        const=BROKER_PORT,
+        metavar="PORT",
+        help=f"start a private Kafka broker for write-back on PORT (default {BROKER_PORT}), stop it after",
     )
     parser.add_argument("--pull-size", help="Encounters seeded into the sandbox (default: the smallest size)")
     parser.add_argument("--validate-limit", type=int, default=validate.DEFAULT_LIMIT, help="lines per type")
@@ -185,12 +202,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         fhir_url = args.fhir or os.environ.get("IOP_BRIDGE_TEST_FHIR")
         if args.start_sandbox and {"pull", "writeback"} & set(only):
-            fhir_url = stack.enter_context(private_sandbox(args.start_sandbox))
+            fhir_url = stack.enter_context(private_service("fhir-sandbox", args.start_sandbox))
+        kafka = args.kafka or os.environ.get("IOP_BRIDGE_TEST_KAFKA")
+        if args.start_broker and "writeback" in only:
+            kafka = stack.enter_context(private_service("kafka", args.start_broker))
         rows = run_benches(
             only,
             sizes,
             runner=Runner(),
             fhir_url=fhir_url,
+            kafka=kafka,
             pull_size=parse_size(args.pull_size) if args.pull_size else None,
             validate_limit=args.validate_limit,
             on_rows=show,

@@ -9,8 +9,11 @@ built beforehand, outside the timed loop). Both write ``events`` new sessions (i
 patients the sandbox was seeded with; one event at a time, as fast as the server answers; best of two
 alternated rounds each. The note gives the per-event latency (p50 / p99) of both.
 
-Not measured yet: events through the real broker (the Kafka write-back consumer, issue 4) and
-event-to-write latency at a fixed 100 events/s; that row stays a placeholder until the consumer exists.
+Through the broker (when a Kafka broker is given): ``BROKER_EVENTS`` events produced at a fixed 100/s
+to the attendance topic (unique topic prefix and group per run) and consumed by ``sync.service.Service``'s
+write-back consumer against the same sandbox; the rate is events from the first produce to the last
+write, the latency from just before an event is produced to just after its write finished (p50 / p99).
+Its floor is the same bare httpx loop.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from bench.harness import Measurement, Row, Runner, timed, unavailable
 
 BENCH = "writeback"
 DEFAULT_EVENTS = 200
+BROKER_EVENTS = 300
+RATE = 100.0  # events/s produced in the broker run (the issue's fixed rate)
 ROUNDS = 2
 HCPCS = "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets"
 _NAMESPACE = uuid.UUID("6f1c3a52-0b7e-4d55-9a8e-5b0b3c1d2e4f")  # bench-only episode ids
@@ -38,11 +43,16 @@ _FHIR_JSON = "application/fhir+json"
 
 
 def rows(
-    runner: Runner, sizes: list[int], *, fhir_url: str | None, events: int = DEFAULT_EVENTS
+    runner: Runner,
+    sizes: list[int],
+    *,
+    fhir_url: str | None,
+    kafka: str | None = None,
+    events: int = DEFAULT_EVENTS,
 ) -> list[Row]:
-    broker = unavailable(
-        BENCH, "-", "events/s through the broker (100 events/s, p50/p99)", "needs the write-back consumer"
-    )
+    broker_metric = "events/s through the broker (consumer, produced at 100/s)"
+    no_broker = "no broker: set IOP_BRIDGE_TEST_KAFKA, --kafka or --start-broker"
+    broker = unavailable(BENCH, "-", broker_metric, no_broker)
     label = size_label(min(sizes))
     metric = "attendance events/s (WriteBack, no broker)"
     if not fhir_url:
@@ -67,6 +77,35 @@ def rows(
         ourses.append(runner.run("writeback", "ours", base=base, folder=folder, events=events))
     floor = max(floors, key=lambda m: m.per_second)
     ours = max(ourses, key=lambda m: m.per_second)
+    if kafka:
+        try:
+            through = runner.run(
+                "writeback",
+                "broker",
+                base=base,
+                bootstrap=kafka,
+                folder=folder,
+                events=BROKER_EVENTS,
+                rate=RATE,
+            )
+        except RuntimeError as exc:
+            broker = unavailable(BENCH, label, broker_metric, f"broker run failed: {exc}"[:200])
+        else:
+            broker = Row(
+                bench=BENCH,
+                size=label,
+                metric=broker_metric,
+                ours=through.extra["per_second"],
+                floor=floor.per_second,
+                rss_ours_mb=through.peak_rss_mb,
+                rss_floor_mb=floor.peak_rss_mb,
+                note=(
+                    f"{BROKER_EVENTS} events at {RATE:.0f}/s; event-to-write latency p50/p99 "
+                    f"{through.extra['p50_ms']:,.0f}/{through.extra['p99_ms']:,.0f} ms"
+                ),
+                load=os.getloadavg()[0],
+                extra={"ours": through.extra, "ours_cpu_s": through.cpu},
+            )
     note = (
         f"{events} events; latency p50/p99 ours {ours.extra['p50_ms']:.0f}/{ours.extra['p99_ms']:.0f} ms, "
         f"floor {floor.extra['p50_ms']:.0f}/{floor.extra['p99_ms']:.0f} ms; outcomes {ours.extra['outcomes']}"
@@ -125,38 +164,25 @@ def _latencies(measurement: Measurement, seconds: list[float]) -> Measurement:
 
 
 def ours(base: str, folder: str, events: int) -> Measurement:
-    from sqlalchemy import create_engine
-
     from connectors.config import EhrConfig
     from connectors.http import EhrClient
+    from connectors.store import StateStore
     from schemas.topics import ATTENDANCE
-    from sync.state import Staged, SyncState
+    from sync.capabilities import discover_targets
+    from sync.state import SyncState
     from sync.writeback import WriteBack
 
     batch = _events(folder, events)
     seconds: list[float] = []
     outcomes: dict[str, int] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-writeback-") as tmp:
-        state = SyncState(create_engine(f"sqlite:///{tmp}/state.db"))
-        episodes = {e["episode_id"]: e["patient"]["reference"] for e in batch}
-        state.stage_changes(
-            "bench",
-            [
-                Staged(
-                    kind="episode",
-                    record_id=episode_id,
-                    patient_id=patient.split("/", 1)[1],
-                    record={"episode_id": episode_id, "patient": {"reference": patient}, "status": "active"},
-                    topic="bench",
-                    message_key=f"bench|{patient}",
-                    schema_name="episode",
-                    schema_version=1,
-                )
-                for episode_id, patient in episodes.items()
-            ],
-        )
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-writeback-") as tmp,
+        StateStore(f"sqlite:///{tmp}/state.db") as store,
+    ):
+        state = SyncState(store.engine)  # the service's own engine set-up (WAL, synchronous=NORMAL)
+        _stage_episodes(state, batch)
         with EhrClient(EhrConfig(name="bench", base_url=base, timeout_seconds=120)) as client:
-            writer = WriteBack(client, state, ehr="bench")
+            writer = WriteBack(client, state, ehr="bench", targets=discover_targets(client))
 
             def work() -> int:
                 for event in batch:
@@ -200,3 +226,107 @@ def floor(base: str, folder: str, events: int) -> Measurement:
         return len(writes)
 
     return _latencies(timed(work), seconds)
+
+
+def _stage_episodes(state: Any, batch: list[dict[str, Any]]) -> None:
+    """Publish (in the state store) the episodes the events name, as the service would have."""
+    from sync.state import Staged
+
+    episodes = {e["episode_id"]: e["patient"]["reference"] for e in batch}
+    state.stage_changes(
+        "bench",
+        [
+            Staged(
+                kind="episode",
+                record_id=episode_id,
+                patient_id=patient.split("/", 1)[1],
+                record={"episode_id": episode_id, "patient": {"reference": patient}, "status": "active"},
+                topic="bench",
+                message_key=f"bench|{patient}",
+                schema_name="episode",
+                schema_version=1,
+            )
+            for episode_id, patient in episodes.items()
+        ],
+    )
+
+
+def broker(base: str, bootstrap: str, folder: str, events: int, rate: float) -> Measurement:
+    """Events produced at ``rate``/s to the attendance topic, consumed by the service's write-back consumer.
+
+    Latency of an event: from just before it is produced to just after its write-back finished.
+    Topics and group are unique per run, so nothing of an earlier run is consumed.
+    """
+    import threading
+
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from connectors.config import EhrConfig
+    from sync.config import KafkaConfig, Settings, StoreConfig
+    from sync.service import Service
+
+    batch = _events(folder, events)
+    run = uuid.uuid4().hex[:8]
+    produced: dict[str, float] = {}
+    done: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-broker-") as tmp:
+        settings = Settings(
+            store=StoreConfig(url=f"sqlite:///{tmp}/state.db"),
+            kafka=KafkaConfig(
+                bootstrap_servers=bootstrap, topic_prefix=f"bench{run}.", group_id=f"bench-{run}"
+            ),
+            ehr=(EhrConfig(name="bench", base_url=base, timeout_seconds=120),),
+        )
+        with Service(settings) as service:
+            _stage_episodes(service.state, batch)
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+            topics = [
+                service.topics.attendance,
+                service.topics.discharges,
+                service.topics.deadletter,
+            ]
+            admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1) for name in topics])
+            admin.close()
+            producer = service.producer
+
+            def handler(event: Any) -> None:
+                service.handle_event(event)
+                done[str(event.value["event_id"])] = time.perf_counter()
+
+            def produce() -> None:
+                start = time.perf_counter()
+                for number, event in enumerate(batch):
+                    delay = start + number / rate - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                    produced[event["event_id"]] = time.perf_counter()
+                    producer.publish(
+                        service.topics.attendance,
+                        f"bench|{event['patient']['reference']}",
+                        event,
+                        schema="attendance",
+                        version=1,
+                        event_id=event["event_id"],
+                    )
+                producer.flush()
+
+            with service.consumer() as consumer:
+                consumer.drain(handler, idle_polls=1, max_seconds=30)  # join the group before the clock runs
+                sender = threading.Thread(target=produce, daemon=True)
+
+                def work() -> int:
+                    sender.start()
+                    deadline = time.perf_counter() + 120 + events / rate
+                    while len(done) < len(batch) and time.perf_counter() < deadline:
+                        consumer.drain(handler, idle_polls=2, max_seconds=10)
+                    sender.join()
+                    return len(done)
+
+                measurement = timed(work)
+    latencies = [done[k] - produced[k] for k in done if k in produced]
+    span = max(done.values(), default=0.0) - min(produced.values(), default=0.0)
+    # Events/s from the first produce to the last write (the consumer's idle polls at the end excluded).
+    measurement.extra.update(
+        rate=rate, produced=len(produced), per_second=len(done) / span if span > 0 else 0.0
+    )
+    return _latencies(measurement, latencies or [0.0])

@@ -112,6 +112,16 @@ def table_lines(rows: Sequence[Row]) -> list[str]:
     ]
 
 
+def markdown_lines(rows: Sequence[Row]) -> list[str]:
+    """The table as Markdown (for bench/README.md)."""
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for line in table_lines(rows)[1:]:
+        cells = [c.strip() for c in line.split(" | ")]
+        cells += [""] * (len(HEADER) - len(cells))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(rows: Sequence[Row], started: float, sizes: list[int]) -> dict[str, object]:
     try:
         commit = subprocess.run(
@@ -180,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"start a private Kafka broker for write-back on PORT (default {BROKER_PORT}), stop it after",
     )
     parser.add_argument("--pull-size", help="Encounters seeded into the sandbox (default: the smallest size)")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown as well")
     parser.add_argument("--validate-limit", type=int, default=validate.DEFAULT_LIMIT, help="lines per type")
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -217,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             on_rows=show,
         )
     print("\n".join(table_lines(rows)))
+    if args.markdown:
+        print("\n" + "\n".join(markdown_lines(rows)))
     data = json.dumps(report(rows, started, sizes), indent=2)
     for target in [RESULTS, *([args.json] if args.json else [])]:
         target.parent.mkdir(parents=True, exist_ok=True)

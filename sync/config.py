@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from connectors.config import EhrConfig
+from connectors.store import StateStore
 from sync.errors import ConfigError
 
 ENV_PREFIX = "IOP_BRIDGE_"
@@ -62,6 +63,10 @@ class ServiceConfig(_Section):
     metrics_host: str = Field(default="127.0.0.1", description="0.0.0.0 in a container")
     pull_interval_seconds: int = Field(default=300, ge=1)
     out_dir: str = ".run/out"
+
+
+class StoreURLError(ConfigError):
+    """The ``[store] url`` names a database we cannot use."""
 
 
 class Settings(_Section):
@@ -153,3 +158,12 @@ def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = N
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
         )
         raise ConfigError(f"invalid configuration: {problems}") from exc
+
+
+def open_store(url: str) -> StateStore:
+    """The state store at ``url``; an unusable URL (unsupported database, missing driver) is a
+    configuration error (exit 2), not a crash."""
+    try:
+        return StateStore(url)
+    except ValueError as exc:
+        raise StoreURLError(f"[store] url: {exc}") from exc

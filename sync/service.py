@@ -34,7 +34,7 @@ from connectors.config import EhrConfig
 from connectors.errors import EhrError
 from connectors.http import EhrClient
 from connectors.pull import PullSummary, pull
-from connectors.store import StateStore, replica_table
+from connectors.store import replica_table
 from mappers import (
     EpisodeSettings,
     Rules,
@@ -50,7 +50,7 @@ from schemas.identifiers import EPISODE_ID_SYSTEM, token
 from schemas.topics import Topics
 from sync import writeback
 from sync.capabilities import discover_targets
-from sync.config import Settings
+from sync.config import Settings, open_store
 from sync.errors import ConfigError, PermanentEventError
 from sync.kafka import Event, EventConsumer, EventProducer, PollStats
 from sync.metrics import Metrics
@@ -108,7 +108,7 @@ class Service:
         if not settings.ehr:
             raise ConfigError("no [[ehr]] configured: nothing to pull")
         self.settings = settings
-        self.store = StateStore(settings.store.url)
+        self.store = open_store(settings.store.url)
         self.state = SyncState(self.store.engine)
         self.topics = Topics(settings.kafka.topic_prefix)
         self.rules = _load_rules(settings)

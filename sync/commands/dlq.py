@@ -18,11 +18,11 @@ import structlog
 from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import BigInteger, Column, DateTime, Integer, MetaData, String, Table, insert, select
 
-from connectors.store import StateStore, create_tables
+from connectors.store import create_tables
 from schemas.contracts import ContractError
 from schemas.contracts import errors as contract_errors
 from sync import deadletter
-from sync.config import Settings, load_settings
+from sync.config import Settings, load_settings, open_store
 from sync.kafka import EventProducer, client_kwargs, connect
 from sync.state import now_utc
 
@@ -77,7 +77,7 @@ def _dead_letters(settings: Settings, topic: str) -> Iterator[tuple[Any, dict[st
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     topic = settings.kafka.topic_prefix + "iop.deadletter.v1"
-    with StateStore(settings.store.url) as store:
+    with open_store(settings.store.url) as store:
         create_tables(store.engine, _metadata)
         with store.engine.connect() as conn:
             done = {(r.topic, r.partition, r.offset) for r in conn.execute(select(replayed)).all()}

@@ -19,8 +19,7 @@ from tqdm import tqdm
 
 from connectors.config import EhrConfig
 from connectors.pull import PullSummary, pull
-from connectors.store import StateStore
-from sync.config import Settings, load_settings
+from sync.config import Settings, load_settings, open_store
 from sync.errors import ConfigError
 
 
@@ -48,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     ehr = _ehr_from_flags(args) if args.base_url else _ehr_from_config(settings, args.ehr)
     types = tuple(t.strip() for t in args.types.split(",") if t.strip()) if args.types else None
-    with _ProgressBar() as advance, StateStore(settings.store.url) as store:
+    with _ProgressBar() as advance, open_store(settings.store.url) as store:
         summary = pull(
             ehr, store, args.out, since=args.since, mode=args.mode, resource_types=types, progress=advance
         )

@@ -139,3 +139,11 @@ def test_launcher_variables_are_not_configuration() -> None:
     )
     assert settings.rules == "x.toml"
     assert settings.kafka.bootstrap_servers == "127.0.0.1:9092"
+
+
+def test_an_unusable_store_url_is_a_configuration_error() -> None:
+    from sync.config import StoreURLError, open_store
+
+    with pytest.raises(StoreURLError, match=r"\[store\] url: unsupported state store 'mysql'") as caught:
+        open_store("mysql://localhost/iop")
+    assert caught.value.exit_code == 2

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +31,7 @@ from schemas.topics import Topics, message_key
 from sync.cli import main
 from sync.config import Settings, load_settings
 from sync.kafka import EventProducer, ensure_topics
+from sync.publisher import stage_records
 from sync.service import Service
 from tests.integration.fhir_fixtures import unique_id
 from tests.integration.kafka_fixtures import consume_records
@@ -363,3 +366,61 @@ def test_no_phi_reaches_any_log_line(
     secrets.discard("")
     leaked = sorted(s for s in secrets if s in logs)
     assert leaked == []
+
+
+def test_dead_letters_are_replayed_once_the_cause_is_fixed(
+    stack: Stack, published: dict[str, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    active = published["pt-active-iop/iop/1"]
+    missing = str(uuid.uuid4())  # an episode we have not published (yet)
+    session = unique_id("R")
+    event = _attendance(active, session)
+    event["episode_id"] = missing
+    _produce(stack, [(stack.topics.attendance, event)])
+    with Service(stack.settings, as_of=AS_OF, retry_pause_s=1) as service:
+        assert service.drain_writebacks(max_seconds=120).dead_lettered == 1
+        # the cause is fixed: the episode becomes known (as if the next cycle had published it)
+        service.state.stage_changes(
+            EHR,
+            stage_records(EHR, stack.topics, episodes=[{**active, "episode_id": missing}]),
+        )
+    capsys.readouterr()
+    assert main(["dlq", "list", "--config", str(stack.config), "--reason", missing]) == 0
+    assert "waiting" in capsys.readouterr().out
+    assert main(["dlq", "replay", "--config", str(stack.config), "--reason", missing]) == 0
+    assert "replayed 1 dead letters" in capsys.readouterr().out
+    with Service(stack.settings, as_of=AS_OF, retry_pause_s=1) as service:
+        service.drain_writebacks(max_seconds=120)
+    assert len(_count(stack.fhir, "Encounter", SESSION_ID_SYSTEM, session)) == 1
+
+    assert main(["dlq", "replay", "--config", str(stack.config), "--reason", missing]) == 0
+    assert "replayed 0 dead letters (1 already replayed before" in capsys.readouterr().out
+
+
+def test_sigterm_stops_the_service_cleanly(stack: Stack) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "IOP_BRIDGE_SERVICE__METRICS_PORT": str(port)}
+    command = [sys.executable, "-m", "sync.cli", "--log-level", "WARNING", "run",
+               "--config", str(stack.config), "--as-of", AS_OF.isoformat()]  # fmt: skip
+    service = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        healthy = False
+        while time.monotonic() < deadline and service.poll() is None and not healthy:
+            try:
+                healthy = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert healthy, "the service never answered /healthz"
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert "iop_bridge_writebacks_total" in metrics
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=90) == 0
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()

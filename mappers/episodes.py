@@ -48,6 +48,7 @@ __all__ = [
     "anchor_key",
     "episode_id",
     "map_episodes",
+    "sort_key",
 ]
 
 
@@ -859,7 +860,8 @@ def _zone(timezone: str) -> tzinfo:
         raise ValueError(f"unknown time zone {timezone!r}") from exc
 
 
-def _sort_key(record: Mapping[str, Any]) -> tuple[str, str, int, str]:
+def sort_key(record: Mapping[str, Any]) -> tuple[str, str, int, str]:
+    """The order of ``MappingResult.episodes``: patient, start, level rank, episode id."""
     patient = str(record["patient"]["reference"])
     return (
         patient,
@@ -939,7 +941,7 @@ def map_episodes(
             episodes.append(record)
             if explain:
                 explanations[record["episode_id"]] = lines
-    episodes.sort(key=_sort_key)
+    episodes.sort(key=sort_key)
     rejects.sort(key=lambda r: (r.resource_type, r.id or "", r.reason))
     return MappingResult(
         episodes=episodes,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,22 @@ from typing import IO, Any, Final, cast
 import orjson
 import structlog
 
+from mappers.fhir import reference_id
+from mappers.index import PATIENT_ELEMENT
 from sync.errors import ConfigError
 
-__all__ = ["InputError", "InputReject", "Loaded", "iter_resources", "load_resources"]
+__all__ = [
+    "InputError",
+    "InputReject",
+    "Loaded",
+    "Partitions",
+    "input_bytes",
+    "iter_resources",
+    "load_resources",
+    "partition_resources",
+    "patient_key",
+    "read_partition",
+]
 
 log = structlog.get_logger()
 
@@ -72,6 +86,90 @@ def load_resources(paths: Iterable[Path | str]) -> Loaded:
         loaded.resources.extend(_read_file(path, loaded.rejects))
     log.info("inputs_read", files=loaded.files, resources=len(loaded.resources), rejects=len(loaded.rejects))
     return loaded
+
+
+@dataclass
+class Partitions:
+    """The inputs split by patient into NDJSON files: ``parts[i]`` holds every resource of the patients
+    hashed to ``i``; ``shared`` the resources of no patient (Locations, Organizations…), which every
+    partition needs beside its own."""
+
+    parts: list[Path]
+    shared: Path
+    rejects: list[InputReject] = field(default_factory=list)
+    files: int = 0
+    resources: int = 0
+
+
+#: Elements naming the patient of resource types the mappers do not group themselves (Task.for…).
+_PATIENT_ELEMENTS: Final = ("subject", "patient", "beneficiary", "for")
+_GZIP_RATIO: Final = 8  # a gzipped NDJSON file holds about this many times its size
+
+
+def patient_key(resource: Mapping[str, Any]) -> str | None:
+    """The id of the patient a resource belongs to, or None for a resource of no one patient.
+
+    The element the mappers group by (``Encounter.subject``, ``Coverage.beneficiary``…), else the usual
+    patient elements; a Patient is its own.
+    """
+    kind = resource.get("resourceType")
+    if kind == "Patient":
+        own = resource.get("id")
+        return own if isinstance(own, str) and own else None
+    name = PATIENT_ELEMENT.get(str(kind))
+    for element in (name,) if name is not None else _PATIENT_ELEMENTS:
+        patient = reference_id(resource.get(element), "Patient")
+        if patient:
+            return patient
+    return None
+
+
+def input_bytes(paths: Iterable[Path | str]) -> int:
+    """About how many bytes of JSON the inputs hold (gzipped files counted at a typical ratio)."""
+    total = 0
+    for path in _files(paths):
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise InputError(f"cannot read input {path}: {exc.strerror or exc}") from exc
+        total += size * _GZIP_RATIO if path.name.lower().endswith(".gz") else size
+    return total
+
+
+def partition_resources(paths: Iterable[Path | str], folder: Path, parts: int) -> Partitions:
+    """Stream the inputs into ``parts`` NDJSON files by patient (a stable hash of the patient id) plus
+    one file of shared resources, under ``folder``; nothing is held in memory but one resource."""
+    files = _files(paths)
+    out = Partitions(
+        parts=[folder / f"part-{index:04d}.ndjson" for index in range(parts)],
+        shared=folder / "shared.ndjson",
+        files=len(files),
+    )
+    handles = [path.open("wb", buffering=1 << 18) for path in out.parts]
+    try:
+        with out.shared.open("wb", buffering=1 << 18) as shared:
+            for path in files:
+                for resource in _read_file(path, out.rejects):
+                    out.resources += 1
+                    patient = patient_key(resource)
+                    target = shared if patient is None else handles[zlib.crc32(patient.encode()) % parts]
+                    target.write(orjson.dumps(resource))
+                    target.write(b"\n")
+    finally:
+        for handle in handles:
+            handle.close()
+    log.info("inputs_partitioned", files=out.files, resources=out.resources, parts=parts)
+    return out
+
+
+def read_partition(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """The resources of partition files written by ``partition_resources``."""
+    resources: list[dict[str, Any]] = []
+    loads = orjson.loads
+    for path in paths:
+        with path.open("rb") as handle:
+            resources.extend(loads(line) for line in handle)
+    return resources
 
 
 def iter_resources(paths: Iterable[Path | str], rejects: list[InputReject]) -> Iterator[dict[str, Any]]:

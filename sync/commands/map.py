@@ -1,27 +1,41 @@
 """``iop-bridge map``: FHIR files in, IOP episodes (or EpisodeOfCare resources, or referrals) out.
 
     iop-bridge map INPUT... [--out FILE] [--as-of ISO] [--rules FILE] [--format episodes|fhir|referrals]
-                            [--explain] [--ehr NAME] [--timezone TZ]
+                            [--explain] [--ehr NAME] [--timezone TZ] [--workers N] [--partitions N]
 
 INPUT is any mix of NDJSON files, bulk-export folders and Bundle / resource JSON files (``sync.inputs``).
 Output is NDJSON, one record per line, to ``--out`` (written whole, then renamed into place) or stdout.
 A summary goes to stderr; with ``--out``, every reject is also written to ``<out>.rejects.ndjson``.
 Exit status 0 when the run completed, rejects included; 2 when it could not run (bad rules file,
 unreadable input, bad option).
+
+Memory and cores: a small input is read whole and mapped in this process. A larger one is first streamed
+into partition files by patient (patients are independent) plus one file of shared resources (those of
+no patient: Locations, Organizations…) that every partition reads too; the partitions are mapped by
+``--workers`` processes (default: every core), each writing its sorted records to a file, and the files
+are merged into the one sorted output. Memory then grows with the largest partition, not the input.
+Records a partition made from the shared resources alone (their rejects, say) are kept once.
+Assumption: a resource refers only to its own patient's resources and to shared ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import heapq
+import math
+import multiprocessing
 import os
 import re
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, tzinfo
+from functools import lru_cache
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -30,12 +44,18 @@ import orjson
 import structlog
 
 from mappers.episode_of_care import episode_of_care
-from mappers.episodes import MappingResult, map_episodes
-from mappers.referrals import ReferralResult, map_referrals
+from mappers.episodes import map_episodes, sort_key
+from mappers.referrals import map_referrals
 from mappers.rules import Rules, RulesError, default_rules, load_rules
 from mappers.settings import EpisodeSettings
 from sync.errors import ConfigError
-from sync.inputs import Loaded, load_resources
+from sync.inputs import (
+    InputReject,
+    input_bytes,
+    load_resources,
+    partition_resources,
+    read_partition,
+)
 
 log = structlog.get_logger()
 
@@ -43,6 +63,10 @@ FORMATS: Final = ("episodes", "fhir", "referrals")
 _EHR_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 #: At most this many rejects are listed on stderr (all of them go to the rejects file with --out).
 SHOWN_REJECTS: Final = 20
+#: Input JSON per partition: a partition's resources as Python dicts take several times this much memory.
+PARTITION_BYTES: Final = 6 * 1024 * 1024
+#: More partitions than this would hold too many files open at the merge.
+MAX_PARTITIONS: Final = 512
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -59,25 +83,117 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--explain", action="store_true", help="add why each episode began and ended")
     parser.add_argument("--ehr", default="default", help="name of the EHR connection (part of the ids)")
     parser.add_argument("--timezone", default="UTC", help="IANA time zone of the EHR (days and weeks)")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="processes mapping partitions (default: every core; 1: here)"
+    )
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=0,
+        help="split the input by patient into this many parts (default: by input size, ~6 MB each)",
+    )
     parser.set_defaults(handler=run)
+
+
+@dataclass(frozen=True)
+class MapOptions:
+    """What mapping one set of resources needs (plain values, so it reaches worker processes)."""
+
+    ehr: str
+    as_of: datetime
+    timezone: str
+    format: str
+    explain: bool
+    rules_text: str | None = None
+
+
+@dataclass
+class Outcome:
+    """What mapping one set of resources produced, besides the records themselves."""
+
+    records: int = 0
+    patients: int = 0
+    episodes: int = 0
+    referrals: int = 0
+    encounter_levels: Counter[str] = field(default_factory=Counter)
+    by_level_status: Counter[tuple[str, str]] = field(default_factory=Counter)
+    episode_rejects: list[dict[str, Any]] = field(default_factory=list)
+    referral_rejects: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, other: Outcome) -> None:
+        self.records += other.records
+        self.patients += other.patients
+        self.episodes += other.episodes
+        self.referrals += other.referrals
+        self.encounter_levels.update(other.encounter_levels)
+        self.by_level_status.update(other.by_level_status)
+        self.episode_rejects.extend(other.episode_rejects)
+        self.referral_rejects.extend(other.referral_rejects)
+
+    def remove(self, other: Outcome) -> None:
+        """Take away what ``other`` (the shared resources mapped alone) added to this outcome."""
+        self.patients -= other.patients
+        self.episodes -= other.episodes
+        self.referrals -= other.referrals
+        self.encounter_levels.subtract(other.encounter_levels)
+        self.encounter_levels = +self.encounter_levels
+        self.by_level_status.subtract(other.by_level_status)
+        self.by_level_status = +self.by_level_status
+        self.episode_rejects = _without(self.episode_rejects, other.episode_rejects)
+        self.referral_rejects = _without(self.referral_rejects, other.referral_rejects)
 
 
 @dataclass
 class MapRun:
-    """Everything one run produced (the output records and what the summary reports)."""
+    """Everything one run produced but the records (those are written as they are merged)."""
 
     as_of: datetime
-    loaded: Loaded
-    episodes: MappingResult
-    referrals: ReferralResult
-    records: Sequence[Mapping[str, Any]]
+    files: int
+    resources: int
+    input_rejects: list[InputReject]
+    outcome: Outcome
 
     def rejects(self) -> list[dict[str, Any]]:
         return [
-            *(r.to_dict() for r in self.loaded.rejects),
-            *(r.to_dict() for r in self.episodes.rejects),
-            *(r.to_dict() for r in self.referrals.rejects),
+            *(r.to_dict() for r in self.input_rejects),
+            *sorted(self.outcome.episode_rejects, key=_reject_order),
+            *sorted(self.outcome.referral_rejects, key=_reject_order),
         ]
+
+
+@dataclass(frozen=True)
+class PartitionJob:
+    """One partition to map: its file, the shared file, where its keyed records go."""
+
+    part: Path
+    shared: Path
+    out: Path
+    options: MapOptions
+    #: Every partition but the first drops what the shared resources alone produce, so it counts once.
+    without_shared: bool
+
+
+def _reject_order(reject: Mapping[str, Any]) -> tuple[str, str, str]:
+    return (str(reject["resourceType"]), str(reject["id"] or ""), str(reject["reason"]))
+
+
+def _without(items: list[Any], remove: Iterable[Any]) -> list[Any]:
+    """``items`` less one occurrence of each of ``remove`` (a multiset difference, order kept)."""
+    left = Counter(_identity(item) for item in remove)
+    if not left:
+        return items
+    kept = []
+    for item in items:
+        text = _identity(item)
+        if left[text] > 0:
+            left[text] -= 1
+            continue
+        kept.append(item)
+    return kept
+
+
+def _identity(item: Any) -> bytes:
+    return item if isinstance(item, bytes) else orjson.dumps(item)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,52 +201,159 @@ def run(args: argparse.Namespace) -> int:
     as_of = parse_as_of(args.as_of, zone) if args.as_of else datetime.now(UTC)
     if not _EHR_NAME.match(args.ehr):
         raise ConfigError(f"--ehr must be letters, digits, '_', '.' or '-' (got {args.ehr!r})")
-    rules = read_rules(args.rules)
-    loaded = load_resources(args.inputs)
-    result = map_run(loaded, ehr=args.ehr, as_of=as_of, rules=rules, timezone=args.timezone, args=args)
-    if args.out is not None:
-        write_ndjson(args.out, result.records)
-        write_ndjson(rejects_path(args.out), result.rejects())
+    if args.workers < 0 or args.partitions < 0:
+        raise ConfigError("--workers and --partitions must be 0 (automatic) or more")
+    rules_text = read_rules_text(args.rules)
+    rules = rules_from(rules_text, args.rules)
+    options = MapOptions(
+        ehr=args.ehr,
+        as_of=as_of,
+        timezone=args.timezone,
+        format=args.format,
+        explain=args.explain,
+        rules_text=rules_text,
+    )
+    workers = args.workers or os.cpu_count() or 1
+    parts = args.partitions or min(MAX_PARTITIONS, math.ceil(input_bytes(args.inputs) / PARTITION_BYTES))
+    if parts <= 1:
+        result = _map_here(args.inputs, options, rules, out=args.out)
     else:
-        write_stdout(result.records)
+        result = _map_partitioned(
+            args.inputs, options, parts=max(parts, workers), workers=workers, out=args.out
+        )
+    if args.out is not None:
+        write_ndjson(rejects_path(args.out), result.rejects())
     sys.stderr.write(summary(result, args=args, rules=rules))
     log.info(
         "map_done",
         ehr=args.ehr,
         format=args.format,
-        patients=result.episodes.patients,
-        episodes=len(result.episodes.episodes),
-        referrals=len(result.referrals.referrals),
+        patients=result.outcome.patients,
+        episodes=result.outcome.episodes,
+        referrals=result.outcome.referrals,
         rejects=len(result.rejects()),
     )
     return 0
 
 
-def map_run(
-    loaded: Loaded, *, ehr: str, as_of: datetime, rules: Rules, timezone: str, args: argparse.Namespace
+def _map_here(inputs: Sequence[Path], options: MapOptions, rules: Rules, *, out: Path | None) -> MapRun:
+    """Read everything and map it in this process (a small input)."""
+    loaded = load_resources(inputs)
+    keyed, outcome = map_resources(loaded.resources, options, rules)
+    count = len(loaded.resources)
+    del loaded.resources[:]
+    _write_output(out, (orjson.dumps(record) + b"\n" for _, record in keyed))
+    return MapRun(options.as_of, loaded.files, count, loaded.rejects, outcome)
+
+
+def _map_partitioned(
+    inputs: Sequence[Path], options: MapOptions, *, parts: int, workers: int, out: Path | None
 ) -> MapRun:
+    """Split the input by patient into files, map them in worker processes, merge their sorted outputs."""
+    with tempfile.TemporaryDirectory(prefix="iop-bridge-map-") as folder:
+        partitions = partition_resources(inputs, Path(folder), parts)
+        jobs = [
+            PartitionJob(
+                part=part,
+                shared=partitions.shared,
+                out=Path(folder) / f"out-{index:04d}.ndjson",
+                options=options,
+                without_shared=index > 0,
+            )
+            for index, part in enumerate(partitions.parts)
+        ]
+        outcome = Outcome()
+        if workers <= 1:
+            for job in jobs:
+                outcome.add(map_partition(job))
+        else:
+            context = multiprocessing.get_context("spawn")  # no fork of a process holding locks/threads
+            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+                for done in pool.map(map_partition, jobs):
+                    outcome.add(done)
+        log.info("partitions_mapped", parts=len(jobs), workers=workers, records=outcome.records)
+        _write_output(out, _merged([job.out for job in jobs]))
+    return MapRun(options.as_of, partitions.files, partitions.resources, partitions.rejects, outcome)
+
+
+def map_partition(job: PartitionJob) -> Outcome:
+    """Map one partition (in a worker process): its records, keyed, to ``job.out`` in output order."""
+    rules = _rules(job.options.rules_text)
+    keyed, outcome = map_resources(read_partition([job.part, job.shared]), job.options, rules)
+    lines = [orjson.dumps(key) + b"\t" + orjson.dumps(record) + b"\n" for key, record in keyed]
+    del keyed
+    if job.without_shared:
+        alone_keyed, alone = map_resources(read_partition([job.shared]), job.options, rules)
+        lines = _without(lines, [orjson.dumps(k) + b"\t" + orjson.dumps(r) + b"\n" for k, r in alone_keyed])
+        outcome.remove(alone)
+    outcome.records = len(lines)
+    with job.out.open("wb") as handle:
+        handle.writelines(lines)
+    return outcome
+
+
+@lru_cache(maxsize=4)
+def _rules(text: str | None) -> Rules:
+    return default_rules() if text is None else load_rules(text)
+
+
+def map_resources(
+    resources: Sequence[Mapping[str, Any]], options: MapOptions, rules: Rules
+) -> tuple[list[tuple[list[Any], Mapping[str, Any]]], Outcome]:
+    """The output records of ``resources`` (each with its sort key), in output order, and the counts."""
     settings = EpisodeSettings()
     episodes = map_episodes(
-        loaded.resources, ehr=ehr, as_of=as_of, rules=rules, settings=settings, timezone=timezone,
-        explain=args.explain,
+        resources, ehr=options.ehr, as_of=options.as_of, rules=rules, settings=settings,
+        timezone=options.timezone, explain=options.explain,
     )  # fmt: skip
     referrals = map_referrals(
-        loaded.resources, ehr=ehr, rules=rules, local_codes=settings.referral_local_codes,
-        part2_program=settings.part2_program, timezone=timezone,
+        resources, ehr=options.ehr, rules=rules, local_codes=settings.referral_local_codes,
+        part2_program=settings.part2_program, timezone=options.timezone,
     )  # fmt: skip
-    records: Sequence[Mapping[str, Any]]
-    if args.format == "referrals":
-        records = referrals.referrals
-    elif args.format == "fhir":
-        records = [episode_of_care(record) for record in episodes.episodes]
-    elif args.explain:
-        records = [
-            {**record, "explain": episodes.explanations.get(record["episode_id"], [])}
-            for record in episodes.episodes
+    keyed: list[tuple[list[Any], Mapping[str, Any]]]
+    if options.format == "referrals":
+        keyed = [([str(r["referral_id"])], r) for r in referrals.referrals]
+    elif options.format == "fhir":
+        keyed = [(list(sort_key(r)), episode_of_care(r)) for r in episodes.episodes]
+    elif options.explain:
+        keyed = [
+            (list(sort_key(r)), {**r, "explain": episodes.explanations.get(r["episode_id"], [])})
+            for r in episodes.episodes
         ]
     else:
-        records = episodes.episodes
-    return MapRun(as_of=as_of, loaded=loaded, episodes=episodes, referrals=referrals, records=records)
+        keyed = [(list(sort_key(r)), r) for r in episodes.episodes]
+    outcome = Outcome(
+        records=len(keyed),
+        patients=episodes.patients,
+        episodes=len(episodes.episodes),
+        referrals=len(referrals.referrals),
+        encounter_levels=Counter(episodes.encounter_levels),
+        by_level_status=Counter((str(e["level"]), str(e["status"])) for e in episodes.episodes),
+        episode_rejects=[r.to_dict() for r in episodes.rejects],
+        referral_rejects=[r.to_dict() for r in referrals.rejects],
+    )
+    return keyed, outcome
+
+
+def _merged(paths: Sequence[Path]) -> Iterator[bytes]:
+    """The records of the partitions' keyed files, in key order (each file is in key order already)."""
+    streams = [_keyed_lines(path) for path in paths]
+    for _, line in heapq.merge(*streams, key=itemgetter(0)):
+        yield line
+
+
+def _keyed_lines(path: Path) -> Iterator[tuple[list[Any], bytes]]:
+    with path.open("rb") as handle:
+        for line in handle:
+            key, _, record = line.partition(b"\t")
+            yield orjson.loads(key), record
+
+
+def _write_output(out: Path | None, lines: Iterable[bytes]) -> None:
+    if out is None:
+        write_stdout(lines)
+    else:
+        write_lines(out, lines)
 
 
 def parse_timezone(name: str) -> tzinfo:
@@ -152,25 +375,33 @@ def parse_as_of(text: str, zone: tzinfo) -> datetime:
 
 
 def read_rules(path: Path | None) -> Rules:
+    return rules_from(read_rules_text(path), path)
+
+
+def read_rules_text(path: Path | None) -> str | None:
+    """The rules file's text (None: the default rules)."""
     if path is None:
-        return default_rules()
+        return None
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read rules file {path}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"rules file {path} is not UTF-8 text") from exc
+
+
+def rules_from(text: str | None, path: Path | None) -> Rules:
     try:
-        return load_rules(text)
+        return _rules(text)
     except RulesError as exc:
         raise ConfigError(f"rules file {path}: {exc}") from exc
 
 
-def write_stdout(records: Iterable[Mapping[str, Any]]) -> None:
-    """One JSON object per line on stdout; a reader that stops early (``| head``) just ends the output."""
+def write_stdout(lines: Iterable[bytes]) -> None:
+    """JSON lines on stdout; a reader that stops early (``| head``) just ends the output."""
     try:
-        for record in records:
-            sys.stdout.write(orjson.dumps(record).decode() + "\n")
+        for line in lines:
+            sys.stdout.write(line.decode())
         sys.stdout.flush()
     except BrokenPipeError:
         log.info("output_closed_early")
@@ -183,8 +414,13 @@ def rejects_path(out: Path) -> Path:
 
 
 def write_ndjson(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
-    """Write one JSON object per line to a temporary file beside ``path``, then rename it into place, so
-    a reader never sees half a file."""
+    """One JSON object per line to ``path`` (see ``write_lines``)."""
+    write_lines(path, (orjson.dumps(record) + b"\n" for record in records))
+
+
+def write_lines(path: Path, lines: Iterable[bytes]) -> None:
+    """Write lines to a temporary file beside ``path``, then rename it into place, so a reader never
+    sees half a file."""
     folder = path.parent if str(path.parent) else Path(".")
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -193,9 +429,7 @@ def write_ndjson(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(handle, "wb") as out:
-            for record in records:
-                out.write(orjson.dumps(record))
-                out.write(b"\n")
+            out.writelines(lines)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -209,26 +443,26 @@ def _counts(items: Iterable[tuple[str, int]]) -> str:
 
 def summary(result: MapRun, *, args: argparse.Namespace, rules: Rules) -> str:
     """The run's summary for stderr: counts and codes only (no patient data)."""
-    by_level_status = Counter((str(e["level"]), str(e["status"])) for e in result.episodes.episodes)
+    outcome = result.outcome
     rejects = result.rejects()
     lines = [
         f"as-of: {result.as_of.isoformat()} (timezone {args.timezone}, ehr {args.ehr})",
         f"rules: {rules.version}",
-        f"inputs: {result.loaded.files:,} files, {len(result.loaded.resources):,} resources",
-        f"patients: {result.episodes.patients:,}",
-        f"encounters by level: {_counts(sorted(result.episodes.encounter_levels.items()))}",
+        f"inputs: {result.files:,} files, {result.resources:,} resources",
+        f"patients: {outcome.patients:,}",
+        f"encounters by level: {_counts(sorted(outcome.encounter_levels.items()))}",
         "episodes by level and status: "
-        + _counts((f"{level} {status}", n) for (level, status), n in sorted(by_level_status.items())),
-        f"referrals: {len(result.referrals.referrals):,}",
-        f"rejects: {len(rejects):,} (input {len(result.loaded.rejects):,}, episodes "
-        f"{len(result.episodes.rejects):,}, referrals {len(result.referrals.rejects):,})",
+        + _counts((f"{level} {status}", n) for (level, status), n in sorted(outcome.by_level_status.items())),
+        f"referrals: {outcome.referrals:,}",
+        f"rejects: {len(rejects):,} (input {len(result.input_rejects):,}, episodes "
+        f"{len(outcome.episode_rejects):,}, referrals {len(outcome.referral_rejects):,})",
     ]
     if args.explain and args.format != "episodes":
         lines.append(
             f"note: --explain adds to episode records only; --format {args.format} has no room for it"
         )
     if args.out is not None:
-        lines.append(f"output: {len(result.records):,} {args.format} records -> {args.out}")
+        lines.append(f"output: {outcome.records:,} {args.format} records -> {args.out}")
         lines.append(f"rejects file: {rejects_path(args.out)}")
     lines.extend(f"  reject: {_describe(r)}" for r in rejects[:SHOWN_REJECTS])
     if len(rejects) > SHOWN_REJECTS:

@@ -155,6 +155,7 @@ class _Patient:
         self.floating: list[Visit] = []
         self.groupings: dict[str, Grouping] = {}
         self.ours: dict[str, Grouping] = {}
+        self.condition_codes: dict[str, list[str]] = {}  # Condition key -> its ICD-10-CM codes
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -591,7 +592,9 @@ class _Patient:
         sources.extend(v.resource for v in sessions)
         if episode.hint is not None:
             sources.append(episode.hint.resource)
-        diagnoses = facts.billing_diagnoses([facts.diagnoses_of(r, self.shared) for r in sources])
+        diagnoses = facts.billing_diagnoses(
+            [facts.diagnoses_of(r, self.shared, self.condition_codes) for r in sources]
+        )
         principal = diagnoses[0]["code"] if diagnoses else None
         coded = [v.codes for v in sessions]
         if episode.admission is not None:

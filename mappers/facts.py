@@ -162,8 +162,25 @@ def _icd_key(code: str) -> str:
     return normalise_code("icd10cm", code)
 
 
-def diagnoses_of(resource: Mapping[str, Any], shared: Mapping[str, Mapping[str, Any]]) -> list[Diagnosis]:
-    """ICD-10-CM diagnoses of an Encounter or EpisodeOfCare: diagnosis (with rank), reasonCode, reasons."""
+def _condition_codes(key: str, condition: Mapping[str, Any], memo: dict[str, list[str]]) -> list[str]:
+    codes = memo.get(key)
+    if codes is None:
+        codes = memo[key] = _icd_codes(condition.get("code"))
+    return codes
+
+
+def diagnoses_of(
+    resource: Mapping[str, Any],
+    shared: Mapping[str, Mapping[str, Any]],
+    memo: dict[str, list[str]] | None = None,
+) -> list[Diagnosis]:
+    """ICD-10-CM diagnoses of an Encounter or EpisodeOfCare: diagnosis (with rank), reasonCode, reasons.
+
+    ``memo`` keeps the codes of each referenced Condition (by reference key) across calls over the same
+    ``shared`` index: a patient's Encounters point at the same few Conditions.
+    """
+    if memo is None:
+        memo = {}
     found: list[Diagnosis] = []
     for entry in items(resource, "diagnosis"):
         if not isinstance(entry, (dict, Mapping)):
@@ -182,7 +199,12 @@ def diagnoses_of(resource: Mapping[str, Any], shared: Mapping[str, Mapping[str, 
                 None,
             )
             key = None
-        codes = _icd_codes(condition.get("code")) if condition else _icd_codes(target)
+        if condition is None:
+            codes = _icd_codes(target)
+        elif key is None:
+            codes = _icd_codes(condition.get("code"))
+        else:
+            codes = _condition_codes(key, condition, memo)
         for code in codes:
             found.append(Diagnosis(code, _icd_key(code), key, rank))
     for code in _icd_codes(resource.get("reasonCode")):
@@ -190,8 +212,8 @@ def diagnoses_of(resource: Mapping[str, Any], shared: Mapping[str, Mapping[str, 
     for target in items(resource, "reasonReference"):
         key = resolve(target, shared)
         condition = shared.get(key) if key else None
-        if condition is not None:
-            for code in _icd_codes(condition.get("code")):
+        if condition is not None and key is not None:
+            for code in _condition_codes(key, condition, memo):
                 found.append(Diagnosis(code, _icd_key(code), key, None))
     return found
 

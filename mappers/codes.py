@@ -189,6 +189,7 @@ def _normalise_cached(key: str, code: str) -> str:
     return normalise_code(key, code)
 
 
+@lru_cache(maxsize=16384)
 def icd10_f_range(code: str) -> int | None:
     """The two-digit number of an ICD-10 chapter-F code (``F32.9`` -> 32), else None."""
     text = code.replace(".", "").upper()

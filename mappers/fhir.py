@@ -83,7 +83,10 @@ def element(resource: Any, name: str) -> dict[str, Any]:
 
 def items(resource: Any, name: str) -> list[Any]:
     """A repeating element of a resource as a list; ``[]`` when it is absent or not an array."""
-    value = resource.get(name) if isinstance(resource, (dict, Mapping)) else None
+    if type(resource) is dict:  # the common case first: a plain dict from the JSON parser
+        value = resource.get(name)
+    else:
+        value = resource.get(name) if isinstance(resource, Mapping) else None
     return value if isinstance(value, list) else []
 
 

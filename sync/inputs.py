@@ -145,21 +145,52 @@ def partition_resources(paths: Iterable[Path | str], folder: Path, parts: int) -
         shared=folder / "shared.ndjson",
         files=len(files),
     )
-    handles = [path.open("wb", buffering=1 << 18) for path in out.parts]
+    handles = [path.open("wb", buffering=1 << 16) for path in out.parts]
     try:
-        with out.shared.open("wb", buffering=1 << 18) as shared:
+        with out.shared.open("wb", buffering=1 << 16) as shared:
             for path in files:
-                for resource in _read_file(path, out.rejects):
+                for resource, line in _read_file_raw(path, out.rejects):
                     out.resources += 1
                     patient = patient_key(resource)
                     target = shared if patient is None else handles[zlib.crc32(patient.encode()) % parts]
-                    target.write(orjson.dumps(resource))
-                    target.write(b"\n")
+                    if line is None:
+                        target.write(orjson.dumps(resource))
+                        target.write(b"\n")
+                    else:  # the line as read: no need to serialise it again
+                        target.write(line if line.endswith(b"\n") else line + b"\n")
     finally:
         for handle in handles:
             handle.close()
     log.info("inputs_partitioned", files=out.files, resources=out.resources, parts=parts)
     return out
+
+
+def _read_file_raw(path: Path, rejects: list[InputReject]) -> Iterator[tuple[dict[str, Any], bytes | None]]:
+    """``_read_file``'s resources, each with its NDJSON line when the line is that resource alone."""
+    if not path.name.lower().removesuffix(".gz").endswith(NDJSON_SUFFIXES):
+        for resource in _read_file(path, rejects):
+            yield resource, None
+        return
+    source = str(path)
+    number = 0
+    with _open(path) as handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    item = orjson.loads(line)
+                except orjson.JSONDecodeError as exc:
+                    rejects.append(InputReject(source, number, f"not valid JSON: {exc}"))
+                    continue
+                kind = item.get("resourceType") if isinstance(item, dict) else None
+                if isinstance(kind, str) and kind and kind != "Bundle":
+                    yield item, line
+                    continue
+                for resource in _resources_of(item, source, number, rejects):
+                    yield resource, None
+        except (OSError, EOFError) as exc:  # as in _read_lines
+            rejects.append(InputReject(source, number + 1, f"cannot read further: {exc}"))
 
 
 def read_partition(paths: Iterable[Path]) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import heapq
 import math
 import multiprocessing
@@ -30,7 +31,7 @@ import re
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, tzinfo
@@ -238,10 +239,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _map_here(inputs: Sequence[Path], options: MapOptions, rules: Rules, *, out: Path | None) -> MapRun:
     """Read everything and map it in this process (a small input)."""
-    loaded = load_resources(inputs)
-    keyed, outcome = map_resources(loaded.resources, options, rules)
-    count = len(loaded.resources)
-    del loaded.resources[:]
+    with _without_cyclic_gc():
+        loaded = load_resources(inputs)
+        keyed, outcome = map_resources(loaded.resources, options, rules)
+        count = len(loaded.resources)
+        del loaded.resources[:]
     _write_output(out, (orjson.dumps(record) + b"\n" for _, record in keyed))
     return MapRun(options.as_of, loaded.files, count, loaded.rejects, outcome)
 
@@ -276,8 +278,30 @@ def _map_partitioned(
     return MapRun(options.as_of, partitions.files, partitions.resources, partitions.rejects, outcome)
 
 
+@contextlib.contextmanager
+def _without_cyclic_gc() -> Generator[None, None, None]:
+    """Pause the cyclic garbage collector while a partition is read and mapped.
+
+    Its full passes walk every live object, and a partition's parsed resources are hundreds of thousands
+    of them: measured on 109k Encounters it took ~40% of the CPU. Reference counting still frees nearly
+    everything; the few cycles wait for the collection at the end (a partition bounds the memory)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        gc.collect()
+
+
 def map_partition(job: PartitionJob) -> Outcome:
     """Map one partition (in a worker process): its records, keyed, to ``job.out`` in output order."""
+    with _without_cyclic_gc():
+        return _map_partition(job)
+
+
+def _map_partition(job: PartitionJob) -> Outcome:
     rules = _rules(job.options.rules_text)
     keyed, outcome = map_resources(read_partition([job.part, job.shared]), job.options, rules)
     lines = [orjson.dumps(key) + b"\t" + orjson.dumps(record) + b"\n" for key, record in keyed]

@@ -34,10 +34,11 @@ def parse_datetime(value: Any, zone: tzinfo) -> datetime:
     return _parse_datetime(value, zone)
 
 
-@lru_cache(maxsize=131072)
+@lru_cache(maxsize=16384)
 def _parse_datetime(value: str, zone: tzinfo) -> datetime:
     """``parse_datetime`` of a string, cached: an export repeats the same instants (and datetimes are
-    immutable, so sharing one is safe)."""
+    immutable, so sharing one is safe). Kept small: real Encounter times are mostly unique, so a large
+    cache would only hold memory in every worker."""
     if len(value) >= 19 and value[10] == "T":  # the common full dateTime: the C parser first
         try:
             moment = datetime.fromisoformat(value)

@@ -111,7 +111,7 @@ def reference_key(value: Any) -> str | None:
     return _key_of(reference)
 
 
-@lru_cache(maxsize=262144)
+@lru_cache(maxsize=32768)  # a working set of a patient batch; bigger only holds memory per worker
 def _key_of(reference: str) -> str | None:
     reference = reference.strip()
     if not reference:

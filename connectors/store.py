@@ -424,6 +424,22 @@ class StateStore:
             )
         return [orjson.loads(text) for text in rows]
 
+    def resources_of_type(self, ehr: str, resource_types: Iterable[str]) -> list[dict[str, Any]]:
+        """Every live stored resource of these types (Locations, Organizations: context of no patient)."""
+        query = select(replica_table.c.resource).where(
+            replica_table.c.ehr == ehr,
+            replica_table.c.resource_type.in_(list(resource_types)),
+            replica_table.c.deleted.is_(False),
+            replica_table.c.resource.is_not(None),
+        )
+        with self.engine.connect() as conn:
+            rows = (
+                conn.execute(query.order_by(replica_table.c.resource_type, replica_table.c.id))
+                .scalars()
+                .all()
+            )
+        return [orjson.loads(text) for text in rows]
+
     def patients_touched(self, ehr: str, since: datetime) -> list[str]:
         """Patients with a replica row written (pulled) at or after ``since`` (aware datetime)."""
         if since.tzinfo is None:

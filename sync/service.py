@@ -21,20 +21,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 import structlog
-from sqlalchemy import select
 
 from connectors.config import EhrConfig
 from connectors.errors import EhrError
 from connectors.http import EhrClient
 from connectors.pull import PullSummary, pull
-from connectors.store import replica_table
 from mappers import (
     EpisodeSettings,
     Rules,
@@ -195,22 +192,12 @@ class Service:
         )
         return report
 
-    def _shared_resources(self, ehr: str) -> list[dict[str, Any]]:
-        query = select(replica_table.c.resource).where(
-            replica_table.c.ehr == ehr,
-            replica_table.c.resource_type.in_(SHARED_TYPES),
-            replica_table.c.deleted.is_(False),
-            replica_table.c.resource.is_not(None),
-        )
-        with self.store.engine.connect() as conn:
-            return [dict(orjson.loads(row)) for row in conn.execute(query).scalars()]
-
     def _map_and_stage(
         self, ehr: EhrConfig, patients: list[str], as_of: datetime, report: CycleReport
     ) -> list[Staged]:
         if not patients:
             return []
-        shared = self._shared_resources(ehr.name)
+        shared = self.store.resources_of_type(ehr.name, SHARED_TYPES)
         changed: list[Staged] = []
         for start in range(0, len(patients), MAP_BATCH):
             batch = patients[start : start + MAP_BATCH]
@@ -334,14 +321,4 @@ class Service:
 
 def _with_review(item: Staged, settings: EpisodeSettings) -> Staged:
     day = review_after(item.record, settings)
-    return Staged(
-        kind=item.kind,
-        record_id=item.record_id,
-        patient_id=item.patient_id,
-        record=item.record,
-        topic=item.topic,
-        message_key=item.message_key,
-        schema_name=item.schema_name,
-        schema_version=item.schema_version,
-        review_after=day.isoformat() if day else None,
-    )
+    return replace(item, review_after=day.isoformat() if day else None)

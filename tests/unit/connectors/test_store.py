@@ -273,3 +273,16 @@ def test_upserts_compile_for_both_databases(dialect: str) -> None:
     assert "ON CONFLICT (ehr, resource_type) DO UPDATE SET value = excluded.value" in cursor_sql
     with pytest.raises(ValueError, match="unsupported"):
         replica_upsert("mysql")
+
+
+def test_resources_of_type_gives_the_shared_context(tmp_path: Path) -> None:
+    with StateStore(f"sqlite:///{tmp_path / 'shared.db'}") as store:
+        location = {"resourceType": "Location", "id": "l1", "meta": {"versionId": "1"}}
+        organization = {"resourceType": "Organization", "id": "o1", "meta": {"versionId": "1"}}
+        patient = {"resourceType": "Patient", "id": "p1", "meta": {"versionId": "1"}}
+        store.commit_increment("general", "Location", [location], "2026-01-01T00:00:00Z")
+        store.commit_increment("general", "Organization", [organization], "2026-01-01T00:00:00Z")
+        store.commit_increment("general", "Patient", [patient], "2026-01-01T00:00:00Z")
+        shared = store.resources_of_type("general", ("Location", "Organization"))
+        assert [(r["resourceType"], r["id"]) for r in shared] == [("Location", "l1"), ("Organization", "o1")]
+        assert store.resources_of_type("other", ("Location",)) == []

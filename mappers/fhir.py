@@ -91,7 +91,7 @@ def items(resource: Any, name: str) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-_LITERAL: Final = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}")
+_LITERAL: Final = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9._\-]{1,255}")
 
 
 def is_literal(key: str | None) -> bool:

@@ -28,7 +28,9 @@ PATIENT_ELEMENT: Final[Mapping[str, str]] = {
     "Procedure": "subject",
     "Coverage": "beneficiary",
 }
-FHIR_ID: Final = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+#: Ids we can use: wider than FHIR's rule ([A-Za-z0-9.-]{1,64}) because the Epic/Oracle profiles keep
+#: resources whose ids break it (Oracle's underscores, Epic's ids over 64 characters); same as the contracts.
+FHIR_ID: Final = re.compile(r"[A-Za-z0-9._\-]{1,255}")
 #: Types kept in the shared index for references (no patient of their own needed).
 SHARED_TYPES: Final = frozenset({"Location", "Organization", "Condition"})
 
@@ -111,7 +113,7 @@ def newest_versions(
             continue
         if not FHIR_ID.fullmatch(resource_id):
             if resource_type in PATIENT_ELEMENT or resource_type == "Patient":
-                rejects.append(Reject(resource_type, None, "id is not a FHIR id ([A-Za-z0-9-.]{1,64})"))
+                rejects.append(Reject(resource_type, None, "id is not usable ([A-Za-z0-9._-]{1,255})"))
             continue
         key = (resource_type, resource_id)
         current = newest.get(key)

@@ -63,8 +63,11 @@ _TOPIC_CHARS = re.compile(r"^[A-Za-z0-9._-]*$")
 _MAX_TOPIC_LENGTH = 249
 # The parts of the key: an EHR connection name (no '|') and a FHIR resource id.
 _EHR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_FHIR_ID = re.compile(r"^[A-Za-z0-9.-]{1,64}$")
-_KEY = re.compile(r"^(?P<ehr>[A-Za-z0-9][A-Za-z0-9_.-]*)\|Patient/(?P<id>[A-Za-z0-9.-]{1,64})$")
+# Wider than FHIR's id rule ([A-Za-z0-9.-]{1,64}) on purpose, like the contracts' reference patterns: the
+# vendor profiles keep resources whose ids break it (Oracle's underscores, Epic's ids over 64 characters),
+# and their patients must still be keyed and published. Never '|' or '/': the key stays unambiguous.
+_FHIR_ID = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+_KEY = re.compile(r"^(?P<ehr>[A-Za-z0-9][A-Za-z0-9_.-]*)\|Patient/(?P<id>[A-Za-z0-9._-]{1,255})$")
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas import topics
+from schemas.contracts import errors
 from schemas.topics import Topics, message_key, parse_message_key
 
 EHR_NAMES = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,20}\Z")
-PATIENT_IDS = st.from_regex(r"\A[A-Za-z0-9.-]{1,64}\Z")
+PATIENT_IDS = st.from_regex(r"\A[A-Za-z0-9._-]{1,255}\Z")
 
 
 def test_the_issue_s_topic_names() -> None:
@@ -68,11 +69,27 @@ def test_same_patient_id_at_two_ehrs_gets_two_keys() -> None:
 
 
 @pytest.mark.parametrize(
-    ("ehr", "patient"), [("a|b", "1"), ("", "1"), ("ehr", ""), ("ehr", "Encounter/1"), ("ehr", "x" * 65)]
+    ("ehr", "patient"), [("a|b", "1"), ("", "1"), ("ehr", ""), ("ehr", "Encounter/1"), ("ehr", "x" * 256)]
 )
 def test_message_key_refuses_what_would_be_ambiguous(ehr: str, patient: str) -> None:
     with pytest.raises(ValueError, match="message key"):
         message_key(ehr, patient)
+
+
+def test_vendor_ids_that_break_the_fhir_id_rule_are_keyed_and_pass_the_contracts() -> None:
+    oracle, epic = "LIFETIME_PROVIDER-4169494-0", "e" + "X" * 80
+    assert parse_message_key(message_key("oracle", oracle)) == ("oracle", oracle)
+    assert parse_message_key(message_key("epic", epic)) == ("epic", epic)
+    event = {
+        "event_id": "evt-1",
+        "occurred_at": "2026-03-02T18:00:00+00:00",
+        "ehr": "oracle",
+        "episode_id": "5b1a2f44-1111-5222-8333-444455556666",
+        "patient": {"reference": f"Patient/{oracle}"},
+        "session": {"id": "S-1", "start": "2026-03-02T09:00:00+00:00", "end": "2026-03-02T12:00:00+00:00",
+                    "status": "attended"},
+    }  # fmt: skip
+    assert errors("attendance", 1, event) == []
 
 
 @given(EHR_NAMES, PATIENT_IDS)

@@ -76,7 +76,7 @@ from connectors.http import EhrClient
 from connectors.output import OutputBusyError, RunOutput
 from connectors.panel import load_panel
 from connectors.search import SearchPage, SearchQuery, search_pages
-from connectors.store import Increment, StateStore, rank_of, version_token
+from connectors.store import Increment, StateStore, parse_instant, rank_of, version_token
 from connectors.validation import check_resource
 
 __all__ = ["PullError", "PullSummary", "pull"]
@@ -305,7 +305,7 @@ class _Run:
         cursor = self.store.get_cursor(self.ehr.name, kind)
         if cursor is None:
             return None
-        instant = _parse_instant(cursor)
+        instant = parse_instant(cursor)
         if instant is None:
             return cursor
         return _fhir_instant(instant - timedelta(seconds=self.ehr.overlap_seconds))
@@ -342,7 +342,7 @@ class _Run:
             return
         meta = resource.get("meta")
         text = meta.get("lastUpdated") if isinstance(meta, dict) else None
-        stamp = _parse_instant(text)
+        stamp = parse_instant(text)
         if stamp is not None and (kind not in self._max_seen or stamp > self._max_seen[kind][0]):
             self._max_seen[kind] = (stamp, str(text).strip())
 
@@ -355,7 +355,7 @@ class _Run:
         if seen > cap:
             log.warning("future_last_updated", ehr=self.ehr.name, resource=kind, capped_at=_fhir_instant(cap))
             seen, text = cap, _fhir_instant(cap)
-        old = _parse_instant(self.store.get_cursor(self.ehr.name, kind))
+        old = parse_instant(self.store.get_cursor(self.ehr.name, kind))
         if old is not None and old > seen:
             return
         self.new_cursors[kind] = text
@@ -369,7 +369,7 @@ class _Run:
             known = [c for c in cursors if c is not None]
             # One _since for every type: the oldest cursor; a type never pulled means a full export.
             if len(known) == len(cursors) and known:
-                since = min(known, key=lambda c: _parse_instant(c) or datetime.min.replace(tzinfo=UTC))
+                since = min(known, key=lambda c: parse_instant(c) or datetime.min.replace(tzinfo=UTC))
         staging = self.output.out_dir / _STAGING
         shutil.rmtree(staging, ignore_errors=True)
         try:
@@ -394,7 +394,7 @@ class _Run:
             self.validator.drain(block=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        if _parse_instant(result.transaction_time) is None:
+        if parse_instant(result.transaction_time) is None:
             raise PullError(f"{self.ehr.name}: $export transactionTime is not an instant")
         for kind in types:
             self.new_cursors[kind] = result.transaction_time
@@ -605,16 +605,6 @@ def _ndjson_chunks(path: Path, size: int) -> Iterator[list[bytes]]:
                 chunk = []
     if chunk:
         yield chunk
-
-
-def _parse_instant(value: object) -> datetime | None:
-    if not isinstance(value, str) or "T" not in value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.strip())
-    except ValueError:
-        return None
-    return parsed.astimezone(UTC) if parsed.tzinfo is not None else None
 
 
 def _check_instant(value: str, name: str) -> None:

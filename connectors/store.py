@@ -65,6 +65,7 @@ __all__ = [
     "StateStore",
     "create_tables",
     "cursor_upsert",
+    "parse_instant",
     "patient_of",
     "rank_of",
     "replica_upsert",
@@ -168,7 +169,8 @@ class ReplicaRow:
     resource: dict[str, Any] | None
 
 
-def _instant(value: object) -> datetime | None:
+def parse_instant(value: object) -> datetime | None:
+    """An aware FHIR instant as UTC, or None for anything else (a date, a naive time, garbage)."""
     if not isinstance(value, str) or "T" not in value:
         return None
     try:
@@ -182,7 +184,7 @@ def _instant(value: object) -> datetime | None:
 
 def rank_of(version_id: object, last_updated: object) -> str:
     """A string that sorts like (lastUpdated instant, numeric versionId); "" when lastUpdated is unknown."""
-    instant = _instant(last_updated)
+    instant = parse_instant(last_updated)
     if instant is None:
         return ""
     version = str(version_id).strip() if version_id is not None else ""

@@ -171,26 +171,8 @@ def _read_file_raw(path: Path, rejects: list[InputReject]) -> Iterator[tuple[dic
         for resource in _read_file(path, rejects):
             yield resource, None
         return
-    source = str(path)
-    number = 0
     with _open(path) as handle:
-        try:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    item = orjson.loads(line)
-                except orjson.JSONDecodeError as exc:
-                    rejects.append(InputReject(source, number, f"not valid JSON: {exc}"))
-                    continue
-                kind = item.get("resourceType") if isinstance(item, dict) else None
-                if isinstance(kind, str) and kind and kind != "Bundle":
-                    yield item, line
-                    continue
-                for resource in _resources_of(item, source, number, rejects):
-                    yield resource, None
-        except (OSError, EOFError) as exc:  # as in _read_lines
-            rejects.append(InputReject(source, number + 1, f"cannot read further: {exc}"))
+        yield from _read_lines_raw(handle, path, rejects)
 
 
 def read_partition(paths: Iterable[Path]) -> list[dict[str, Any]]:
@@ -294,6 +276,15 @@ def _read_ndjson(path: Path, rejects: list[InputReject]) -> Iterator[dict[str, A
 
 
 def _read_lines(handle: IO[bytes], path: Path, rejects: list[InputReject]) -> Iterator[dict[str, Any]]:
+    for resource, _ in _read_lines_raw(handle, path, rejects):
+        yield resource
+
+
+def _read_lines_raw(
+    handle: IO[bytes], path: Path, rejects: list[InputReject]
+) -> Iterator[tuple[dict[str, Any], bytes | None]]:
+    """Each resource of an NDJSON stream, with its line when the line is that resource alone (so the
+    partitioner can copy it without serialising it again); a bad line is a reject, never a crash."""
     source = str(path)
     number = 0
     try:
@@ -305,7 +296,12 @@ def _read_lines(handle: IO[bytes], path: Path, rejects: list[InputReject]) -> It
             except orjson.JSONDecodeError as exc:
                 rejects.append(InputReject(source, number, f"not valid JSON: {exc}"))
                 continue
-            yield from _resources_of(item, source, number, rejects)
+            kind = item.get("resourceType") if isinstance(item, dict) else None
+            if isinstance(kind, str) and kind and kind != "Bundle":
+                yield item, line
+                continue
+            for resource in _resources_of(item, source, number, rejects):
+                yield resource, None
     except (OSError, EOFError) as exc:  # a truncated gzip file, a disk error mid-file
         rejects.append(InputReject(source, number + 1, f"cannot read further: {exc}"))
 

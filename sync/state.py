@@ -12,12 +12,20 @@ default, PostgreSQL for several instances).
 - ``sync_sessions``: the resource written for each IOP session (by the program's session id), so a later
   event for the same session updates it instead of creating another (servers' conditional create is
   racy: the ledger is the second lock).
+
+Thread-safe: the write-back consumer's workers share one ``SyncState``. Reads take a pooled connection
+each; on SQLite every write transaction starts with ``BEGIN IMMEDIATE`` (it takes the write lock before
+reading, so a read-then-write never fails with "database is locked" when another writer committed in
+between) and writers of this process queue on a lock instead of SQLite's sleeping busy handler (other
+processes still wait through the store's busy timeout). PostgreSQL writes need neither.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -136,6 +144,23 @@ class SessionResource:
     status: str
 
 
+@dataclass(frozen=True)
+class PublishedEntry:
+    """A published record with the server id of its EHR copy (the EpisodeOfCare), when we know it."""
+
+    record: dict[str, Any]
+    fhir_id: str | None
+
+
+@dataclass(frozen=True)
+class SessionWrite:
+    """The session-table row an event leaves behind, written with the event's ledger entry."""
+
+    ehr: str
+    session_id: str
+    resource: SessionResource
+
+
 def now_utc() -> datetime:
     return datetime.now(UTC)
 
@@ -159,7 +184,20 @@ class SyncState:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._write_lock = threading.Lock()
         create_tables(engine, metadata)
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """One write transaction (see the module docstring for SQLite)."""
+        if not self._sqlite:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self._write_lock, self.engine.begin() as conn:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            yield conn
 
     # -- publishing -------------------------------------------------------------------------------
 
@@ -170,7 +208,7 @@ class SyncState:
         """
         staged: list[Staged] = []
         now = now_utc()
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             for item in items:
                 digest = content_hash(item.record)
                 row = conn.execute(
@@ -235,7 +273,7 @@ class SyncState:
         done = list(seqs)
         if not done:
             return
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(delete(outbox).where(outbox.c.seq.in_(done)))
 
     def outbox_size(self) -> int:
@@ -277,6 +315,16 @@ class SyncState:
             ).all()
         return {r.record_id: dict(orjson.loads(r.record)) for r in rows}
 
+    def published_entry(self, ehr: str, kind: str, record_id: str) -> PublishedEntry | None:
+        """``published_record`` and the record's EHR server id, in one read."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(published.c.record, published.c.fhir_id).where(
+                    published.c.ehr == ehr, published.c.kind == kind, published.c.record_id == record_id
+                )
+            ).first()
+        return None if row is None else PublishedEntry(dict(orjson.loads(row.record)), row.fhir_id)
+
     def episode_fhir_id(self, ehr: str, episode_id: str) -> str | None:
         with self.engine.connect() as conn:
             row = conn.execute(
@@ -287,7 +335,7 @@ class SyncState:
         return None if row is None else row.fhir_id
 
     def set_episode_fhir_id(self, ehr: str, episode_id: str, fhir_id: str) -> None:
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(
                 update(published)
                 .where(
@@ -304,8 +352,20 @@ class SyncState:
             row = conn.execute(select(ledger.c.outcome).where(ledger.c.event_id == event_id)).first()
         return None if row is None else str(row.outcome)
 
-    def record_event(self, event_id: str, *, topic: str, outcome: str, detail: Mapping[str, Any]) -> None:
-        with self.engine.begin() as conn:
+    def record_event(
+        self,
+        event_id: str,
+        *,
+        topic: str,
+        outcome: str,
+        detail: Mapping[str, Any],
+        session: SessionWrite | None = None,
+    ) -> None:
+        """The event's ledger entry and, when given, its session's row: one transaction, so a crash
+        leaves both or neither."""
+        with self._writing() as conn:
+            if session is not None:
+                _put_session(conn, session)
             _upsert(
                 conn,
                 ledger,
@@ -329,17 +389,21 @@ class SyncState:
         return SessionResource(row.resource_type, row.resource_id, row.occurred_at, row.status)
 
     def put_session_resource(self, ehr: str, session_id: str, resource: SessionResource) -> None:
-        with self.engine.begin() as conn:
-            _upsert(
-                conn,
-                sessions,
-                {
-                    "ehr": ehr,
-                    "session_id": session_id,
-                    "resource_type": resource.resource_type,
-                    "resource_id": resource.resource_id,
-                    "occurred_at": resource.occurred_at,
-                    "status": resource.status,
-                },
-                ["ehr", "session_id"],
-            )
+        with self._writing() as conn:
+            _put_session(conn, SessionWrite(ehr, session_id, resource))
+
+
+def _put_session(conn: Connection, write: SessionWrite) -> None:
+    _upsert(
+        conn,
+        sessions,
+        {
+            "ehr": write.ehr,
+            "session_id": write.session_id,
+            "resource_type": write.resource.resource_type,
+            "resource_id": write.resource.resource_id,
+            "occurred_at": write.resource.occurred_at,
+            "status": write.resource.status,
+        },
+        ["ehr", "session_id"],
+    )

@@ -40,7 +40,7 @@ from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, SESSION_ID_S
 from sync import fhir_writes
 from sync.capabilities import JSON_PATCH, Purpose, Targets
 from sync.errors import PermanentEventError
-from sync.state import SessionResource, SyncState
+from sync.state import PublishedEntry, SessionResource, SessionWrite, SyncState
 
 log = structlog.get_logger()
 
@@ -87,6 +87,8 @@ class FhirClient(Protocol):
 class WriteBackResult:
     outcome: Outcome
     references: list[str] = field(default_factory=list)
+    #: The session-table row this write leaves, recorded in the same transaction as the ledger entry.
+    session: SessionWrite | None = field(default=None, repr=False)
 
 
 def _now() -> str:
@@ -119,7 +121,11 @@ def _id_from(response: httpx.Response, resource_type: str) -> str:
 
 
 class WriteBack:
-    """Writes one EHR's attendance and discharge events as FHIR resources."""
+    """Writes one EHR's attendance and discharge events as FHIR resources.
+
+    Thread-safe when its client and state are (``EhrClient`` and ``SyncState`` are): the write-back
+    consumer runs events of different message keys (patients) at once, those of one key in order.
+    """
 
     def __init__(
         self,
@@ -150,7 +156,7 @@ class WriteBack:
         self,
         event: Mapping[str, Any],
         topic: str,
-        write: Callable[[Mapping[str, Any], dict[str, Any]], WriteBackResult],
+        write: Callable[[Mapping[str, Any], PublishedEntry], WriteBackResult],
     ) -> WriteBackResult:
         event_id = str(event["event_id"])
         if self.state.event_outcome(event_id) is not None:
@@ -159,27 +165,32 @@ class WriteBack:
         if event.get("ehr") not in (None, self.ehr):
             raise PermanentEventError(f"event {event_id} is for EHR {event.get('ehr')!r}, not {self.ehr!r}")
         episode = self._episode(str(event["episode_id"]))
-        self._check_patient(event, episode)
+        self._check_patient(event, episode.record)
         result = write(event, episode)
         self.state.record_event(
-            event_id, topic=topic, outcome=result.outcome, detail={"references": result.references}
+            event_id,
+            topic=topic,
+            outcome=result.outcome,
+            detail={"references": result.references},
+            session=result.session,
         )
         log.info("event_written", event_id=event_id, topic=topic, outcome=str(result.outcome))
         return result
 
     # -- lookups ----------------------------------------------------------------------------------
 
-    def _episode(self, episode_id: str) -> dict[str, Any]:
-        """The published episode, following ``superseded_by`` from a superseded one."""
+    def _episode(self, episode_id: str) -> PublishedEntry:
+        """The published episode (with its EpisodeOfCare's server id when we know it), following
+        ``superseded_by`` from a superseded one."""
         seen = []
         current = episode_id
         for _ in range(MAX_SUPERSEDED_HOPS):
-            record = self.state.published_record(self.ehr, "episode", current)
-            if record is None:
+            entry = self.state.published_entry(self.ehr, "episode", current)
+            if entry is None:
                 raise PermanentEventError(f"unknown episode {current} at EHR {self.ehr!r}")
-            successor = record.get("superseded_by")
-            if record.get("status") != "cancelled" or not successor:
-                return record
+            successor = entry.record.get("superseded_by")
+            if entry.record.get("status") != "cancelled" or not successor:
+                return entry
             seen.append(current)
             current = str(successor)
         raise PermanentEventError(f"episode {episode_id} is superseded in a loop: {seen}")
@@ -349,9 +360,10 @@ class WriteBack:
         self,
         resource_type: str,
         event: Mapping[str, Any],
-        episode: dict[str, Any],
+        entry: PublishedEntry,
         security: list[dict[str, Any]],
     ) -> dict[str, Any]:
+        episode = entry.record
         patient = str(episode["patient"]["reference"])
         episode_id = str(episode["episode_id"])
         if resource_type == "Encounter":
@@ -359,7 +371,7 @@ class WriteBack:
                 event,
                 patient_reference=patient,
                 episode_id=episode_id,
-                episode_fhir_id=self.state.episode_fhir_id(self.ehr, episode_id),
+                episode_fhir_id=entry.fhir_id,
                 security=security,
             )
         if resource_type == "Appointment":
@@ -370,7 +382,7 @@ class WriteBack:
             )
         raise PermanentEventError(f"EHR {self.ehr!r}: no attendance builder for {resource_type}")
 
-    def _attendance(self, event: Mapping[str, Any], episode: dict[str, Any]) -> WriteBackResult:
+    def _attendance(self, event: Mapping[str, Any], entry: PublishedEntry) -> WriteBackResult:
         session = event["session"]
         session_id = str(session["id"])
         status = str(session["status"])
@@ -378,13 +390,13 @@ class WriteBack:
         known = self.state.session_resource(self.ehr, session_id)
         if known is not None and _instant(known.occurred_at) >= _instant(occurred_at):
             return WriteBackResult(Outcome.STALE, [f"{known.resource_type}/{known.resource_id}"])
-        security = self._security(episode)
+        security = self._security(entry.record)
 
         if status == "cancelled":
-            return self._void_session(event, episode, known, security)
+            return self._void_session(event, entry, known, security)
 
         resource_type = self.targets.require(Purpose.ATTENDED if status == "attended" else Purpose.ABSENT)
-        resource = self._session_resource(resource_type, event, episode, security)
+        resource = self._session_resource(resource_type, event, entry, security)
         if known is not None and known.resource_type not in (resource_type, "none"):
             # attended <-> absent: the old record of the session is voided, the new one written.
             self._update(f"{known.resource_type}/{known.resource_id}", fhir_writes.voided, security)
@@ -399,15 +411,15 @@ class WriteBack:
             resource_id = known.resource_id
             changed = self._update(f"{resource_type}/{resource_id}", _replace_with(resource), security)
             outcome = Outcome.UPDATED if changed else Outcome.UNCHANGED
-        self.state.put_session_resource(
-            self.ehr, session_id, SessionResource(resource_type, resource_id, occurred_at, status)
+        written = SessionResource(resource_type, resource_id, occurred_at, status)
+        return WriteBackResult(
+            outcome, [f"{resource_type}/{resource_id}"], SessionWrite(self.ehr, session_id, written)
         )
-        return WriteBackResult(outcome, [f"{resource_type}/{resource_id}"])
 
     def _void_session(
         self,
         event: Mapping[str, Any],
-        episode: dict[str, Any],
+        entry: PublishedEntry,
         known: SessionResource | None,
         security: list[dict[str, Any]],
     ) -> WriteBackResult:
@@ -418,22 +430,18 @@ class WriteBack:
             references.append(f"{known.resource_type}/{known.resource_id}")
         elif known is None:  # an earlier try may have written it before the crash: ask the server
             for resource_type in self._session_types():
-                like = self._session_resource(resource_type, _as_attended(event), episode, security)
+                like = self._session_resource(resource_type, _as_attended(event), entry, security)
                 found = self._lookup(resource_type, SESSION_ID_SYSTEM, session_id, like)
                 if found is not None:
                     references.append(f"{resource_type}/{found['id']}")
         if not references:
-            self.state.put_session_resource(
-                self.ehr, session_id, SessionResource("none", "", occurred_at, "cancelled")
-            )
-            return WriteBackResult(Outcome.NOTHING_TO_VOID)
+            nothing = SessionResource("none", "", occurred_at, "cancelled")
+            return WriteBackResult(Outcome.NOTHING_TO_VOID, [], SessionWrite(self.ehr, session_id, nothing))
         for reference in references:
             self._update(reference, fhir_writes.voided, security)
         resource_type, resource_id = references[0].split("/", 1)
-        self.state.put_session_resource(
-            self.ehr, session_id, SessionResource(resource_type, resource_id, occurred_at, "cancelled")
-        )
-        return WriteBackResult(Outcome.VOIDED, references)
+        voided = SessionResource(resource_type, resource_id, occurred_at, "cancelled")
+        return WriteBackResult(Outcome.VOIDED, references, SessionWrite(self.ehr, session_id, voided))
 
     def _session_types(self) -> list[str]:
         """The resource types a session of this EHR may have been written as (in plan order)."""
@@ -446,17 +454,18 @@ class WriteBack:
 
     # -- discharge --------------------------------------------------------------------------------
 
-    def _discharge(self, event: Mapping[str, Any], episode: dict[str, Any]) -> WriteBackResult:
+    def _discharge(self, event: Mapping[str, Any], entry: PublishedEntry) -> WriteBackResult:
         """Finish the EpisodeOfCare (where the EHR has ours), write the summary, update the referral
         Task. Everything is looked up and checked before the first write, so an EHR that cannot take a
         part makes the event permanent without writing half of it."""
         discharge = event["discharge"]
+        episode = entry.record
         security = self._security(episode)
         episode_id = str(episode["episode_id"])
         patient = str(episode["patient"]["reference"])
         document_type = self.targets.require(Purpose.DISCHARGE_SUMMARY)
 
-        eoc_id = self._episode_of_care_id(episode_id)
+        eoc_id = self._episode_of_care_id(episode_id, entry.fhir_id)
         if eoc_id is not None:
             self.targets.require(Purpose.EPISODE_OF_CARE)
         tasks = self._referral_tasks(episode)
@@ -495,11 +504,11 @@ class WriteBack:
             references.append(f"Task/{task_id}")
         return WriteBackResult(Outcome.DISCHARGED, references)
 
-    def _episode_of_care_id(self, episode_id: str) -> str | None:
+    def _episode_of_care_id(self, episode_id: str, known: str | None) -> str | None:
         """The server id of the episode's EpisodeOfCare, where this EHR's write-back keeps one."""
         if self.targets.resource_type(Purpose.EPISODE_OF_CARE) is None:
             return None
-        eoc_id = self.state.episode_fhir_id(self.ehr, episode_id)
+        eoc_id = known
         if eoc_id is None and self.targets.access("EpisodeOfCare").searchable_by("identifier"):
             found = self._find("EpisodeOfCare", EPISODE_ID_SYSTEM, episode_id)
             eoc_id = str(found["id"]) if found else None

@@ -14,6 +14,12 @@ Accepted inputs (any mix, in the order given):
 A line or file that is not a FHIR resource (bad JSON, no ``resourceType``) is an ``InputReject`` naming
 the file, the line and what is wrong; it never stops the run. A path that does not exist or cannot be
 read raises ``InputError`` (a ``ConfigError``: the run cannot start).
+
+How each resource is read (``mode``): ``"full"`` keeps the whole parsed JSON; ``"lean"`` keeps the lean
+projection of ``mappers.projection`` (only the fields the mappers read, each type-checked; a value of the
+wrong type is an ``InputReject`` naming the resource, the field path and the problem); ``"strict"``
+validates the whole resource with ``fhir.resources.R4B`` (``connectors.validation``, nothing tolerated)
+and rejects what fails, with the reasons.
 """
 
 from __future__ import annotations
@@ -21,16 +27,19 @@ from __future__ import annotations
 import gzip
 import io
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final, cast
+from typing import IO, Any, Final, Literal, cast
 
+import msgspec
 import orjson
 import structlog
 
+from connectors.validation import check_resource
 from mappers.fhir import reference_id
 from mappers.index import PATIENT_ELEMENT
+from mappers.projection import ProjectionError, project, project_line
 from sync.errors import ConfigError
 
 __all__ = [
@@ -38,6 +47,8 @@ __all__ = [
     "InputReject",
     "Loaded",
     "Partitions",
+    "ReadMode",
+    "admit",
     "input_bytes",
     "iter_resources",
     "load_resources",
@@ -47,6 +58,9 @@ __all__ = [
 ]
 
 log = structlog.get_logger()
+
+#: How resources are read: the whole JSON, the mappers' lean projection, or fully validated.
+ReadMode = Literal["full", "lean", "strict"]
 
 NDJSON_SUFFIXES: Final = (".ndjson", ".jsonl")
 FOLDER_SUFFIXES: Final = (*NDJSON_SUFFIXES, ".json")
@@ -77,13 +91,17 @@ class Loaded:
     files: int = 0
 
 
-def load_resources(paths: Iterable[Path | str]) -> Loaded:
+def load_resources(paths: Iterable[Path | str], *, mode: ReadMode = "full") -> Loaded:
     """Every resource of ``paths`` in one list (see the module docstring for the accepted inputs)."""
     loaded = Loaded()
     files = _files(paths)
     loaded.files = len(files)
     for path in files:
-        loaded.resources.extend(_read_file(path, loaded.rejects))
+        source = str(path)
+        for resource, _, number in _read_file_raw(path, loaded.rejects):
+            admitted = admit(resource, mode, source, number, loaded.rejects)
+            if admitted is not None:
+                loaded.resources.append(admitted)
     log.info("inputs_read", files=loaded.files, resources=len(loaded.resources), rejects=len(loaded.rejects))
     return loaded
 
@@ -99,6 +117,8 @@ class Partitions:
     rejects: list[InputReject] = field(default_factory=list)
     files: int = 0
     resources: int = 0
+    #: The input files, by the index partition lines carry.
+    sources: list[str] = field(default_factory=list)
 
 
 #: Elements naming the patient of resource types the mappers do not group themselves (Task.for…).
@@ -137,27 +157,28 @@ def input_bytes(paths: Iterable[Path | str]) -> int:
 
 
 def partition_resources(paths: Iterable[Path | str], folder: Path, parts: int) -> Partitions:
-    """Stream the inputs into ``parts`` NDJSON files by patient (a stable hash of the patient id) plus
-    one file of shared resources, under ``folder``; nothing is held in memory but one resource."""
+    """Stream the inputs into ``parts`` files by patient (a stable hash of the patient id) plus one file
+    of shared resources, under ``folder``; nothing is held in memory but one resource.
+
+    Each line of a partition file is ``<resourceType> TAB <input index> TAB <line> TAB <JSON>``, so the
+    worker reading it knows the type to project and where a reject came from. An NDJSON line is read
+    only as far as its type and patient (``msgspec``, the rest skipped) and copied as it is."""
     files = _files(paths)
     out = Partitions(
         parts=[folder / f"part-{index:04d}.ndjson" for index in range(parts)],
         shared=folder / "shared.ndjson",
         files=len(files),
+        sources=[str(path) for path in files],
     )
     handles = [path.open("wb", buffering=1 << 16) for path in out.parts]
     try:
         with out.shared.open("wb", buffering=1 << 16) as shared:
-            for path in files:
-                for resource, line in _read_file_raw(path, out.rejects):
+            for index, path in enumerate(files):
+                for kind, patient, number, body in _partition_items(path, out.rejects):
                     out.resources += 1
-                    patient = patient_key(resource)
                     target = shared if patient is None else handles[zlib.crc32(patient.encode()) % parts]
-                    if line is None:
-                        target.write(orjson.dumps(resource))
-                        target.write(b"\n")
-                    else:  # the line as read: no need to serialise it again
-                        target.write(line if line.endswith(b"\n") else line + b"\n")
+                    target.write(b"%s\t%d\t%d\t" % (kind.encode(), index, number))
+                    target.write(body if body.endswith(b"\n") else body + b"\n")
     finally:
         for handle in handles:
             handle.close()
@@ -165,24 +186,126 @@ def partition_resources(paths: Iterable[Path | str], folder: Path, parts: int) -
     return out
 
 
-def _read_file_raw(path: Path, rejects: list[InputReject]) -> Iterator[tuple[dict[str, Any], bytes | None]]:
-    """``_read_file``'s resources, each with its NDJSON line when the line is that resource alone."""
+class _Head(msgspec.Struct, gc=False, rename={"for_": "for"}):
+    """A resource read only as far as the partitioner needs: its type, id and patient elements."""
+
+    resourceType: Any = None
+    id: Any = None
+    subject: Any = None
+    patient: Any = None
+    beneficiary: Any = None
+    for_: Any = None
+
+
+_HEAD: Final = msgspec.json.Decoder(_Head)
+
+
+def _head_patient(head: _Head) -> str | None:
+    """``patient_key`` of a resource read as a ``_Head``."""
+    kind = head.resourceType
+    if kind == "Patient":
+        return head.id if isinstance(head.id, str) and head.id else None
+    name = PATIENT_ELEMENT.get(kind)
+    values = {"subject": head.subject, "patient": head.patient, "beneficiary": head.beneficiary}
+    values["for"] = head.for_
+    for element in (name,) if name is not None else _PATIENT_ELEMENTS:
+        patient = reference_id(values[element], "Patient")
+        if patient:
+            return patient
+    return None
+
+
+def _partition_items(path: Path, rejects: list[InputReject]) -> Iterator[tuple[str, str | None, int, bytes]]:
+    """``(resourceType, patient id, line number, JSON)`` of each resource of one input file."""
     if not path.name.lower().removesuffix(".gz").endswith(NDJSON_SUFFIXES):
-        for resource in _read_file(path, rejects):
-            yield resource, None
+        for resource, _, number in _read_file_raw(path, rejects):
+            yield str(resource["resourceType"]), patient_key(resource), number or 0, orjson.dumps(resource)
+        return
+    source = str(path)
+    number = 0
+    with _open(path) as handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                try:
+                    head = _HEAD.decode(line)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    head = None
+                kind = head.resourceType if head is not None else None
+                if head is not None and isinstance(kind, str) and kind and kind != "Bundle":
+                    yield kind, _head_patient(head), number, line
+                    continue
+                if not line.strip():
+                    continue
+                for resource, _ in _parsed_line(line, source, number, rejects):  # bad JSON, a Bundle…
+                    kind = str(resource["resourceType"])
+                    yield kind, patient_key(resource), number, orjson.dumps(resource)
+        except (OSError, EOFError) as exc:  # a truncated gzip file, a disk error mid-file
+            rejects.append(InputReject(source, number + 1, f"cannot read further: {exc}"))
+
+
+def _read_file_raw(
+    path: Path, rejects: list[InputReject]
+) -> Iterator[tuple[dict[str, Any], bytes | None, int | None]]:
+    """``_read_file``'s resources, each with its NDJSON line when the line is that resource alone, and
+    its line number (NDJSON) or position (a JSON array of resources)."""
+    if not path.name.lower().removesuffix(".gz").endswith(NDJSON_SUFFIXES):
+        yield from _read_document(path, rejects)
         return
     with _open(path) as handle:
         yield from _read_lines_raw(handle, path, rejects)
 
 
-def read_partition(paths: Iterable[Path]) -> list[dict[str, Any]]:
-    """The resources of partition files written by ``partition_resources``."""
+def admit(
+    resource: dict[str, Any], mode: ReadMode, source: str, line: int | None, rejects: list[InputReject]
+) -> dict[str, Any] | None:
+    """A parsed resource as ``mode`` reads it (None, with a reject, when it does not pass)."""
+    if mode == "full":
+        return resource
+    if mode == "lean":
+        try:
+            return project(resource)
+        except ProjectionError as exc:
+            rejects.append(InputReject(source, line, str(exc)))
+            return None
+    checked = check_resource(resource, tolerate=frozenset())
+    if checked.resource is None:
+        rejects.append(InputReject(source, line, str(checked.error)))  # names the resource and the field
+    return checked.resource
+
+
+def read_partition(
+    paths: Iterable[Path],
+    *,
+    mode: ReadMode = "full",
+    rejects: list[InputReject] | None = None,
+    sources: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """The resources of partition files written by ``partition_resources``, read as ``mode`` says;
+    what does not pass goes to ``rejects`` naming the input file (``sources``) and line."""
     resources: list[dict[str, Any]] = []
+    found = rejects if rejects is not None else []
     loads = orjson.loads
     for path in paths:
         with path.open("rb") as handle:
-            resources.extend(loads(line) for line in handle)
+            if mode == "lean":
+                for line in handle:
+                    kind, index, number, body = line.split(b"\t", 3)
+                    try:
+                        resources.append(project_line(body, kind.decode()))
+                    except ProjectionError as exc:
+                        found.append(InputReject(_source(sources, index), int(number) or None, str(exc)))
+                continue
+            for line in handle:
+                kind, index, number, body = line.split(b"\t", 3)
+                resource = admit(loads(body), mode, _source(sources, index), int(number) or None, found)
+                if resource is not None:
+                    resources.append(resource)
     return resources
+
+
+def _source(sources: Sequence[str], index: bytes) -> str:
+    position = int(index)
+    return sources[position] if position < len(sources) else f"input {position}"
 
 
 def iter_resources(paths: Iterable[Path | str], rejects: list[InputReject]) -> Iterator[dict[str, Any]]:
@@ -225,10 +348,14 @@ def _open(path: Path) -> IO[bytes]:
 
 
 def _read_file(path: Path, rejects: list[InputReject]) -> Iterator[dict[str, Any]]:
-    name = path.name.lower().removesuffix(".gz")
-    if name.endswith(NDJSON_SUFFIXES):
-        yield from _read_ndjson(path, rejects)
-        return
+    for resource, _, _ in _read_file_raw(path, rejects):
+        yield resource
+
+
+def _read_document(
+    path: Path, rejects: list[InputReject]
+) -> Iterator[tuple[dict[str, Any], bytes | None, int | None]]:
+    """The resources of a JSON file: one resource, a Bundle, an array of those (or NDJSON after all)."""
     with _open(path) as handle:
         try:
             data = handle.read()
@@ -238,7 +365,7 @@ def _read_file(path: Path, rejects: list[InputReject]) -> Iterator[dict[str, Any
         document = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         if _looks_like_ndjson(data):
-            yield from _read_lines(io.BytesIO(data), path, rejects)
+            yield from _read_lines_raw(io.BytesIO(data), path, rejects)
             return
         rejects.append(InputReject(str(path), None, f"not valid JSON: {exc}"))
         return
@@ -247,7 +374,8 @@ def _read_file(path: Path, rejects: list[InputReject]) -> Iterator[dict[str, Any
     items = document if isinstance(document, list) else [document]
     for index, item in enumerate(items):
         where = None if not isinstance(document, list) else index + 1
-        yield from _resources_of(item, str(path), where, rejects)
+        for resource in _resources_of(item, str(path), where, rejects):
+            yield resource, None, where
 
 
 def _looks_like_ndjson(data: bytes) -> bool:
@@ -270,40 +398,38 @@ def _is_bulk_manifest(document: Any) -> bool:
     )
 
 
-def _read_ndjson(path: Path, rejects: list[InputReject]) -> Iterator[dict[str, Any]]:
-    with _open(path) as handle:
-        yield from _read_lines(handle, path, rejects)
-
-
-def _read_lines(handle: IO[bytes], path: Path, rejects: list[InputReject]) -> Iterator[dict[str, Any]]:
-    for resource, _ in _read_lines_raw(handle, path, rejects):
-        yield resource
-
-
 def _read_lines_raw(
     handle: IO[bytes], path: Path, rejects: list[InputReject]
-) -> Iterator[tuple[dict[str, Any], bytes | None]]:
-    """Each resource of an NDJSON stream, with its line when the line is that resource alone (so the
-    partitioner can copy it without serialising it again); a bad line is a reject, never a crash."""
+) -> Iterator[tuple[dict[str, Any], bytes | None, int | None]]:
+    """Each resource of an NDJSON stream, with its line when the line is that resource alone, and the
+    line's number; a bad line is a reject, never a crash."""
     source = str(path)
     number = 0
     try:
         for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                rejects.append(InputReject(source, number, f"not valid JSON: {exc}"))
-                continue
-            kind = item.get("resourceType") if isinstance(item, dict) else None
-            if isinstance(kind, str) and kind and kind != "Bundle":
-                yield item, line
-                continue
-            for resource in _resources_of(item, source, number, rejects):
-                yield resource, None
+            for resource, raw in _parsed_line(line, source, number, rejects):
+                yield resource, raw, number
     except (OSError, EOFError) as exc:  # a truncated gzip file, a disk error mid-file
         rejects.append(InputReject(source, number + 1, f"cannot read further: {exc}"))
+
+
+def _parsed_line(
+    line: bytes, source: str, number: int, rejects: list[InputReject]
+) -> Iterator[tuple[dict[str, Any], bytes | None]]:
+    """The resource(s) of one NDJSON line: itself (with the line), a Bundle's entries, or a reject."""
+    if not line.strip():
+        return
+    try:
+        item = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        rejects.append(InputReject(source, number, f"not valid JSON: {exc}"))
+        return
+    kind = item.get("resourceType") if isinstance(item, dict) else None
+    if isinstance(kind, str) and kind and kind != "Bundle":
+        yield item, line
+        return
+    for resource in _resources_of(item, source, number, rejects):
+        yield resource, None
 
 
 def _resources_of(

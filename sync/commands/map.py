@@ -2,12 +2,18 @@
 
     iop-bridge map INPUT... [--out FILE] [--as-of ISO] [--rules FILE] [--format episodes|fhir|referrals]
                             [--explain] [--ehr NAME] [--timezone TZ] [--workers N] [--partitions N]
+                            [--strict]
 
 INPUT is any mix of NDJSON files, bulk-export folders and Bundle / resource JSON files (``sync.inputs``).
 Output is NDJSON, one record per line, to ``--out`` (written whole, then renamed into place) or stdout.
 A summary goes to stderr; with ``--out``, every reject is also written to ``<out>.rejects.ndjson``.
 Exit status 0 when the run completed, rejects included; 2 when it could not run (bad rules file,
 unreadable input, bad option).
+
+Reading: by default each resource is read as the mappers' lean projection (``mappers.projection``: only
+the fields they use, each type-checked, since ``pull`` validated every resource with ``fhir.resources``);
+a field of the wrong type rejects that resource with its path. ``--strict`` validates every whole
+resource with ``fhir.resources.R4B`` first (nothing tolerated) and rejects what fails, with the reasons.
 
 Memory and cores: a small input is read whole and mapped in this process. A larger one is first streamed
 into partition files by patient (patients are independent) plus one file of shared resources (those of
@@ -52,6 +58,7 @@ from mappers.settings import EpisodeSettings
 from sync.errors import ConfigError
 from sync.inputs import (
     InputReject,
+    ReadMode,
     input_bytes,
     load_resources,
     partition_resources,
@@ -93,6 +100,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=0,
         help="split the input by patient into this many parts (default: by input size, ~6 MB each)",
     )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="validate every whole resource with fhir.resources first (default: the lean projection)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -106,6 +118,8 @@ class MapOptions:
     format: str
     explain: bool
     rules_text: str | None = None
+    #: How resources are read: the lean projection, or whole and validated (``--strict``).
+    mode: ReadMode = "lean"
 
 
 @dataclass
@@ -119,6 +133,8 @@ class Outcome:
     encounter_levels: Counter[str] = field(default_factory=Counter)
     by_level_status: Counter[tuple[str, str]] = field(default_factory=Counter)
     episode_rejects: list[dict[str, Any]] = field(default_factory=list)
+    #: Resources a worker could not read (projection or validation), as ``InputReject`` dicts.
+    input_rejects: list[dict[str, Any]] = field(default_factory=list)
     referral_rejects: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, other: Outcome) -> None:
@@ -129,6 +145,7 @@ class Outcome:
         self.encounter_levels.update(other.encounter_levels)
         self.by_level_status.update(other.by_level_status)
         self.episode_rejects.extend(other.episode_rejects)
+        self.input_rejects.extend(other.input_rejects)
         self.referral_rejects.extend(other.referral_rejects)
 
     def remove(self, other: Outcome) -> None:
@@ -154,9 +171,14 @@ class MapRun:
     input_rejects: list[InputReject]
     outcome: Outcome
 
+    def unreadable(self) -> list[dict[str, Any]]:
+        """What could not be read: the parent's and the workers' input rejects, by file and line."""
+        found = [r.to_dict() for r in self.input_rejects] + self.outcome.input_rejects
+        return sorted(found, key=lambda r: (str(r["source"]), r["line"] or 0))
+
     def rejects(self) -> list[dict[str, Any]]:
         return [
-            *(r.to_dict() for r in self.input_rejects),
+            *self.unreadable(),
             *sorted(self.outcome.episode_rejects, key=_reject_order),
             *sorted(self.outcome.referral_rejects, key=_reject_order),
         ]
@@ -172,6 +194,8 @@ class PartitionJob:
     options: MapOptions
     #: Every partition but the first drops what the shared resources alone produce, so it counts once.
     without_shared: bool
+    #: The input files, by the index partition lines carry (for the rejects).
+    sources: tuple[str, ...] = ()
 
 
 def _reject_order(reject: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -213,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
         format=args.format,
         explain=args.explain,
         rules_text=rules_text,
+        mode="strict" if args.strict else "lean",
     )
     workers = args.workers or os.cpu_count() or 1
     parts = args.partitions or min(MAX_PARTITIONS, math.ceil(input_bytes(args.inputs) / PARTITION_BYTES))
@@ -240,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
 def _map_here(inputs: Sequence[Path], options: MapOptions, rules: Rules, *, out: Path | None) -> MapRun:
     """Read everything and map it in this process (a small input)."""
     with _without_cyclic_gc():
-        loaded = load_resources(inputs)
+        loaded = load_resources(inputs, mode=options.mode)
         keyed, outcome = map_resources(loaded.resources, options, rules)
         count = len(loaded.resources)
         del loaded.resources[:]
@@ -261,6 +286,7 @@ def _map_partitioned(
                 out=Path(folder) / f"out-{index:04d}.ndjson",
                 options=options,
                 without_shared=index > 0,
+                sources=tuple(partitions.sources),
             )
             for index, part in enumerate(partitions.parts)
         ]
@@ -304,11 +330,19 @@ def map_partition(job: PartitionJob) -> Outcome:
 
 def _map_partition(job: PartitionJob) -> Outcome:
     rules = _rules(job.options.rules_text)
-    keyed, outcome = map_resources(read_partition([job.part, job.shared]), job.options, rules)
+    mode, sources = job.options.mode, job.sources
+    unreadable: list[InputReject] = []
+    shared = read_partition(
+        [job.shared], mode=mode, rejects=[] if job.without_shared else unreadable, sources=sources
+    )
+    own = read_partition([job.part], mode=mode, rejects=unreadable, sources=sources)
+    keyed, outcome = map_resources([*own, *shared], job.options, rules)
+    del own
+    outcome.input_rejects = [r.to_dict() for r in unreadable]
     lines = [orjson.dumps(key) + b"\t" + orjson.dumps(record) + b"\n" for key, record in keyed]
     del keyed
     if job.without_shared:
-        alone_keyed, alone = map_resources(read_partition([job.shared]), job.options, rules)
+        alone_keyed, alone = map_resources(shared, job.options, rules)
         lines = _without(lines, [orjson.dumps(k) + b"\t" + orjson.dumps(r) + b"\n" for k, r in alone_keyed])
         outcome.remove(alone)
     outcome.records = len(lines)
@@ -479,7 +513,7 @@ def summary(result: MapRun, *, args: argparse.Namespace, rules: Rules) -> str:
         "episodes by level and status: "
         + _counts((f"{level} {status}", n) for (level, status), n in sorted(outcome.by_level_status.items())),
         f"referrals: {outcome.referrals:,}",
-        f"rejects: {len(rejects):,} (input {len(result.input_rejects):,}, episodes "
+        f"rejects: {len(rejects):,} (input {len(result.unreadable()):,}, episodes "
         f"{len(outcome.episode_rejects):,}, referrals {len(outcome.referral_rejects):,})",
     ]
     if args.explain and args.format != "episodes":

@@ -37,7 +37,7 @@ ALLOWED_IMPORTS = frozenset(
         "__future__", "abc", "bisect", "collections", "copy", "dataclasses", "datetime", "decimal", "enum",
         "functools", "hashlib", "heapq", "itertools", "json", "math", "operator", "re", "statistics",
         "string", "textwrap", "tomllib", "types", "typing", "uuid", "zoneinfo",
-        "fhir", "orjson", "pydantic", "structlog",
+        "fhir", "msgspec", "orjson", "pydantic", "structlog",
         "importlib",  # only ``importlib.resources``, for the rule table shipped in the package (below)
         "mappers", "schemas",
     }

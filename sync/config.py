@@ -63,6 +63,7 @@ class ServiceConfig(_Section):
     metrics_host: str = Field(default="127.0.0.1", description="0.0.0.0 in a container")
     pull_interval_seconds: int = Field(default=300, ge=1)
     out_dir: str = ".run/out"
+    writeback_concurrency: int = Field(default=8, ge=1, le=64, description="write-back events at once")
 
 
 class StoreURLError(ConfigError):

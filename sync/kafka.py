@@ -17,6 +17,15 @@
   ``retry_pause_s``: the record is retried later, by this consumer or, after a rebalance, by another.
   Offsets are committed before every poll, so when a rebalance revokes partitions there is no finished
   but uncommitted work to lose, and the rebalance listener only abandons what belonged to them.
+  With ``concurrency`` > 1 a poll's records run on a pool of that many threads (``sync.keyed_batch``):
+  records of one message key (one patient) one after another in offset order, different keys at once.
+  Each partition then commits its contiguous done prefix: never past a record that is not finished. A
+  temporary failure stops the partition's records not yet started, and once those running have
+  finished the partition is rewound to its first unfinished record and paused, as above. Every record
+  of a poll is finished or skipped before the next poll, so a rebalance (which only happens inside a
+  poll) never meets work in flight, and only the poll thread ever touches the (not thread-safe)
+  ``KafkaConsumer``; handlers and dead-lettering run on the pool's threads (the producer is
+  thread-safe), so the handler must be too.
 
 ``ensure_topics`` creates our missing topics on a broker that does not auto-create them.
 
@@ -30,7 +39,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
@@ -65,6 +75,7 @@ from schemas import (
 from sync import deadletter
 from sync.config import KafkaConfig
 from sync.errors import KafkaError, PermanentEventError
+from sync.keyed_batch import run_keyed
 
 log = structlog.get_logger()
 
@@ -447,6 +458,13 @@ def decode(record: deadletter.SourceRecord, contract: tuple[str, int]) -> Event:
     )
 
 
+def _order_key(item: tuple[TopicPartition, Any]) -> Hashable:
+    """Records that must be handled in order: those of one message key (a patient: across topics
+    too); a record without a key is ordered with the other keyless records of its partition."""
+    tp, record = item
+    return ("key", record.key) if record.key is not None else ("partition", tp.topic, tp.partition)
+
+
 @dataclass
 class _PartitionState:
     """Per assigned partition: where a retry will start, and when."""
@@ -505,10 +523,13 @@ class EventConsumer:
         group_id: str | None = None,
         permanent: tuple[type[Exception], ...] = (PermanentEventError,),
         retry_pause_s: float = 30.0,
+        concurrency: int = 1,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         **overrides: Any,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         names = Topics(config.topic_prefix)
         self._contracts = {topic: names.contract(topic) for topic in topics}
         self._producer = producer
@@ -517,6 +538,12 @@ class EventConsumer:
         self._clock = clock
         self._sleep = sleep
         self._assignment = _Assignment()
+        # 1: every record on the poll thread, as it comes (no pool at all).
+        self._pool = (
+            ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="event-worker")
+            if concurrency > 1
+            else None
+        )
         kwargs = {**consumer_kwargs(config, group_id), **overrides}
         self._consumer: KafkaConsumer = connect(
             lambda: KafkaConsumer(**kwargs), what="consumer", bootstrap=config.bootstrap_servers
@@ -532,9 +559,58 @@ class EventConsumer:
         batches = with_retries(
             lambda: self._consumer.poll(timeout_ms=timeout_ms), what="polling", sleep=self._sleep
         )
+        if self._pool is not None and sum(len(records) for records in batches.values()) > 1:
+            return self._process_concurrently(self._pool, batches, handler)
         stats = PollStats()
         for tp, records in batches.items():
             stats.add(self._process_partition(tp, records, handler))
+        return stats
+
+    def _process_concurrently(
+        self, pool: ThreadPoolExecutor, batches: Mapping[TopicPartition, Sequence[Any]], handler: Handler
+    ) -> PollStats:
+        """The poll's records on the pool (see the module docstring), then each partition's commit, or
+        its rewind and pause from its first unfinished record after a temporary failure."""
+        items = [(tp, record) for tp, records in batches.items() for record in records]
+        outcomes = run_keyed(
+            pool,
+            items,
+            key=_order_key,
+            group=lambda item: item[0],
+            work=lambda item: self._process_record(item[1], handler),
+            stops=lambda outcome: outcome == "failed",
+            live=lambda item: self._owned(item[0]),
+        )
+        stats = PollStats()
+        by_partition: dict[TopicPartition, list[tuple[Any, str | None]]] = {}
+        for (tp, record), outcome in zip(items, outcomes, strict=True):
+            by_partition.setdefault(tp, []).append((record, outcome))
+        for tp, results in by_partition.items():
+            done: Any = None
+            first_open: Any = None
+            for record, outcome in results:  # in offset order
+                if outcome == "processed":
+                    stats.processed += 1
+                elif outcome == "dead_lettered":
+                    stats.dead_lettered += 1
+                elif outcome == "failed":
+                    stats.failed += 1
+                else:
+                    stats.abandoned += 1
+                if first_open is None:
+                    if outcome in ("processed", "dead_lettered"):
+                        done = record
+                    else:
+                        first_open = record
+            self._commit(tp, done)
+            if first_open is None:
+                with self._assignment.lock:
+                    self._assignment.states.pop(tp, None)
+            elif any(outcome == "failed" for _, outcome in results):
+                self._retry_later(tp, first_open)
+            else:
+                skipped = sum(1 for _, outcome in results if outcome is None)
+                log.info("partition_work_abandoned", topic=tp.topic, partition=tp.partition, count=skipped)
         return stats
 
     def _owned(self, tp: TopicPartition) -> bool:
@@ -685,7 +761,10 @@ class EventConsumer:
         return total
 
     def close(self) -> None:
-        """Leave the group. Finished records are already committed; nothing else is."""
+        """Leave the group. Finished records are already committed; nothing else is (no record is in
+        flight between polls)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self._consumer.close(autocommit=False)
         log.info("kafka_consumer_closed", group=self.group_id)
 

@@ -14,7 +14,8 @@ A cycle for one EHR:
 
 Write-back consumes ``iop.attendance.v1`` and ``iop.discharges.v1`` and hands each event to the
 ``WriteBack`` of its EHR; permanent failures go to the dead-letter topic, temporary ones pause the
-partition and are retried.
+partition and are retried. ``service.writeback_concurrency`` events run at once (different patients; one
+patient's in order, see ``sync.kafka``), on an HTTP client whose connection pool holds that many.
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ class Service:
         self._producer: EventProducer | None = None
         self._clients: dict[str, EhrClient] = {}
         self._writebacks: dict[str, writeback.WriteBack] = {}
+        self._writeback_clients: list[EhrClient] = []
         self._lock = threading.Lock()
+        self._writeback_lock = threading.Lock()  # the consumer's workers build a WriteBack only once
 
     # -- resources ------------------------------------------------------------------------------------
 
@@ -137,7 +140,7 @@ class Service:
             return self._clients[ehr.name]
 
     def close(self) -> None:
-        for client in self._clients.values():
+        for client in [*self._clients.values(), *self._writeback_clients]:
             client.close()
         if self._producer is not None:
             self._producer.close()
@@ -272,20 +275,34 @@ class Service:
     # -- write-back -----------------------------------------------------------------------------------
 
     def _writeback_for(self, ehr_name: str) -> writeback.WriteBack:
-        if ehr_name not in self._writebacks:
-            ehr = next((e for e in self.settings.ehr if e.name == ehr_name), None)
-            if ehr is None:
-                raise PermanentEventError(f"event for EHR {ehr_name!r}, which is not configured")
-            if not ehr.write_back:
-                raise PermanentEventError(f"write-back to EHR {ehr_name!r} is turned off")
-            client = self.client(ehr)
-            # What this EHR lets us write, from its CapabilityStatement (a temporary failure here
-            # pauses the partition like any other).
-            targets = discover_targets(client)
-            self._writebacks[ehr_name] = writeback.WriteBack(
-                client, self.state, ehr=ehr_name, targets=targets
-            )
-        return self._writebacks[ehr_name]
+        known = self._writebacks.get(ehr_name)
+        if known is not None:
+            return known
+        with self._writeback_lock:
+            if ehr_name not in self._writebacks:
+                ehr = next((e for e in self.settings.ehr if e.name == ehr_name), None)
+                if ehr is None:
+                    raise PermanentEventError(f"event for EHR {ehr_name!r}, which is not configured")
+                if not ehr.write_back:
+                    raise PermanentEventError(f"write-back to EHR {ehr_name!r} is turned off")
+                client = self._writeback_client(ehr)
+                # What this EHR lets us write, from its CapabilityStatement (a temporary failure here
+                # pauses the partition like any other).
+                targets = discover_targets(client)
+                self._writebacks[ehr_name] = writeback.WriteBack(
+                    client, self.state, ehr=ehr_name, targets=targets
+                )
+            return self._writebacks[ehr_name]
+
+    def _writeback_client(self, ehr: EhrConfig) -> EhrClient:
+        """The EHR's client, or, when its pool (``ehr.concurrency``) is smaller than the write-back's
+        concurrency, a client of its own with a pool that large, so no worker waits for a connection."""
+        wanted = self.settings.service.writeback_concurrency
+        if ehr.concurrency >= wanted:
+            return self.client(ehr)
+        client = self._client_factory(ehr.model_copy(update={"concurrency": wanted}))
+        self._writeback_clients.append(client)
+        return client
 
     def handle_event(self, event: Event) -> None:
         """The write-back consumer's handler: route one validated event to its EHR."""
@@ -311,6 +328,7 @@ class Service:
             self.producer,
             permanent=(PermanentEventError,),
             retry_pause_s=self._retry_pause_s,
+            concurrency=self.settings.service.writeback_concurrency,
         )
 
     def drain_writebacks(self, max_seconds: float = 120.0) -> PollStats:

@@ -323,6 +323,117 @@ def test_a_rebalance_moves_partitions_without_losing_or_skipping_records(
         assert committed(config, topics.attendance, partition) == len(offsets)
 
 
+OnePartition = tuple[KafkaConfig, Topics, EventProducer]
+
+
+@pytest.fixture
+def one_partition(kafka_bootstrap: str, make_topic: TopicFactory) -> Iterator[OnePartition]:
+    """A config, topics and producer of their own whose attendance topic has ONE partition: every
+    key's records in one partition, so one poll brings records of several keys together."""
+    prefix = unique_name("one") + "."
+    config = KafkaConfig(bootstrap_servers=kafka_bootstrap, topic_prefix=prefix, group_id=unique_name("g"))
+    named = Topics(prefix)
+    make_topic(named.attendance, partitions=1)
+    make_topic(named.deadletter)
+    with EventProducer(config) as producer:
+        yield config, named, producer
+
+
+def publish_interleaved(producer: EventProducer, topics: Topics, patients: int, each: int) -> list[str]:
+    """``each`` events for each of ``patients`` patients (keys), round-robin: offset n is event evt-n of
+    patient n % patients. Returns the keys."""
+    keys = [message_key("general-hospital", f"p{k}") for k in range(patients)]
+    for n in range(patients * each):
+        producer.publish(
+            topics.attendance, keys[n % patients], attendance(n), schema="attendance", version=1,
+            event_id=f"evt-{n}",
+        ).get(timeout=30)  # fmt: skip
+    return keys
+
+
+def event_number(event: Event) -> int:
+    return int(str(event.event_id).removeprefix("evt-"))
+
+
+def test_keys_run_at_once_and_each_keys_records_stay_in_offset_order(one_partition: OnePartition) -> None:
+    config, topics, producer = one_partition
+    keys = publish_interleaved(producer, topics, patients=6, each=5)
+    slow = keys[0]
+    others_done = threading.Event()
+    waited: list[bool] = []
+    handled: list[tuple[str | None, int]] = []
+    lock = threading.Lock()
+
+    def handler(event: Event) -> None:
+        if event.key == slow and event_number(event) == 0:
+            # This patient's EHR call hangs until every other patient's events are written: with
+            # concurrency they are; one at a time they would wait behind it (and this wait run out).
+            waited.append(others_done.wait(60))
+        with lock:
+            handled.append((event.key, event_number(event)))
+            if sum(1 for key, _ in handled if key != slow) == 25:
+                others_done.set()
+
+    with EventConsumer(config, [topics.attendance], producer, retry_pause_s=0.0, concurrency=4) as consumer:
+        stats = consumer.drain(handler, idle_polls=2, timeout_ms=200)
+
+    assert waited == [True], "the other keys were not held up by the slow one"
+    assert stats.processed == 30
+    assert sorted(n for _, n in handled) == list(range(30)), "each record once"
+    for k, key in enumerate(keys):
+        assert [n for seen, n in handled if seen == key] == list(range(k, 30, 6)), "one key: offset order"
+    assert committed(config, topics.attendance, 0) == 30
+
+
+def test_a_temporary_failure_commits_only_the_done_prefix_and_loses_nothing(
+    one_partition: OnePartition,
+) -> None:
+    config, topics, producer = one_partition
+    keys = publish_interleaved(producer, topics, patients=3, each=4)  # offset n: evt-n of key n % 3
+    attempts: list[int] = []
+    ok: list[int] = []
+    lock = threading.Lock()
+
+    def handler(event: Event) -> None:
+        n = event_number(event)
+        with lock:
+            attempts.append(n)
+        if n == 4 and attempts.count(4) == 1:  # key 1's second record: the EHR fails once
+            raise TimeoutError("EHR timed out")
+        with lock:
+            ok.append(n)
+
+    with EventConsumer(config, [topics.attendance], producer, retry_pause_s=0.0, concurrency=4) as consumer:
+        for _ in range(60):
+            stats = consumer.poll_once(handler, timeout_ms=500)
+            if stats.failed:
+                break
+        assert stats.failed == 1
+        assert stats.records == 12, "every record of the poll is accounted for"
+        assert [tp.partition for tp in consumer.paused()] == [0]
+        first_pass = set(ok)
+        done_prefix = committed(config, topics.attendance, 0)
+        assert done_prefix is not None
+        assert done_prefix <= 4, "never committed past the failed record"
+        assert set(range(done_prefix)) <= first_pass, "everything below the commit was written"
+        assert done_prefix not in first_pass, "the commit stops at the first unfinished record"
+        assert not {7, 10} & first_pass, "key 1 stopped at its failed record"
+
+        consumer.drain(handler, idle_polls=2, timeout_ms=200)
+
+    assert set(ok) == set(range(12)), "nothing lost"
+    assert attempts.count(4) == 2
+    for k in range(len(keys)):
+        firsts = list(dict.fromkeys(n for n in ok if n % 3 == k))
+        assert firsts == list(range(k, 12, 3)), "each key's records first written in offset order"
+    assert committed(config, topics.attendance, 0) == 12
+
+
+def test_concurrency_must_be_positive(config: KafkaConfig, topics: Topics, producer: EventProducer) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        EventConsumer(config, [topics.attendance], producer, concurrency=0)
+
+
 def test_ensure_topics_creates_only_what_is_missing(
     kafka_bootstrap: str, topic_prefix: str, make_topic: TopicFactory, kafka_admin: Any
 ) -> None:

@@ -19,16 +19,27 @@ run and is skipped.
 With an explicit ``since`` nothing is skipped: the caller asked for everything after that instant.
 
 Validation: every resource goes through ``check_resource`` with the vendor's tolerated deviations.
-Small pulls validate in-process; past ``inline_limit`` resources a process pool across the cores takes
-chunks, with a bounded number in flight, while this thread keeps downloading, so the network never waits
-on the parser. Results are consumed in submission order. Rejects go to ``_rejected.ndjson`` as
-``{"resource": …, "error": …}``; kept-with-warning resources are counted and logged (id + class only).
+Small pulls validate in-process; past ``inline_limit`` resources a process pool takes chunks, with a
+bounded number in flight, while this thread keeps downloading, so the network never waits on the parser.
+The pool's processes start in the background (importing ``fhir.resources`` takes them a second or two)
+while this thread goes on validating inline, so the download never stalls on the pool's start-up. Search
+mode keeps one core for the download (the pool has the others); bulk mode gives the pool every core, and
+validates each export file as soon as it is on disk while the other files download. Results are
+consumed in submission order. Rejects go to ``_rejected.ndjson`` as ``{"resource": …, "error": …}``;
+kept-with-warning resources are counted and logged (id + class only).
 
 Crash safety (a pull killed at any point and re-run leaves no gap and no duplicate in its output)
 ----------------------------------------------------------------------------------------------------
 1. All of a run's files are written as ``.part`` files (``connectors.output``); nothing final changes.
 2. At the end they are fsynced and renamed into place (atomic per file), the folder fsynced.
 3. THEN one database transaction upserts every resource into the replica and advances every cursor.
+
+For a large pull (past ``inline_limit`` resources) the transaction of step 3 is opened early: a thread
+upserts the validated resources into the replica as they come, so the pull does not end with a long
+stretch of database work, but it advances the cursors and COMMITS only after step 2, and a failure
+anywhere rolls it back. (On SQLite that transaction holds the store's write lock while the pull runs:
+another writer waits up to the busy timeout. A SQLite store in memory, which a second connection cannot
+see, always gets the upsert after step 2.)
 
 Replica and cursors move only together, in step 3, and after the output is durable. A run killed before
 step 3 committed leaves the cursors (and the replica, which the overlap de-duplication reads) exactly
@@ -56,6 +67,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import queue
 import shutil
 import threading
 import time
@@ -69,14 +81,15 @@ from typing import Any, Literal, NamedTuple
 import orjson
 import structlog
 
-from connectors.bulk import bulk_export
+from connectors.bulk import BulkResult, bulk_export
 from connectors.config import EhrConfig
 from connectors.errors import ConnectorError, EhrError, TemporaryEhrError
 from connectors.http import EhrClient
 from connectors.output import OutputBusyError, RunOutput
 from connectors.panel import load_panel
+from connectors.replica_feed import ReplicaFeed
 from connectors.search import SearchPage, SearchQuery, search_pages
-from connectors.store import Increment, StateStore, parse_instant, rank_of, version_token
+from connectors.store import StateStore, parse_instant, rank_of, version_token
 from connectors.validation import check_resource
 
 __all__ = ["PullError", "PullSummary", "pull"]
@@ -114,6 +127,9 @@ class PullSummary:
     patients: int = 0
     patients_failed: int = 0  # panel patients the EHR refused; fetched whole on a later pull
     duration_seconds: float = 0.0
+    validated: int = 0  # resources validated (inline or in the pool)
+    validation_seconds: float = 0.0  # wall time from the first validation to the last verdict
+    validation_workers: int = 0  # processes of the validation pool (0: all inline)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # patients_touched(ehr, this)
     cursors: dict[str, str] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
@@ -199,6 +215,7 @@ class _Run:
         self.progress = progress
         self.clock = clock
         self.validator: _Validator | None = None
+        self.feed: ReplicaFeed
         self.new_cursors: dict[str, str] = {}
         self.panel_added: list[str] = []
         self.panel_failed: set[str] = set()
@@ -214,16 +231,24 @@ class _Run:
     ) -> None:
         """Steps 1-3 of the module docstring: download and validate, publish the files, then commit."""
         output, summary = self.output, self.summary
+        self.feed = ReplicaFeed(self.store, self.ehr.name, stream_after=inline_limit)
         try:
             with client_factory(self.ehr) as client:
                 self.client = client
                 tolerate = client.profile.tolerated_deviations
+                if workers is None:
+                    cores = os.cpu_count() or 2
+                    # Search keeps one core for the download; bulk downloads are I/O waits.
+                    workers = cores if summary.mode == "bulk" else max(1, cores - 1)
                 with _Validator(self.take, tolerate, workers, inline_limit) as validator:
                     self.validator = validator
                     if summary.mode == "bulk":
                         self.bulk(types)
                     else:
                         self.search(types)
+                    summary.validated = validator.seen
+                    summary.validation_seconds = validator.busy_seconds()
+                    summary.validation_workers = validator.pool_size
                 summary.pages = client.stats.pages
                 summary.requests = client.stats.requests
                 summary.retries = client.stats.retries
@@ -232,15 +257,12 @@ class _Run:
             summary.files = output.publish()
         except BaseException:
             output.discard()
+            self.feed.abort()
             raise
-        increments = [
-            Increment(kind, output.read(kind), self.new_cursors.get(kind) if kind in types else None)
-            for kind in output.types()
-        ]
         summary.patients_failed = len(self.panel_failed)
-        self.store.commit_increments(
-            self.ehr.name,
-            increments,
+        self.feed.finish(
+            output,
+            {kind: self.new_cursors.get(kind) if kind in types else None for kind in output.types()},
             panel_added=[p for p in self.panel_added if p not in self.panel_failed],
             panel_removed=sorted(self.panel_failed),
         )
@@ -372,27 +394,58 @@ class _Run:
                 since = min(known, key=lambda c: parse_instant(c) or datetime.min.replace(tzinfo=UTC))
         staging = self.output.out_dir / _STAGING
         shutil.rmtree(staging, ignore_errors=True)
+        for kind in types:
+            self.output.open_type(kind)
+        # The export runs in a thread; each file it finishes is validated here while the others download.
+        finished: queue.Queue[tuple[str, Path] | None] = queue.Queue()
+        stop = threading.Event()
+        outcome: list[BulkResult | BaseException] = []
+
+        def on_file(kind: str, path: Path) -> None:
+            if stop.is_set():
+                raise PullError(f"{self.ehr.name}: bulk pull stopped")
+            finished.put((kind, path))
+
+        def export() -> None:
+            try:
+                outcome.append(
+                    bulk_export(
+                        self.client,
+                        resource_types=types,
+                        since=since,
+                        out_dir=staging,
+                        group_id=self.ehr.bulk_group_id,
+                        on_progress=lambda text: log.info(
+                            "bulk_progress", ehr=self.ehr.name, progress=text[:100]
+                        ),
+                        on_file=on_file,
+                    )
+                )
+            except BaseException as exc:  # re-raised in the pull's thread
+                outcome.append(exc)
+            finally:
+                finished.put(None)
+
+        exporter = threading.Thread(target=export, name="bulk-export", daemon=True)
+        exporter.start()
         try:
-            result = bulk_export(
-                self.client,
-                resource_types=types,
-                since=since,
-                out_dir=staging,
-                group_id=self.ehr.bulk_group_id,
-                on_progress=lambda text: log.info("bulk_progress", ehr=self.ehr.name, progress=text[:100]),
-            )
-            self.summary.bulk_error_lines = result.errors
-            for kind in types:
-                self.output.open_type(kind)
             assert self.validator is not None
-            for kind, paths in sorted(result.files.items()):
-                for path in paths:
-                    for chunk in _ndjson_chunks(path, _CHUNK):
-                        if self.progress is not None:
-                            self.progress(kind, len(chunk))
-                        self.validator.submit(self._bulk_fresh(kind, chunk))
+            while (item := finished.get()) is not None:
+                kind, path = item
+                for chunk in _ndjson_chunks(path, _CHUNK):
+                    if self.progress is not None:
+                        self.progress(kind, len(chunk))
+                    self.validator.submit(self._bulk_fresh(kind, chunk))
+                path.unlink(missing_ok=True)  # its lines are in the run's output now: free the disk
+            exporter.join()
+            if isinstance(outcome[0], BaseException):
+                raise outcome[0]
+            result = outcome[0]
+            self.summary.bulk_error_lines = result.errors
             self.validator.drain(block=True)
         finally:
+            stop.set()
+            exporter.join()
             shutil.rmtree(staging, ignore_errors=True)
         if parse_instant(result.transaction_time) is None:
             raise PullError(f"{self.ehr.name}: $export transactionTime is not an instant")
@@ -416,6 +469,7 @@ class _Run:
     # validated results, in submission order
 
     def take(self, lines: list[bytes], verdicts: list[_Verdict]) -> None:
+        kept: dict[str, list[bytes]] = {}
         for line, verdict in zip(lines, verdicts, strict=True):
             if verdict.kept is None:
                 self._reject(line, verdict.error or "rejected")
@@ -432,6 +486,9 @@ class _Run:
                     classes=classes,
                 )
             self.output.write(verdict.resource_type, verdict.id, verdict.rank, verdict.kept)
+            kept.setdefault(verdict.resource_type, []).append(verdict.kept)
+        for kind, batch in kept.items():
+            self.feed.add(kind, batch)
 
     def _reject(self, line: bytes, error: str) -> None:
         try:
@@ -524,26 +581,39 @@ def validate_lines(lines: list[bytes], tolerate: frozenset[str]) -> list[_Verdic
     return verdicts
 
 
+def _warm_up() -> int:
+    """A first task for each pool process: by the time it returns, the process has imported the
+    validation code (unpickling this function imports ``connectors.pull`` and ``fhir.resources``)."""
+    return os.getpid()
+
+
 class _Validator:
-    """Runs ``validate_lines`` inline or in a process pool; hands results to ``sink`` in order."""
+    """Runs ``validate_lines`` inline or in a process pool; hands results to ``sink`` in order.
+
+    Past ``inline_limit`` resources the pool's processes are started, each with a warm-up task; until
+    the first of them is ready, chunks are still validated here, so the download does not stall for
+    the seconds a spawned process needs to import ``fhir.resources``.
+    """
 
     def __init__(
         self,
         sink: Callable[[list[bytes], list[_Verdict]], None],
         tolerate: frozenset[str],
-        workers: int | None,
+        workers: int,
         inline_limit: int,
     ) -> None:
         self.sink = sink
         self.tolerate = tolerate
-        # One core stays with this thread (download, de-duplication, writing). Measured on 2 shared cores,
-        # 20k Encounters at 150 ms per page: in-process 9.6 s, 1 worker 8.4 s, 2 workers 12.8 s.
-        self.workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
+        self.workers = workers
         self.inline_limit = inline_limit
         self.seen = 0
+        self.pool_size = 0
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._warm: list[concurrent.futures.Future[int]] = []
         self._pending: deque[tuple[list[bytes], concurrent.futures.Future[list[_Verdict]]]] = deque()
         self._buffer: list[bytes] = []
+        self._first: float | None = None
+        self._last: float | None = None
 
     def __enter__(self) -> _Validator:
         return self
@@ -551,6 +621,12 @@ class _Validator:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def busy_seconds(self) -> float:
+        """Wall time from the first chunk handed over to the last verdict taken."""
+        if self._first is None or self._last is None:
+            return 0.0
+        return self._last - self._first
 
     def submit(self, lines: Iterable[bytes]) -> None:
         for line in lines:
@@ -564,29 +640,42 @@ class _Validator:
             self._flush()
         while self._pending and (block or self._pending[0][1].done()):
             lines, future = self._pending.popleft()
-            self.sink(lines, future.result())
+            self._take(lines, future.result())
+
+    def _take(self, lines: list[bytes], verdicts: list[_Verdict]) -> None:
+        self.sink(lines, verdicts)
+        self._last = time.monotonic()
 
     def _flush(self) -> None:
         if not self._buffer:
             return
         chunk, self._buffer = self._buffer, []
+        if self._first is None:
+            self._first = time.monotonic()
         self.seen += len(chunk)
-        if self.workers <= 0 or self.seen <= self.inline_limit:
-            # In-process: keep the order with whatever is still in the pool.
-            self.drain(block=False)
+        if self.workers > 0 and self.seen > self.inline_limit and self._pool is None:
+            self._start_pool()
+        if not any(f.done() for f in self._warm):
+            # In-process (a small pull, or while the pool starts): keep the order with what is pending.
+            self.drain(block=not self._warm)
             if not self._pending:
-                self.sink(chunk, validate_lines(chunk, self.tolerate))
+                self._take(chunk, validate_lines(chunk, self.tolerate))
                 return
-        if self._pool is None:
-            # spawn, not fork: the download threads (panel fan-out, httpx) must not be forked mid-flight.
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=max(1, self.workers), mp_context=multiprocessing.get_context("spawn")
-            )
+        assert self._pool is not None
         self._pending.append((chunk, self._pool.submit(validate_lines, chunk, self.tolerate)))
         # Bounded in flight: the download waits only when the workers are this far behind.
-        while len(self._pending) > 4 * max(1, self.workers):
+        while len(self._pending) > 4 * self.pool_size:
             lines, future = self._pending.popleft()
-            self.sink(lines, future.result())
+            self._take(lines, future.result())
+
+    def _start_pool(self) -> None:
+        self.pool_size = max(1, self.workers)
+        # spawn, not fork: the download threads (panel fan-out, httpx) must not be forked mid-flight.
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=self.pool_size, mp_context=multiprocessing.get_context("spawn")
+        )
+        # One warm-up per process: the pool spawns a process for each task that finds none idle.
+        self._warm = [self._pool.submit(_warm_up) for _ in range(self.pool_size)]
 
 
 # -- helpers --------------------------------------------------------------------------------------

@@ -315,9 +315,11 @@ def _arm(point: str, monkeypatch: pytest.MonkeyPatch, server: FakeFhirServer) ->
         monkeypatch.setattr(connectors.store, "_row", _kill_on_call(4, connectors.store._row))
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["replica-at-end", "replica-streamed"])
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_a_pull_killed_at_any_step_and_rerun_leaves_no_gap_and_no_duplicate(
     point: str,
+    streamed: bool,
     server: FakeFhirServer,
     store: StateStore,
     ehr: EhrConfig,
@@ -325,9 +327,12 @@ def test_a_pull_killed_at_any_step_and_rerun_leaves_no_gap_and_no_duplicate(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = tmp_path / "out"
+    # streamed: the replica rows go in from the first validated chunk on, in a transaction kept open
+    # while the pull runs; else all of them after the files are published.
+    limit = {"inline_limit": 0} if streamed else {}
     _seed(server, patients=2, encounters=4)
     delivered: list[tuple[str, str, str]] = []
-    _run(ehr, store, out)
+    _run(ehr, store, out, **limit)
     delivered += _versions(out, "Patient", "Encounter")
     cursors_before = store.cursors(ehr.name)
     # Changes between the runs: new versions and new resources of both types.
@@ -338,11 +343,11 @@ def test_a_pull_killed_at_any_step_and_rerun_leaves_no_gap_and_no_duplicate(
     with monkeypatch.context() as patch:
         _arm(point, patch, server)
         with pytest.raises(Killed):
-            _run(ehr, store, out)
+            _run(ehr, store, out, **limit)
     server.fail = None
     assert store.cursors(ehr.name) == cursors_before  # nothing committed
     assert not list(out.glob(".*.part"))  # the killed run's partial files are gone (or removed on re-run)
-    _run(ehr, store, out)
+    _run(ehr, store, out, **limit)
     delivered += _versions(out, "Patient", "Encounter")
     # Each resource changed at most once between the runs, so every version it had is delivered once.
     expected = sorted(

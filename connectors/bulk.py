@@ -1,11 +1,20 @@
 """Bulk Data ``$export`` (system or Group level): kick-off, status polling, NDJSON downloads.
 
 Flow: kick-off with ``Prefer: respond-async`` -> ``202`` and ``Content-Location``; poll that status URL
-(``202`` while running, honouring ``Retry-After`` and passing ``X-Progress`` on; ``200`` with the
-manifest when done; ``4xx``/``5xx`` when the job failed); stream each output file to disk line by line,
-each download retried on its own; fetch the manifest's ``error`` files (OperationOutcome NDJSON) and
-log what they say; ``DELETE`` the job at the end so the server can free it (Oracle allows one export at
-a time per client). The next ``_since`` is the returned ``transaction_time``.
+(``202`` while running, passing ``X-Progress`` on; ``200`` with the manifest when done; ``4xx``/``5xx``
+when the job failed); stream each output file to disk line by line, each download retried on its own
+(``on_file`` hears of each finished file, so the caller can validate it while the others download);
+fetch the manifest's ``error`` files (OperationOutcome NDJSON) and log what they say; ``DELETE`` the job
+at the end so the server can free it (Oracle allows one export at a time per client). The next
+``_since`` is the returned ``transaction_time``.
+
+Polling schedule: the first poll comes ``POLL_START`` seconds after the kick-off, each later wait is
+``POLL_GROWTH`` times the one before, up to ``bulk_poll_max_seconds`` (60 s by default). A server's
+``Retry-After`` can shorten a wait but lengthens it only up to that schedule: servers give one fixed
+value whatever the job's size (HAPI says 120 s for an export done in 3), so honouring the first one
+blindly turned a 5-second export into a 60-second one. Our own schedule backs off geometrically, so a
+long export (Epic: hours) is polled at the server's pace after a minute or two; a 429 or 503 on a poll
+doubles the wait.
 """
 
 from __future__ import annotations
@@ -33,7 +42,9 @@ __all__ = ["BulkResult", "bulk_export"]
 
 log = structlog.get_logger()
 
-POLL_START = 2.0  # first wait between status polls when the server gives no Retry-After
+POLL_START = 1.0  # the first wait between status polls
+POLL_GROWTH = 1.5  # each later wait is this much longer (the schedule; see the module docstring)
+POLL_MIN = 0.5  # the shortest wait, even when a server says Retry-After: 0
 POLL_MAX = RETRY_AFTER_CAP  # longest wait between polls, whatever the server asks
 POLL_TIMEOUT = 12 * 3600.0  # Epic exports run on the operational database and can take hours
 _NDJSON = "application/fhir+ndjson"
@@ -60,8 +71,13 @@ def bulk_export(
     group_id: str | None = None,
     on_progress: Callable[[str], None] | None = None,
     poll_timeout: float = POLL_TIMEOUT,
+    on_file: Callable[[str, Path], None] | None = None,
 ) -> BulkResult:
-    """Run one export to completion and download its files into ``out_dir``."""
+    """Run one export to completion and download its files into ``out_dir``.
+
+    ``on_file(resource_type, path)`` is called (from a download thread) as each output file is complete
+    on disk; an exception it raises stops the export (the job is still deleted).
+    """
     kickoff = f"Group/{group_id}/$export" if group_id else "$export"
     params = [("_type", ",".join(resource_types))]
     if since:
@@ -91,7 +107,7 @@ def bulk_export(
     log.info("bulk_export_started", ehr=client.ehr.name, types=len(resource_types), group=group_id)
     manifest = _poll(client, status_url, on_progress, poll_timeout)
     try:
-        return _download_all(client, manifest, out_dir, str(response.request.url))
+        return _download_all(client, manifest, out_dir, str(response.request.url), on_file)
     finally:
         _delete_job(client, status_url)
 
@@ -133,17 +149,16 @@ def _poll(
         if client.stats.retries > retries_before:
             interval = min(interval * 2, cap)  # the server pushed back (429/503): poll less often
         asked = parse_retry_after(response.headers.get("Retry-After"), client.clock())
-        wait = min(asked, cap) if asked is not None else interval
+        wait = max(POLL_MIN, min(asked, interval) if asked is not None else interval)
         if client.clock() + wait > deadline:
             _delete_job(client, status_url)
             raise BulkExportError(
                 f"{client.ehr.name}: $export still running after {timeout:.0f}s; job cancelled",
                 ehr=client.ehr.name,
             )
-        log.debug("bulk_export_waiting", ehr=client.ehr.name, progress=progress, wait=wait)
+        log.debug("bulk_export_waiting", ehr=client.ehr.name, progress=progress, wait=wait, asked=asked)
         client.sleep(wait)
-        if asked is None:
-            interval = min(interval * 1.5, cap)
+        interval = min(interval * POLL_GROWTH, cap)
 
 
 def _poll_failure_is_temporary(response: httpx.Response) -> bool:
@@ -184,7 +199,13 @@ def _manifest(client: EhrClient, content: bytes) -> dict[str, Any]:
     return manifest
 
 
-def _download_all(client: EhrClient, manifest: dict[str, Any], out_dir: Path, kickoff_url: str) -> BulkResult:
+def _download_all(
+    client: EhrClient,
+    manifest: dict[str, Any],
+    out_dir: Path,
+    kickoff_url: str,
+    on_file: Callable[[str, Path], None] | None = None,
+) -> BulkResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     needs_token = bool(manifest.get("requiresAccessToken", False))
     result = BulkResult(
@@ -221,6 +242,8 @@ def _download_all(client: EhrClient, manifest: dict[str, Any], out_dir: Path, ki
             log.warning(
                 "bulk_count_mismatch", ehr=client.ehr.name, resource=kind, expected=expected, got=written
             )
+        if on_file is not None and not path.name.startswith("_errors."):
+            on_file(kind, path)
         return written
 
     with ThreadPoolExecutor(max_workers=client.ehr.concurrency) as pool:

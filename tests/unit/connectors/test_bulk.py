@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pytest_httpx import HTTPXMock, IteratorStream
 from structlog.testing import capture_logs
 
-from connectors.bulk import POLL_START, _copy_lines, bulk_export
+from connectors.bulk import POLL_GROWTH, POLL_MIN, POLL_START, _copy_lines, bulk_export
 from connectors.config import EhrConfig
 from connectors.errors import BulkExportError
 from connectors.http import EhrClient
@@ -107,7 +107,8 @@ def test_the_whole_export_flow(
         )
 
     assert progress == ["10%", "50% (Encounter)"]
-    assert sleeps.slept[:2] == [5.0, POLL_START]
+    # The server's 5 s is longer than our first poll (the schedule wins), the next wait is the schedule's.
+    assert sleeps.slept[:2] == [POLL_START, POLL_START * POLL_GROWTH]
     assert len(sleeps.slept) == 3  # the 503 on one file, retried on its own
     assert 1.0 <= sleeps.slept[2] <= 2.0
     assert result.transaction_time == "2026-03-08T06:59:50.123Z"
@@ -272,7 +273,15 @@ def test_an_export_that_never_finishes_is_cancelled(
             out_dir=tmp_path,
             poll_timeout=300,
         )
-    assert sleeps.slept == [60.0] * 5
+    # Our schedule (geometric, capped at 60 s), never the server's 60 s from the first poll on.
+    expected: list[float] = []
+    wait = POLL_START
+    while sum(expected) + wait <= 300:
+        expected.append(wait)
+        wait = min(wait * POLL_GROWTH, 60.0)
+    assert sleeps.slept == expected
+    assert expected[0] == POLL_START
+    assert max(expected) == 60.0
     assert httpx_mock.get_requests()[-1].method == "DELETE"
 
 
@@ -313,7 +322,8 @@ def test_poll_wait_is_capped_by_the_connection_setting(
     httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
 ) -> None:
     _kickoff(httpx_mock)
-    httpx_mock.add_response(url=STATUS, status_code=202, headers={"Retry-After": "120"})
+    for _ in range(6):
+        httpx_mock.add_response(url=STATUS, status_code=202, headers={"Retry-After": "120"})
     httpx_mock.add_response(url=STATUS, json={"transactionTime": "2026-03-08T07:00:00Z", "output": []})
     httpx_mock.add_response(url=STATUS, method="DELETE")
     ehr = make_ehr(auth={"kind": "bearer", "token": "tok"}, bulk_poll_max_seconds=5)
@@ -321,4 +331,59 @@ def test_poll_wait_is_capped_by_the_connection_setting(
         bulk_export(
             client, resource_types=["Patient", "Encounter"], since="2026-01-01T00:00:00Z", out_dir=tmp_path
         )
-    assert sleeps.slept == [5.0]  # HAPI asks for 120 s; the connection allows at most 5
+    # HAPI asks for 120 s on every poll; we follow our schedule, and the connection allows at most 5.
+    assert sleeps.slept == [1.0, 1.5, 2.25, 3.375, 5.0, 5.0]
+
+
+def test_a_retry_after_shorter_than_the_schedule_is_honoured_but_never_below_the_minimum(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    _kickoff(httpx_mock, f"{BASE}/$export?_type=Encounter")
+    for asked in ("0", "1", "1"):
+        httpx_mock.add_response(url=STATUS, status_code=202, headers={"Retry-After": asked})
+    httpx_mock.add_response(url=STATUS, json={"transactionTime": "2026-03-08T07:00:00Z", "output": []})
+    httpx_mock.add_response(url=STATUS, method="DELETE")
+    with _client(make_ehr, sleeps) as client:
+        bulk_export(client, resource_types=["Encounter"], since=None, out_dir=tmp_path)
+    assert sleeps.slept == [POLL_MIN, 1.0, 1.0]
+
+
+def test_each_finished_file_is_announced_while_the_export_runs(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    _kickoff(httpx_mock)
+    httpx_mock.add_response(url=STATUS, json=_manifest())
+    httpx_mock.add_response(url=f"{FILES}/Patient-1.ndjson", content=PATIENTS)
+    httpx_mock.add_response(url=f"{FILES}/Encounter-1.ndjson", content=ENCOUNTERS_A)
+    httpx_mock.add_response(url=f"{FILES}/Encounter-2.ndjson", content=ENCOUNTERS_B)
+    httpx_mock.add_response(url=f"{FILES}/errors.ndjson", content=ERRORS)
+    httpx_mock.add_response(url=STATUS, method="DELETE", status_code=202)
+    announced: list[tuple[str, bytes]] = []
+    with _client(make_ehr, sleeps) as client:
+        result = bulk_export(
+            client,
+            resource_types=["Patient", "Encounter"],
+            since="2026-01-01T00:00:00Z",
+            out_dir=tmp_path,
+            on_file=lambda kind, path: announced.append((kind, path.read_bytes())),
+        )
+    # Every output file, complete on disk when announced; never the error file.
+    expected = [(kind, path.read_bytes()) for kind, paths in result.files.items() for path in paths]
+    assert sorted(announced) == sorted(expected)
+    assert len(announced) == 3
+
+
+def test_a_failing_file_callback_stops_the_export_and_still_deletes_the_job(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    _kickoff(httpx_mock, f"{BASE}/$export?_type=Patient")
+    httpx_mock.add_response(url=STATUS, json=_manifest(output=[_manifest()["output"][0]], error=[]))
+    httpx_mock.add_response(url=f"{FILES}/Patient-1.ndjson", content=PATIENTS)
+    httpx_mock.add_response(url=STATUS, method="DELETE", status_code=202)
+
+    def refuse(kind: str, path: Path) -> None:
+        raise RuntimeError("the consumer gave up")
+
+    with _client(make_ehr, sleeps) as client, pytest.raises(RuntimeError, match="gave up"):
+        bulk_export(client, resource_types=["Patient"], since=None, out_dir=tmp_path, on_file=refuse)
+    assert httpx_mock.get_requests()[-1].method == "DELETE"

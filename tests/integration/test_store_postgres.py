@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 
 from connectors.store import Deletion, Increment, StateStore, create_tables, version_token
 from sync.commands.dlq import replayed
-from sync.state import SessionResource, Staged, SyncState
+from sync.state import SessionResource, SessionWrite, Staged, SyncState
 
 pytestmark = pytest.mark.integration
 
@@ -428,6 +428,41 @@ def test_ledger_and_sessions_upsert(state: SyncState) -> None:
         "Encounter", "e1", "2026-01-02T10:00:00Z", "cancelled"
     )
     assert state.session_resource("other", "S-1") is None
+
+
+def test_write_back_workers_record_events_at_once(state: SyncState) -> None:
+    """The write-back consumer's workers: each event's session row and ledger entry in one transaction,
+    several workers at once, the episode and its EpisodeOfCare id read together."""
+    state.stage_changes(EHR, [_episode("e1")])
+    state.set_episode_fhir_id(EHR, "e1", "eoc-1")
+    entry = state.published_entry(EHR, "episode", "e1")
+    assert entry is not None
+    assert (entry.record["episode_id"], entry.fhir_id) == ("e1", "eoc-1")
+
+    def worker(n: int) -> Callable[[], None]:
+        def record() -> None:
+            for i in range(20):
+                resource = SessionResource("Encounter", f"enc-{n}-{i}", "2026-01-01T10:00:00Z", "attended")
+                state.record_event(
+                    f"evt-{n}-{i}",
+                    topic="iop.attendance.v1",
+                    outcome="created",
+                    detail={},
+                    session=SessionWrite(EHR, f"S-{n}-{i}", resource),
+                )
+
+        return record
+
+    _run_together(*(worker(n) for n in range(6)))
+    assert all(state.event_outcome(f"evt-{n}-{i}") == "created" for n in range(6) for i in range(20))
+    assert state.session_resource(EHR, "S-5-19") == SessionResource(
+        "Encounter", "enc-5-19", "2026-01-01T10:00:00Z", "attended"
+    )
+
+    broken = SessionWrite(EHR, "S-x", SessionResource("Encounter", "x", "2026-01-01T10:00:00Z", "attended"))
+    with pytest.raises(TypeError):  # no ledger entry: no session row either
+        state.record_event("evt-x", topic="t", outcome="created", detail={"bad": {1}}, session=broken)
+    assert state.session_resource(EHR, "S-x") is None
 
 
 def test_patients_whose_gap_deadline_passed_are_due(state: SyncState) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine
 
-from sync.state import SessionResource, Staged, SyncState, content_hash
+from connectors.store import StateStore
+from sync.state import PublishedEntry, SessionResource, SessionWrite, Staged, SyncState, content_hash
 
 
 @pytest.fixture
@@ -127,3 +129,68 @@ def test_patients_whose_gap_deadline_passed_are_due(state: SyncState) -> None:
     # the episode finished by time: re-published without a deadline, the patient is no longer due
     state.stage_changes("general", [due("a", "p1", None)])
     assert state.patients_due("general", "2026-04-01") == ["p2"]
+
+
+def test_published_entry_holds_the_record_and_its_ehr_id(state: SyncState) -> None:
+    state.stage_changes("general", [_episode("e1")])
+    entry = state.published_entry("general", "episode", "e1")
+    assert entry is not None
+    assert (entry.record["episode_id"], entry.fhir_id) == ("e1", None)
+    state.set_episode_fhir_id("general", "e1", "eoc-7")
+    assert state.published_entry("general", "episode", "e1") == PublishedEntry(entry.record, "eoc-7")
+    assert state.published_entry("general", "referral", "e1") is None
+
+
+def test_an_events_ledger_entry_and_session_row_are_written_together(state: SyncState) -> None:
+    row = SessionWrite(
+        "general", "S-1", SessionResource("Encounter", "enc-1", "2026-03-02T18:00:00Z", "attended")
+    )
+    with pytest.raises(TypeError):  # the ledger entry cannot be written: neither is the session's row
+        state.record_event("evt-1", topic="t", outcome="created", detail={"bad": {1, 2}}, session=row)
+    assert state.session_resource("general", "S-1") is None
+    assert state.event_outcome("evt-1") is None
+
+    state.record_event("evt-1", topic="t", outcome="created", detail={}, session=row)
+    assert state.session_resource("general", "S-1") == row.resource
+    assert state.event_outcome("evt-1") == "created"
+
+
+def test_write_back_workers_and_a_cycle_share_the_store_without_locking_errors(tmp_path: Path) -> None:
+    """The service's own SQLite set-up (WAL, busy timeout): eight workers record events while the
+    cycle stages changes (a read-then-write transaction) on the same database."""
+    with StateStore(f"sqlite:///{tmp_path / 'state.db'}") as store:
+        shared = SyncState(store.engine)
+        errors: list[BaseException] = []
+
+        def worker(n: int) -> None:
+            try:
+                for i in range(40):
+                    event_id = f"evt-{n}-{i}"
+                    assert shared.event_outcome(event_id) is None
+                    resource = SessionResource(
+                        "Encounter", f"enc-{n}-{i}", "2026-03-02T18:00:00Z", "attended"
+                    )
+                    shared.record_event(
+                        event_id,
+                        topic="t",
+                        outcome="created",
+                        detail={"references": [f"Encounter/enc-{n}-{i}"]},
+                        session=SessionWrite("general", f"S-{n}-{i}", resource),
+                    )
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for version in range(20):  # meanwhile, the cycle
+            shared.stage_changes("general", [_episode(f"e{k}", status=f"s{version}") for k in range(5)])
+        for thread in threads:
+            thread.join()
+
+        assert errors == []
+        assert all(shared.event_outcome(f"evt-{n}-{i}") == "created" for n in range(8) for i in range(40))
+        assert shared.session_resource("general", "S-7-39") == SessionResource(
+            "Encounter", "enc-7-39", "2026-03-02T18:00:00Z", "attended"
+        )
+        assert shared.outbox_size() == 100

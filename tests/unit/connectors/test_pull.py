@@ -621,3 +621,63 @@ def test_bulk_mode_uses_the_cursor_as_since_and_the_transaction_time_as_the_next
     assert second.duplicates == 1  # e1 version 1 is already in the replica
     assert second.counts == {"Encounter": 0}
     assert store.get_cursor(ehr.name, "Encounter") == "2026-03-02T11:00:00Z"
+
+
+def _bulk_export_of(httpx_mock: HTTPXMock, files: dict[str, bytes], *, broken: str | None = None) -> None:
+    """One export whose manifest lists ``files`` (name -> NDJSON); ``broken`` answers 404 for good."""
+    status = f"{BASE}/status/many"
+    httpx_mock.add_response(
+        url=f"{BASE}/$export?_type=Encounter", status_code=202, headers={"Content-Location": status}
+    )
+    output = [{"type": "Encounter", "url": f"https://files.example.net/{name}"} for name in files]
+    httpx_mock.add_response(
+        url=status,
+        method="GET",
+        json={"transactionTime": "2026-03-01T11:00:00Z", "requiresAccessToken": False, "output": output},
+    )
+    for name, content in files.items():
+        if name == broken:
+            httpx_mock.add_response(url=f"https://files.example.net/{name}", status_code=404)
+        else:
+            httpx_mock.add_response(url=f"https://files.example.net/{name}", content=content)
+    httpx_mock.add_response(url=status, method="DELETE", status_code=202)
+
+
+def _encounter_lines(ids: range) -> bytes:
+    stamp = {"versionId": "1", "lastUpdated": "2026-03-01T10:00:00Z"}
+    return b"".join(orjson.dumps({**_encounter(f"e{i}", f"p{i % 5}"), "meta": stamp}) + b"\n" for i in ids)
+
+
+def test_a_bulk_pull_of_several_files_validates_them_all_on_every_worker(
+    httpx_mock: HTTPXMock, store: StateStore, make_ehr: Callable[..., EhrConfig], tmp_path: Path
+) -> None:
+    files = {f"part-{n}.ndjson": _encounter_lines(range(n * 300, n * 300 + 300)) for n in range(4)}
+    _bulk_export_of(httpx_mock, files)
+    ehr = make_ehr(resource_types=("Encounter",), mode="bulk")
+    summary = pull(ehr, store, tmp_path / "out", client_factory=_client, workers=2, inline_limit=0)
+    assert summary.counts == {"Encounter": 1200}
+    assert summary.validated == 1200
+    assert summary.validation_workers == 2
+    assert summary.validation_seconds > 0
+    assert sorted(r["id"] for r in _read(tmp_path / "out", "Encounter")) == sorted(
+        f"e{i}" for i in range(1200)
+    )
+    assert store.replica_count(ehr.name) == 1200
+    assert store.get_cursor(ehr.name, "Encounter") == "2026-03-01T11:00:00Z"
+    assert not (tmp_path / "out" / ".bulk-staging").exists()
+
+
+def test_a_bulk_file_that_cannot_be_downloaded_fails_the_pull_and_commits_nothing(
+    httpx_mock: HTTPXMock, store: StateStore, make_ehr: Callable[..., EhrConfig], tmp_path: Path
+) -> None:
+    files = {f"part-{n}.ndjson": _encounter_lines(range(n * 300, n * 300 + 300)) for n in range(3)}
+    _bulk_export_of(httpx_mock, files, broken="part-2.ndjson")
+    ehr = make_ehr(resource_types=("Encounter",), mode="bulk")
+    with pytest.raises(EhrError, match=r"part-2|Encounter\.002"):
+        pull(ehr, store, tmp_path / "out", client_factory=_client, workers=0, inline_limit=0)
+    assert store.replica_count(ehr.name) == 0  # the other files' rows were rolled back
+    assert store.get_cursor(ehr.name, "Encounter") is None
+    assert not (tmp_path / "out" / "Encounter.ndjson").exists()
+    assert not list((tmp_path / "out").glob(".*.part"))
+    assert not (tmp_path / "out" / ".bulk-staging").exists()
+    assert httpx_mock.get_requests()[-1].method == "DELETE"

@@ -149,8 +149,38 @@ def normalise_code(key: str, code: str) -> str:
 def codings(value: Any) -> list[tuple[str, str]]:
     """``(system key, normalised code)`` of every coding in a Coding, CodeableConcept or a list of them."""
     found: list[tuple[str, str]] = []
+    if value is None:
+        return found
+    if type(value) is list:  # the common shapes first: a list of CodeableConcepts of plain dicts
+        for concept in value:
+            inner = concept.get("coding") if type(concept) is dict else None
+            if type(inner) is list:
+                for coding in inner:
+                    if type(coding) is dict and "coding" not in coding and "concept" not in coding:
+                        code = coding.get("code")
+                        if type(code) is str and code:
+                            system = coding.get("system")
+                            found.append(_coded(system if type(system) is str else "", code))
+                            continue
+                    _collect(coding, found)
+            else:
+                _collect(concept, found)
+        return found
+    if type(value) is dict and "coding" not in value and "concept" not in value:  # one plain Coding
+        code = value.get("code")
+        if type(code) is str and code:
+            system = value.get("system")
+            found.append(_coded(system if type(system) is str else "", code))
+            return found
     _collect(value, found)
     return found
+
+
+@lru_cache(maxsize=65536)
+def _coded(system: str, code: str) -> tuple[str, str]:
+    """``(system key, normalised code)`` of one coding's system and (non-empty) code, cached."""
+    key = _system_key(system) if system else ""
+    return key, _normalise_cached(key, code)
 
 
 def _collect(value: Any, found: list[tuple[str, str]]) -> None:

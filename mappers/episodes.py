@@ -31,6 +31,7 @@ from mappers import facts
 from mappers.codes import codings
 from mappers.fhir import element, is_literal, items, rfc3339
 from mappers.index import Collected, PatientResources, Reject, collect, resolve
+from mappers.levels import Classifier
 from mappers.rules import LEVEL_RANK, NONE_LEVEL, Rules
 from mappers.settings import EpisodeSettings
 from mappers.visits import GROUPING_STATUSES, Grouping, Visit, read_grouping, read_visit
@@ -138,8 +139,10 @@ class _Patient:
         settings: EpisodeSettings,
         explain: bool,
         rejects: list[Reject],
+        classifier: Classifier | None = None,
     ) -> None:
         self.holder = holder
+        self.classifier = classifier
         self.shared = collected.shared
         self.ehr = ehr
         self.as_of = as_of
@@ -156,6 +159,7 @@ class _Patient:
         self.groupings: dict[str, Grouping] = {}
         self.ours: dict[str, Grouping] = {}
         self.condition_codes: dict[str, list[str]] = {}  # Condition key -> its ICD-10-CM codes
+        self.diagnoses: dict[bytes, list[facts.Diagnosis]] = {}  # diagnoses_of's results by their source
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -169,6 +173,7 @@ class _Patient:
                 rules=self.rules,
                 rejects=self.rejects,
                 unplaced=self.unplaced,
+                classifier=self.classifier,
             )
             if visit is not None:
                 self.visits.append(visit)
@@ -593,7 +598,7 @@ class _Patient:
         if episode.hint is not None:
             sources.append(episode.hint.resource)
         diagnoses = facts.billing_diagnoses(
-            [facts.diagnoses_of(r, self.shared, self.condition_codes) for r in sources]
+            [facts.diagnoses_of(r, self.shared, self.condition_codes, self.diagnoses) for r in sources]
         )
         principal = diagnoses[0]["code"] if diagnoses else None
         coded = [v.codes for v in sessions]
@@ -915,6 +920,7 @@ def map_episodes(
     episodes: list[dict[str, Any]] = []
     explanations: dict[str, list[str]] = {}
     levels: dict[str, int] = {}
+    classifier = Classifier(collected.shared, rules)
     for patient_id in sorted(collected.patients):
         own_rejects: list[Reject] = []
         try:
@@ -929,6 +935,7 @@ def map_episodes(
                     settings=settings,
                     explain=explain,
                     rejects=own_rejects,
+                    classifier=classifier,
                 ),
                 previous.get(patient_id, ()),
             )

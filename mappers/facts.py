@@ -10,6 +10,8 @@ from datetime import date, datetime, timedelta, tzinfo
 from functools import lru_cache
 from typing import Any, Final, NamedTuple
 
+import orjson
+
 from mappers.codes import (
     ACT_CODE,
     CONFIDENTIALITY,
@@ -173,14 +175,34 @@ def diagnoses_of(
     resource: Mapping[str, Any],
     shared: Mapping[str, Mapping[str, Any]],
     memo: dict[str, list[str]] | None = None,
+    seen: dict[bytes, list[Diagnosis]] | None = None,
 ) -> list[Diagnosis]:
     """ICD-10-CM diagnoses of an Encounter or EpisodeOfCare: diagnosis (with rank), reasonCode, reasons.
 
     ``memo`` keeps the codes of each referenced Condition (by reference key) across calls over the same
-    ``shared`` index: a patient's Encounters point at the same few Conditions.
+    ``shared`` index: a patient's Encounters point at the same few Conditions. ``seen`` (with ``memo``,
+    the caller's for the same ``shared``) keeps whole results by the JSON of the three elements they
+    come from: a patient's sessions usually repeat the same diagnoses. The result is shared: read only.
     """
     if memo is None:
         memo = {}
+    if seen is None or resource.get("contained"):
+        return _diagnoses_of(resource, shared, memo)
+    try:
+        key = orjson.dumps(
+            (resource.get("diagnosis"), resource.get("reasonCode"), resource.get("reasonReference"))
+        )
+    except TypeError:  # what orjson cannot write (integers beyond 64 bits…): no memo
+        return _diagnoses_of(resource, shared, memo)
+    found = seen.get(key)
+    if found is None:
+        found = seen[key] = _diagnoses_of(resource, shared, memo)
+    return found
+
+
+def _diagnoses_of(
+    resource: Mapping[str, Any], shared: Mapping[str, Mapping[str, Any]], memo: dict[str, list[str]]
+) -> list[Diagnosis]:
     found: list[Diagnosis] = []
     for entry in items(resource, "diagnosis"):
         if not isinstance(entry, (dict, Mapping)):

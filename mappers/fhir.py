@@ -72,6 +72,12 @@ def _parse_datetime(value: str, zone: tzinfo) -> datetime:
 
 def rfc3339(moment: datetime) -> str:
     """An aware datetime as RFC 3339 with its offset (``Z`` for UTC), seconds precision."""
+    # Equal instants in other offsets are equal datetimes (same hash): the offset is part of the key.
+    return _rfc3339(moment, moment.utcoffset())
+
+
+@lru_cache(maxsize=16384)
+def _rfc3339(moment: datetime, offset: timedelta | None) -> str:
     text = moment.replace(microsecond=0).isoformat()
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 

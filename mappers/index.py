@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, Final
 
 import orjson
@@ -124,7 +125,18 @@ def newest_versions(
 
 def _patient_of(resource: Mapping[str, Any]) -> str | None:
     name = PATIENT_ELEMENT[str(resource["resourceType"])]
-    patient_id = reference_id(resource.get(name), "Patient")
+    value = resource.get(name)
+    if type(value) is dict:  # the common case: {"reference": "Patient/<id>"}, read once per string
+        reference = value.get("reference")
+        if type(reference) is str:
+            return _patient_id(reference)
+    patient_id = reference_id(value, "Patient")
+    return patient_id if patient_id is not None and FHIR_ID.fullmatch(patient_id) else None
+
+
+@lru_cache(maxsize=4096)  # a patient's resources repeat their reference; a batch's patients fit
+def _patient_id(reference: str) -> str | None:
+    patient_id = reference_id(reference, "Patient")
     return patient_id if patient_id is not None and FHIR_ID.fullmatch(patient_id) else None
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
+
+import orjson
 
 from mappers.codes import codings
 from mappers.fhir import element, items, reference_key
@@ -153,9 +155,18 @@ def classify_encounter(
     """
     if codes is None:
         codes = service_codes(encounter)
+    return _classify(encounter, context, rules, codes, _Qualified(encounter, context, rules))
+
+
+def _classify(
+    encounter: Mapping[str, Any],
+    context: References,
+    rules: Rules,
+    codes: list[tuple[str, str]],
+    qualified: _Qualified,
+) -> Classification:
     class_codes = _class_codes(encounter)
     classes = frozenset(code for system, code in class_codes if system == "actcode")
-    qualified = _Qualified(encounter, context, rules)
     order = rules.order
     missing_qualifier: Rule | None = None
 
@@ -200,3 +211,73 @@ def classify_encounter(
             reason=f"no level: rule {missing_qualifier.id} needs a behavioral-health qualifier",
         )
     return Classification(level=None, rule_id=None, reason="no rule matched")
+
+
+class _Consulted(_Qualified):
+    """A ``_Qualified`` that remembers whether the rules asked for the qualifier."""
+
+    def __init__(self, encounter: Mapping[str, Any], context: References, rules: Rules) -> None:
+        super().__init__(encounter, context, rules)
+        self.asked = False
+
+    def get(self) -> str | None:
+        self.asked = True
+        return super().get()
+
+
+class _Known(_Qualified):
+    """A qualifier computed already."""
+
+    def __init__(self, value: str | None) -> None:
+        self._done = True
+        self._value = value
+
+
+_ASKS_QUALIFIER: Final = object()
+
+
+class Classifier:
+    """``classify_encounter`` over one fixed ``context`` and rule table, memoised by what decides it.
+
+    An Encounter's level depends only on its service codes, ``class``, ``location`` and
+    ``serviceProvider`` (with the types of those Locations, fixed by ``context``), plus its behavioral-health
+    qualifier when a candidate rule needs one. Encounters with the same such signature (a program's
+    sessions, week after week) share one Classification; the qualifier, when a rule asks for it, is
+    still read from each Encounter (its diagnoses) and is part of the memo key. Encounters with
+    contained resources (``#id`` references) are classified afresh. Give each ``context`` its own.
+    """
+
+    def __init__(self, context: References, rules: Rules) -> None:
+        self.context = context
+        self.rules = rules
+        self._memo: dict[Any, Any] = {}
+
+    def classify(self, encounter: Mapping[str, Any], codes: list[tuple[str, str]]) -> Classification:
+        if encounter.get("contained"):
+            return classify_encounter(encounter, self.context, self.rules, codes=codes)
+        try:  # the elements the class and location tiers read, as JSON: cheaper than reading them
+            where = orjson.dumps(
+                (encounter.get("class"), encounter.get("location"), encounter.get("serviceProvider"))
+            )
+        except TypeError:  # what orjson cannot write (integers beyond 64 bits…): no memo
+            return classify_encounter(encounter, self.context, self.rules, codes=codes)
+        key = (tuple(codes), where)
+        known = self._memo.get(key)
+        if known is not None and known is not _ASKS_QUALIFIER:
+            return known  # type: ignore[no-any-return]
+        if known is _ASKS_QUALIFIER:
+            qualifier = qualifier_of(encounter, self.context, self.rules)
+            found = self._memo.get((key, qualifier))
+            if found is None:
+                found = self._memo[(key, qualifier)] = _classify(
+                    encounter, self.context, self.rules, codes, _Known(qualifier)
+                )
+            return found
+        consulted = _Consulted(encounter, self.context, self.rules)
+        result = _classify(encounter, self.context, self.rules, codes, consulted)
+        if consulted.asked:
+            self._memo[key] = _ASKS_QUALIFIER
+            self._memo[(key, consulted.get())] = result
+        else:
+            self._memo[key] = result
+        return result

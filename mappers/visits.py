@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from mappers.fhir import FhirValueError, element, items, parse_datetime
 from mappers.index import Reject, resolve
-from mappers.levels import Classification, References, classify_encounter, service_codes
+from mappers.levels import Classification, Classifier, References, classify_encounter, service_codes
 from mappers.rules import Rules
 from schemas.identifiers import EPISODE_ID_SYSTEM, EXIT_REASON_SYSTEM, SESSION_ID_SYSTEM
 
@@ -109,6 +109,7 @@ def read_visit(
     rules: Rules,
     rejects: list[Reject],
     unplaced: list[str | None],
+    classifier: Classifier | None = None,
 ) -> Visit | None:
     """One Encounter as a Visit, or None (a Reject, or its level added to ``unplaced``)."""
     status = str(encounter.get("status") or "unknown")
@@ -117,7 +118,10 @@ def read_visit(
     if not ok:
         return None
     codes = service_codes(encounter)
-    classification = classify_encounter(encounter, context, rules, codes=codes)
+    if classifier is not None:
+        classification = classifier.classify(encounter, codes)
+    else:
+        classification = classify_encounter(encounter, context, rules, codes=codes)
     if start is None:
         # Attended level-of-care care we cannot place in time is a reject; anything else without a time
         # (a planned visit, a lab encounter) is only counted by its level.
@@ -131,9 +135,20 @@ def read_visit(
     if isinstance(hospitalization, (dict, Mapping)):
         coding = element(hospitalization, "dischargeDisposition").get("coding") or []
         coding = coding if isinstance(coding, list) else []
-        first = next((c for c in coding if isinstance(c, (dict, Mapping)) and c.get("code")), None)
-        if first is not None:
-            disposition = {k: first[k] for k in ("system", "code", "display") if first.get(k)}
+        first = next(
+            (
+                c
+                for c in coding
+                if isinstance(c, (dict, Mapping)) and c.get("code") and isinstance(c["code"], str)
+            ),
+            None,
+        )
+        if first is not None:  # strings only: a number where FHIR says string is not carried into records
+            disposition = {
+                k: first[k]
+                for k in ("system", "code", "display")
+                if first.get(k) and isinstance(first[k], str)
+            }
         elif hospitalization.get("dischargeDisposition"):
             disposition = {}
     part_of = resolve(encounter.get("partOf"), shared)

@@ -9,7 +9,12 @@ of ``batch`` patients plus the shared Organizations/Locations/Practitioners give
 of ours, as they are part of any real map run.
 
 Ours (``iop-bridge map``), when the command exists: the CLI on the whole folder, output to a file; its
-interpreter start-up and imports (about half a second) are included.
+interpreter start-up and imports (about half a second) are included. Its RSS column is the measuring
+process's tree (the bench child, ~70 MB of imports, plus the CLI's); the note gives the CLI's own tree.
+
+Lean decode alone: every line of every file through ``mappers.projection.project_line`` (the projection
+``iop-bridge map`` reads by default: only the fields the mappers use, type-checked), nothing else; beside
+the same orjson floor, it says what reading costs before any mapping.
 """
 
 from __future__ import annotations
@@ -22,13 +27,15 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
+import psutil
 
 from bench.generate import ANCHOR, dataset, manifest, size_label
 from bench.harness import ROOT, Measurement, Row, Runner, timed, unavailable
@@ -55,6 +62,11 @@ def rows(
         folder = str(dataset(size))
         floor = runner.run("mapping", "floor", folder=folder, min_cpu=floor_min_cpu)
         load = os.getloadavg()[0]
+        if lean_missing() is None:
+            lean = runner.run("mapping", "lean_decode", folder=folder, min_cpu=floor_min_cpu)
+            per_line = [1e6 * m.cpu / max(1, m.extra.get("lines", 0)) for m in (lean, floor)]
+            note = f"{per_line[0]:.2f} vs {per_line[1]:.2f} µs per line (lean projection vs orjson.loads)"
+            out.append(_row(label, "lean decode alone", lean, floor, note, load))
         if missing:
             out.append(_row(label, "map_episodes", None, floor, f"not available yet: {missing}", load))
         else:
@@ -68,6 +80,8 @@ def rows(
         if cli:
             ours = runner.run("mapping", "ours_cli", folder=folder, in_process=not runner.isolated)
             note = f"{ours.extra['episodes']} episodes, {ours.extra['rejects']} rejects; start-up included"
+            if ours.extra.get("cli_rss_mb"):
+                note += f"; the CLI's own process tree peaked at {ours.extra['cli_rss_mb']:.0f} MB"
             out.append(_row(label, "iop-bridge map", ours, floor, note, load))
         elif size == sizes[0]:
             out.append(
@@ -110,23 +124,52 @@ def mapper_missing() -> str | None:
     return None
 
 
+def lean_missing() -> str | None:
+    """Why the lean projection cannot be benchmarked yet, or None when it can."""
+    try:
+        importlib.import_module("mappers.projection")
+    except Exception as exc:  # an absent module, or one still being written
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def floor(folder: str, min_cpu: float = FLOOR_MIN_CPU) -> Measurement:
     """Parse every line of every file; small folders are parsed again until the CPU clock can tell."""
+    return _every_line(folder, min_cpu, lambda _: orjson.loads)
+
+
+def lean_decode(folder: str, min_cpu: float = FLOOR_MIN_CPU) -> Measurement:
+    """Every line of every file decoded into the lean projection of its file's type, nothing else."""
+    from mappers.projection import project_line
+
+    def decoder(kind: str) -> Callable[[bytes], Any]:
+        return lambda line: project_line(line, kind)
+
+    return _every_line(folder, min_cpu, decoder)
+
+
+def _every_line(folder: str, min_cpu: float, decoder: Callable[[str], Callable[[bytes], Any]]) -> Measurement:
+    """``decoder(<file's type>)`` over every line of every file, whole passes until ``min_cpu``."""
     encounters = int(manifest(Path(folder))["encounters"])
+    lines = [0]
 
     def work() -> int:
         done = 0
         until = time.process_time() + min_cpu
         while True:
             for path in sorted(Path(folder).glob("*.ndjson")):
+                decode = decoder(path.stem)
                 with path.open("rb") as handle:
                     for line in handle:
-                        orjson.loads(line)
+                        decode(line)
+                        lines[0] += 1
             done += encounters
             if time.process_time() >= until:
                 return done
 
-    return timed(work)
+    measurement = timed(work)
+    measurement.extra["lines"] = lines[0]
+    return measurement
 
 
 def ours(folder: str, batch: int) -> Measurement:
@@ -168,19 +211,55 @@ def ours_cli(folder: str, in_process: bool = False) -> Measurement:
             program = [str(command)] if command.exists() else [sys.executable, "-m", "sync.cli"]
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
-            subprocess.run(
-                [*program, *argv], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
+            with subprocess.Popen(
+                [*program, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            ) as command_run:
+                peak = _tree_peak_rss(command_run)
+            if command_run.returncode != 0:
+                raise subprocess.CalledProcessError(command_run.returncode, [*program, *argv])
             wall = time.perf_counter() - start
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-            measurement = Measurement(items=encounters, wall=wall, cpu=cpu)
+            measurement = Measurement(items=encounters, wall=wall, cpu=cpu, extra={"cli_rss_mb": peak})
         rejects_file = out.with_name(out.name + ".rejects.ndjson")
         measurement.extra["episodes"] = len(out.read_bytes().splitlines())
         measurement.extra["rejects"] = (
             len(rejects_file.read_bytes().splitlines()) if rejects_file.exists() else 0
         )
     return measurement
+
+
+def _tree_peak_rss(process: subprocess.Popen[bytes]) -> float:
+    """Wait for ``process``; the peak of its process tree's summed RSS (MB), sampled every 20 ms."""
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        try:
+            root = psutil.Process(process.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not done.is_set():
+            total = 0
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            for proc in procs:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    total += proc.memory_info().rss
+            peak = max(peak, total)
+            done.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        process.wait()
+    finally:
+        done.set()
+        sampler.join()
+    return peak / (1024 * 1024)
 
 
 def patient_of(resource: dict[str, Any]) -> str | None:

@@ -36,7 +36,6 @@ import msgspec
 import orjson
 import structlog
 
-from connectors.validation import check_resource
 from mappers.fhir import reference_id
 from mappers.index import PATIENT_ELEMENT
 from mappers.projection import ProjectionError, project, project_line
@@ -267,6 +266,9 @@ def admit(
         except ProjectionError as exc:
             rejects.append(InputReject(source, line, str(exc)))
             return None
+    # Imported here: fhir.resources' models cost ~25 MB in every process, and only --strict needs them.
+    from connectors.validation import check_resource
+
     checked = check_resource(resource, tolerate=frozenset())
     if checked.resource is None:
         rejects.append(InputReject(source, line, str(checked.error)))  # names the resource and the field

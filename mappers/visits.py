@@ -48,7 +48,10 @@ class Visit:
 
     def __post_init__(self) -> None:
         self.last_moment = self.end if self.end is not None and self.end >= self.start else self.start
-        self.last_day = self.last_moment.astimezone(self.day_zone).date() if self.day_zone else self.day
+        if self.day_zone is None or self.last_moment is self.start:
+            self.last_day = self.day  # the start's own day (``day`` is the start in ``day_zone``)
+        else:
+            self.last_day = self.last_moment.astimezone(self.day_zone).date()
 
 
 @dataclass
@@ -86,8 +89,11 @@ def _is_uuid(value: str) -> bool:
 def _period(
     resource: Mapping[str, Any], zone: tzinfo, rejects: list[Reject]
 ) -> tuple[datetime | None, datetime | None, bool]:
-    period = resource.get("period") if isinstance(resource.get("period"), (dict, Mapping)) else {}
-    assert isinstance(period, (dict, Mapping))
+    period = resource.get("period")
+    if period is None:
+        return None, None, True
+    if not isinstance(period, (dict, Mapping)):
+        period = {}
     start = end = None
     try:
         if period.get("start") is not None:
@@ -132,7 +138,7 @@ def read_visit(
         return None
     hospitalization = encounter.get("hospitalization")
     disposition = None
-    if isinstance(hospitalization, (dict, Mapping)):
+    if hospitalization is not None and isinstance(hospitalization, (dict, Mapping)):
         coding = element(hospitalization, "dischargeDisposition").get("coding") or []
         coding = coding if isinstance(coding, list) else []
         first = next(
@@ -151,10 +157,13 @@ def read_visit(
             }
         elif hospitalization.get("dischargeDisposition"):
             disposition = {}
-    part_of = resolve(encounter.get("partOf"), shared)
-    episodes = [
-        key for ref in items(encounter, "episodeOfCare") if (key := _episode_key(ref, shared)) is not None
-    ]
+    part_of = resolve(encounter.get("partOf"), shared) if encounter.get("partOf") is not None else None
+    episodes = (
+        [key for ref in items(encounter, "episodeOfCare") if (key := _episode_key(ref, shared)) is not None]
+        if encounter.get("episodeOfCare") is not None
+        else []
+    )
+    identified = encounter.get("identifier") is not None
     return Visit(
         key=f"Encounter/{encounter['id']}",
         resource=encounter,
@@ -166,8 +175,8 @@ def read_visit(
         classification=classification,
         level=classification.level,
         part_of=part_of if part_of and part_of.startswith("Encounter/") else None,
-        episodes_of_care=sorted(set(episodes)),
-        session_id=_identifier_value(encounter, SESSION_ID_SYSTEM) or None,
+        episodes_of_care=sorted(set(episodes)) if episodes else episodes,
+        session_id=(_identifier_value(encounter, SESSION_ID_SYSTEM) or None) if identified else None,
         disposition=disposition,
         codes=codes,
         day_zone=zone,

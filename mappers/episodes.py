@@ -435,7 +435,12 @@ class _Patient:
         level = episode.level
         anchor = self._anchor(episode)
         new_id = episode_id(self.ehr, self.holder.patient_id, level, anchor)
-        lines = [f"{v.key} {v.day.isoformat()}: {v.level} ({_why_level(v)})" for v in episode.sessions]
+        # The explanation lines; per session only with ``explain`` (they are dropped otherwise).
+        lines = (
+            [f"{v.key} {v.day.isoformat()}: {v.level} ({_why_level(v)})" for v in episode.sessions]
+            if self.explain
+            else []
+        )
         if episode.admission is not None:
             lines.insert(
                 0, f"{episode.admission.key}: program admission ({episode.admission.classification.reason})"

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any, Final
 
 import orjson
@@ -174,9 +175,12 @@ def collect(resources: Iterable[Mapping[str, Any]]) -> Collected:
         holder.by_type.setdefault(resource_type, []).append(resource)
     for holder in patients.values():
         for items in holder.by_type.values():
-            items.sort(key=lambda r: str(r.get("id")))
+            items.sort(key=_id_of)  # every id is a string here: newest_versions kept no other
     rejects.sort(key=lambda r: (r.resource_type, r.id or "", r.reason))
     return Collected(patients=patients, shared=shared, rejects=rejects)
+
+
+_id_of: Final = itemgetter("id")
 
 
 def _is_error_condition(resource: Mapping[str, Any]) -> bool:

@@ -204,14 +204,22 @@ def _head_patient(head: _Head) -> str | None:
     kind = head.resourceType
     if kind == "Patient":
         return head.id if isinstance(head.id, str) and head.id else None
-    name = PATIENT_ELEMENT.get(kind)
-    values = {"subject": head.subject, "patient": head.patient, "beneficiary": head.beneficiary}
-    values["for"] = head.for_
+    name = PATIENT_ELEMENT.get(kind) if isinstance(kind, str) else None
     for element in (name,) if name is not None else _PATIENT_ELEMENTS:
-        patient = reference_id(values[element], "Patient")
-        if patient:
-            return patient
+        value = getattr(head, _HEAD_FIELDS[element])
+        if value is not None:
+            patient = reference_id(value, "Patient")
+            if patient:
+                return patient
     return None
+
+
+_HEAD_FIELDS: Final = {
+    "subject": "subject",
+    "patient": "patient",
+    "beneficiary": "beneficiary",
+    "for": "for_",
+}
 
 
 def _partition_items(path: Path, rejects: list[InputReject]) -> Iterator[tuple[str, str | None, int, bytes]]:

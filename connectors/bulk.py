@@ -72,11 +72,14 @@ def bulk_export(
     on_progress: Callable[[str], None] | None = None,
     poll_timeout: float = POLL_TIMEOUT,
     on_file: Callable[[str, Path], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> BulkResult:
     """Run one export to completion and download its files into ``out_dir``.
 
     ``on_file(resource_type, path)`` is called (from a download thread) as each output file is complete
-    on disk; an exception it raises stops the export (the job is still deleted).
+    on disk; an exception it raises stops the export (the job is still deleted). ``should_stop`` is asked
+    before every status poll and every download: True cancels the export (``BulkExportError``, job
+    deleted), so a caller that gave up does not wait for a long export to finish.
     """
     kickoff = f"Group/{group_id}/$export" if group_id else "$export"
     params = [("_type", ",".join(resource_types))]
@@ -105,20 +108,27 @@ def bulk_export(
             response=response,
         )
     log.info("bulk_export_started", ehr=client.ehr.name, types=len(resource_types), group=group_id)
-    manifest = _poll(client, status_url, on_progress, poll_timeout)
+    manifest = _poll(client, status_url, on_progress, poll_timeout, should_stop)
     try:
-        return _download_all(client, manifest, out_dir, str(response.request.url), on_file)
+        return _download_all(client, manifest, out_dir, str(response.request.url), on_file, should_stop)
     finally:
         _delete_job(client, status_url)
 
 
 def _poll(
-    client: EhrClient, status_url: str, on_progress: Callable[[str], None] | None, timeout: float
+    client: EhrClient,
+    status_url: str,
+    on_progress: Callable[[str], None] | None,
+    timeout: float,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     deadline = client.clock() + timeout
     cap = min(POLL_MAX, client.ehr.bulk_poll_max_seconds)
     interval = min(POLL_START, cap)
     while True:
+        if should_stop is not None and should_stop():
+            _delete_job(client, status_url)
+            raise BulkExportError(f"{client.ehr.name}: $export cancelled", ehr=client.ehr.name)
         retries_before = client.stats.retries
         try:
             response = client.request(
@@ -205,6 +215,7 @@ def _download_all(
     out_dir: Path,
     kickoff_url: str,
     on_file: Callable[[str, Path], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> BulkResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     needs_token = bool(manifest.get("requiresAccessToken", False))
@@ -229,6 +240,8 @@ def _download_all(
 
     def fetch(job: tuple[str, str, Path, int | None]) -> int:
         kind, url, path, expected = job
+        if should_stop is not None and should_stop():
+            raise BulkExportError(f"{client.ehr.name}: $export cancelled", ehr=client.ehr.name)
         try:
             written = _download(client, url, path, needs_token)
         except EhrError as exc:

@@ -419,6 +419,7 @@ class _Run:
                             "bulk_progress", ehr=self.ehr.name, progress=text[:100]
                         ),
                         on_file=on_file,
+                        should_stop=stop.is_set,
                     )
                 )
             except BaseException as exc:  # re-raised in the pull's thread

@@ -387,3 +387,24 @@ def test_a_failing_file_callback_stops_the_export_and_still_deletes_the_job(
     with _client(make_ehr, sleeps) as client, pytest.raises(RuntimeError, match="gave up"):
         bulk_export(client, resource_types=["Patient"], since=None, out_dir=tmp_path, on_file=refuse)
     assert httpx_mock.get_requests()[-1].method == "DELETE"
+
+
+def test_a_caller_that_gives_up_cancels_the_export_and_deletes_the_job(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    _kickoff(httpx_mock, f"{BASE}/$export?_type=Encounter")
+    httpx_mock.add_response(url=STATUS, status_code=202, is_reusable=True)
+    httpx_mock.add_response(url=STATUS, method="DELETE", status_code=202)
+    asked: list[int] = []
+
+    def stop_on_third_look() -> bool:
+        asked.append(1)
+        return len(asked) >= 3
+
+    with _client(make_ehr, sleeps) as client, pytest.raises(BulkExportError, match="cancelled"):
+        bulk_export(
+            client, resource_types=["Encounter"], since=None, out_dir=tmp_path, should_stop=stop_on_third_look
+        )
+    polls = [r for r in httpx_mock.get_requests() if r.method == "GET" and r.url == STATUS]
+    assert len(polls) == 2
+    assert httpx_mock.get_requests()[-1].method == "DELETE"

@@ -20,8 +20,10 @@ Per patient:
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, tzinfo
 from typing import Any, Final
@@ -919,6 +921,49 @@ def map_episodes(
     if as_of.tzinfo is None or as_of.utcoffset() is None:
         raise ValueError("as_of must be timezone-aware")
     zone = _zone(timezone)
+    with _cyclic_gc_paused():
+        return _map_all(
+            resources,
+            ehr=ehr,
+            as_of=as_of,
+            rules=rules,
+            settings=settings,
+            zone=zone,
+            explain=explain,
+            previous_anchors=previous_anchors,
+        )
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector for one mapping (as it was before, afterwards).
+
+    Mapping allocates hundreds of thousands of small dicts, tuples and records that reference counting
+    frees; every collection the allocations trigger would also walk all the caller's parsed resources
+    (measured: ~35% of map_episodes' CPU on 100k Encounters). The engine makes no reference cycles of
+    its own that need the collector meanwhile; it runs again as soon as it is re-enabled.
+    """
+    enabled = gc.isenabled()
+    if enabled:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _map_all(
+    resources: Iterable[Mapping[str, Any]],
+    *,
+    ehr: str,
+    as_of: datetime,
+    rules: Rules,
+    settings: EpisodeSettings,
+    zone: tzinfo,
+    explain: bool,
+    previous_anchors: Mapping[str, str] | None,
+) -> MappingResult:
     collected = collect(resources)
     rejects = list(collected.rejects)
     previous = _previous_by_patient(previous_anchors)

@@ -34,8 +34,10 @@ MAPPERS = ROOT / "mappers"
 #: Top-level modules a mapper may import: the standard library's pure parts, the data libraries, ours.
 ALLOWED_IMPORTS = frozenset(
     {
-        "__future__", "abc", "bisect", "collections", "copy", "dataclasses", "datetime", "decimal", "enum",
-        "functools", "hashlib", "heapq", "itertools", "json", "math", "operator", "re", "statistics",
+        "__future__", "abc", "bisect", "collections", "contextlib", "copy", "dataclasses", "datetime",
+        "decimal", "enum", "functools",
+        "gc",  # only to pause the cyclic collector during one mapping (mappers.episodes)
+        "hashlib", "heapq", "itertools", "json", "math", "operator", "re", "statistics",
         "string", "textwrap", "tomllib", "types", "typing", "uuid", "zoneinfo",
         "fhir", "msgspec", "orjson", "pydantic", "structlog",
         "importlib",  # only ``importlib.resources``, for the rule table shipped in the package (below)

@@ -628,6 +628,7 @@ class _Patient:
         extra = [v for v in self.floating if start_day <= v.day <= span_end]
         lines = facts.service_lines(sessions, self.holder.of("Procedure"), self.shared, extra)
         attended_days = len({v.day for v in sessions})
+        hours_of = [facts.session_hours(v, self.settings) for v in sessions]
         encounter_keys = {v.key for v in sessions}
         if episode.admission is not None:
             encounter_keys.add(episode.admission.key)
@@ -647,11 +648,11 @@ class _Patient:
                     "reference": v.key,
                     "date": v.day.isoformat(),
                     "start": rfc3339(v.start),
-                    "hours": round(facts.session_hours(v, self.settings), 2),
+                    "hours": round(hours, 2),
                 }
-                for v in sessions
+                for v, hours in zip(sessions, hours_of, strict=True)
             ],
-            "attendance": facts.attendance(level, sessions, self.settings),
+            "attendance": facts.attendance(level, sessions, self.settings, hours_of),
             "billing": {
                 "condition_code": facts.CONDITION_CODES.get(level),
                 "revenue_code": self._revenue_code(level, substance_use, sessions),

@@ -69,13 +69,19 @@ def week_start(day: date, week: str) -> date:
     return day - timedelta(days=day.weekday())
 
 
-def attendance(level: str, sessions: Sequence[Visit], settings: EpisodeSettings) -> dict[str, Any]:
-    """Sessions and hours attended, with a tally per week (every week from the first to the last)."""
+def attendance(
+    level: str, sessions: Sequence[Visit], settings: EpisodeSettings, hours_of: Sequence[float] | None = None
+) -> dict[str, Any]:
+    """Sessions and hours attended, with a tally per week (every week from the first to the last).
+
+    ``hours_of`` are the sessions' ``session_hours`` when the caller has them already.
+    """
     hours_by_week: dict[date, float] = {}
     sessions_by_week: dict[date, int] = {}
     total = 0.0
-    for visit in sessions:
-        hours = session_hours(visit, settings)
+    if hours_of is None:
+        hours_of = [session_hours(visit, settings) for visit in sessions]
+    for visit, hours in zip(sessions, hours_of, strict=True):
         total += hours
         week = week_start(visit.day, settings.week)
         hours_by_week[week] = hours_by_week.get(week, 0.0) + hours

@@ -29,9 +29,9 @@ def parse_datetime(value: Any, zone: tzinfo) -> datetime:
     Partial dates (``2025``, ``2025-03``, ``2025-03-04``) mean their first instant; a time without an
     offset is read in ``zone`` (the EHR's configured time zone). Raises ``FhirValueError``.
     """
-    if not isinstance(value, str):
-        raise FhirValueError(f"not a date: {type(value).__name__}")
-    return _parse_datetime(value, zone)
+    if type(value) is str or isinstance(value, str):
+        return _parse_datetime(value, zone)
+    raise FhirValueError(f"not a date: {type(value).__name__}")
 
 
 @lru_cache(maxsize=16384)

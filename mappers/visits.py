@@ -96,10 +96,10 @@ def _period(
         period = {}
     start = end = None
     try:
-        if period.get("start") is not None:
-            start = parse_datetime(period["start"], zone)
-        if period.get("end") is not None:
-            end = parse_datetime(period["end"], zone)
+        if (text := period.get("start")) is not None:
+            start = parse_datetime(text, zone)
+        if (text := period.get("end")) is not None:
+            end = parse_datetime(text, zone)
     except FhirValueError as exc:
         rejects.append(Reject(str(resource["resourceType"]), str(resource.get("id")), f"period: {exc}"))
         return None, None, False

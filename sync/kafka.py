@@ -585,6 +585,8 @@ class EventConsumer:
         by_partition: dict[TopicPartition, list[tuple[Any, str | None]]] = {}
         for (tp, record), outcome in zip(items, outcomes, strict=True):
             by_partition.setdefault(tp, []).append((record, outcome))
+        done_upto: dict[TopicPartition, Any] = {}
+        open_from: dict[TopicPartition, Any] = {}
         for tp, results in by_partition.items():
             done: Any = None
             first_open: Any = None
@@ -602,7 +604,11 @@ class EventConsumer:
                         done = record
                     else:
                         first_open = record
-            self._commit(tp, done)
+            done_upto[tp] = done
+            open_from[tp] = first_open
+        self._commit_all(done_upto)  # every partition's done prefix in one request
+        for tp, results in by_partition.items():
+            first_open = open_from[tp]
             if first_open is None:
                 with self._assignment.lock:
                     self._assignment.states.pop(tp, None)
@@ -672,21 +678,31 @@ class EventConsumer:
 
     def _commit(self, tp: TopicPartition, record: Any) -> None:
         """Commit ``record.offset + 1`` for its partition (nothing when ``record`` is None)."""
-        if record is None:
+        self._commit_all({tp: record})
+
+    def _commit_all(self, done: Mapping[TopicPartition, Any]) -> None:
+        """Commit ``record.offset + 1`` for each partition's record, in one request (a partition whose
+        record is None: nothing)."""
+        offsets = {
+            tp: OffsetAndMetadata(record.offset + 1, "", record.leader_epoch)
+            for tp, record in done.items()
+            if record is not None
+        }
+        if not offsets:
             return
-        offsets = {tp: OffsetAndMetadata(record.offset + 1, "", record.leader_epoch)}
         try:
             with_retries(lambda: self._consumer.commit(offsets), what="committing", sleep=self._sleep)
         except KafkaError as exc:
             # Typically CommitFailedError: the group rebalanced and the partition has a new owner,
             # which will process these records again. Nothing is lost; the handlers are idempotent.
-            log.warning(
-                "commit_failed",
-                topic=tp.topic,
-                partition=tp.partition,
-                offset=record.offset + 1,
-                error=type(exc.__cause__).__name__,
-            )
+            for tp, offset in offsets.items():
+                log.warning(
+                    "commit_failed",
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    offset=offset.offset,
+                    error=type(exc.__cause__).__name__,
+                )
 
     def _retry_later(self, tp: TopicPartition, record: Any) -> None:
         """Rewind the partition to the failed record and pause it for ``retry_pause_s``."""

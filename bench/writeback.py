@@ -15,10 +15,11 @@ the per-event latency (p50 / p99).
 Through the broker (when a Kafka broker is given), consumed by ``sync.service.Service``'s write-back
 consumer (``service.writeback_concurrency`` = ``CONCURRENCY``) against the same sandbox, topics of
 ``PARTITIONS`` partitions (unique prefix and group per run), produced by a process of its own keyed by
-patient: ``BROKER_EVENTS`` events at a fixed ``RATE``/s (the latency row), and ``BURST_EVENTS`` produced as
-fast as the producer goes (the max-rate rows, against the sequential floor and the concurrent one). The
-rate is events from the first produce to the last write; the latency from just before an event is
-produced to just after its write finished (p50 / p99).
+patient: ``BROKER_EVENTS`` events at a fixed ``RATE``/s (the latency row; and half as many at half the
+rate, which the sandbox on this machine can take, to show the latency when the server keeps up), and
+``BURST_EVENTS`` produced as fast as the producer goes (the max-rate rows, against the sequential floor
+and the concurrent one). The rate is events from the first produce to the last write; the latency from
+just before an event is produced to just after its write finished (p50 / p99).
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def _broker_rows(
     params = {"base": base, "bootstrap": kafka, "folder": folder, "concurrency": concurrency}
     try:
         steady = runner.run("writeback", "broker", **params, events=BROKER_EVENTS, rate=RATE)
+        half = runner.run("writeback", "broker", **params, events=BROKER_EVENTS // 2, rate=RATE / 2)
         burst = runner.run("writeback", "broker", **params, events=BURST_EVENTS, rate=0.0)
     except RuntimeError as exc:
         return [unavailable(BENCH, label, metric, f"broker run failed: {exc}"[:200])]
@@ -177,6 +179,13 @@ def _broker_rows(
             metric,
             floor,
             f"{BROKER_EVENTS} events at {RATE:.0f}/s; {latency(steady)}; {setting}; floor: sequential",
+        ),
+        row(
+            half,
+            f"events/s through the broker (consumer, produced at {RATE / 2:.0f}/s)",
+            floor,
+            f"{BROKER_EVENTS // 2} events at {RATE / 2:.0f}/s, under the server's capacity here; "
+            f"{latency(half)}; floor: sequential",
         ),
         row(
             burst,

@@ -259,8 +259,9 @@ def test_a_paused_partition_is_retried_by_the_same_consumer(
     assert (stats.failed, stats.processed) == (1, 2)
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
 def test_a_rebalance_moves_partitions_without_losing_or_skipping_records(
-    config: KafkaConfig, topics: Topics, producer: EventProducer
+    config: KafkaConfig, topics: Topics, producer: EventProducer, concurrency: int
 ) -> None:
     keys = [message_key("general-hospital", str(n)) for n in range(8)]
     for n, key in enumerate(keys):
@@ -288,13 +289,15 @@ def test_a_rebalance_moves_partitions_without_losing_or_skipping_records(
 
     def second_member() -> None:
         try:
-            with consumer_for(config, topics, producer) as second:
+            with consumer_for(config, topics, producer, concurrency=concurrency) as second:
                 second.run(handler_of("second"), stop.is_set, timeout_ms=100)
         except BaseException as exc:
             crashed.append(exc)
 
     # The first member fails once on each partition and would wait an hour to retry...
-    with EventConsumer(config, [topics.attendance], producer, retry_pause_s=3600) as first:
+    with EventConsumer(
+        config, [topics.attendance], producer, retry_pause_s=3600, concurrency=concurrency
+    ) as first:
         for _ in range(50):
             first.poll_once(handler_of("first"), timeout_ms=200)
             if len(first.paused()) == 2:

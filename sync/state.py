@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
 import orjson
@@ -167,16 +168,23 @@ def now_utc() -> datetime:
 
 def _upsert(conn: Connection, table: Table, values: Mapping[str, Any], keys: Sequence[str]) -> None:
     """Insert or update one row by its primary key, on SQLite and PostgreSQL alike."""
-    dialect = conn.dialect.name
-    changes = {k: v for k, v in values.items() if k not in keys}
+    conn.execute(_upsert_statement(conn.dialect.name, table, tuple(keys), tuple(values)), dict(values))
+
+
+@cache
+def _upsert_statement(dialect: str, table: Table, keys: tuple[str, ...], columns: tuple[str, ...]) -> Any:
+    """``INSERT … ON CONFLICT (keys) DO UPDATE`` the other ``columns`` from the row offered, built once
+    per shape (the write-back writes two rows per event: building and caching the statement each time
+    was most of their cost)."""
     if dialect == "sqlite":
-        stmt_sqlite = sqlite.insert(table).values(**values)
-        conn.execute(stmt_sqlite.on_conflict_do_update(index_elements=list(keys), set_=changes))
-    elif dialect == "postgresql":
-        stmt_pg = postgresql.insert(table).values(**values)
-        conn.execute(stmt_pg.on_conflict_do_update(index_elements=list(keys), set_=changes))
-    else:  # pragma: no cover - only the two supported stores
-        raise RuntimeError(f"unsupported database dialect {dialect!r}")
+        sqlite_stmt = sqlite.insert(table)
+        changes = {c: sqlite_stmt.excluded[c] for c in columns if c not in keys}
+        return sqlite_stmt.on_conflict_do_update(index_elements=list(keys), set_=changes)
+    if dialect == "postgresql":
+        pg_stmt = postgresql.insert(table)
+        changes = {c: pg_stmt.excluded[c] for c in columns if c not in keys}
+        return pg_stmt.on_conflict_do_update(index_elements=list(keys), set_=changes)
+    raise RuntimeError(f"unsupported database dialect {dialect!r}")  # pragma: no cover - only the two stores
 
 
 class SyncState:

@@ -315,6 +315,66 @@ def test_consumer_killed_mid_batch_writes_each_event_once(
     assert counts == [1] * len(sessions)
 
 
+#: Episodes of four patients (four message keys): events of different patients run at once.
+PATIENT_EPISODES = (
+    "pt-active-iop/iop/1",
+    "pt-two-stints/iop/1",
+    "pt-two-stints/iop/2",
+    "pt-stepdown-inpatient/iop/1",
+)
+
+
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_consumer_killed_mid_batch_with_patients_at_once_writes_each_event_once(
+    stack: Stack, published: dict[str, dict[str, Any]], concurrency: int
+) -> None:
+    """Events of four patients interleaved, each produced twice; the consumer (``concurrency`` events
+    at once) is SIGKILLed mid-batch and run again: every session has exactly one Encounter."""
+    sessions = [(published[PATIENT_EPISODES[n % 4]], unique_id(f"C{concurrency}-")) for n in range(32)]
+    events = [(stack.topics.attendance, _attendance(episode, session)) for episode, session in sessions]
+    _produce(stack, events + events)  # the same events (same ids) twice
+
+    def written() -> int:
+        return sum(len(_count(stack.fhir, "Encounter", SESSION_ID_SYSTEM, s)) for _, s in sessions)
+
+    command = [sys.executable, "-m", "sync.cli", "--log-level", "WARNING", "run", "--once",
+               "--config", str(stack.config), "--as-of", AS_OF.isoformat()]  # fmt: skip
+    env = {**os.environ, "IOP_BRIDGE_SERVICE__WRITEBACK_CONCURRENCY": str(concurrency)}
+    worker = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while written() < 5 and time.monotonic() < deadline and worker.poll() is None:
+        time.sleep(0.2)
+    os.kill(
+        worker.pid, signal.SIGKILL
+    )  # mid-batch: writes in flight, offsets of finished ones maybe not committed
+    worker.wait()
+
+    finished = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    counts = [len(_count(stack.fhir, "Encounter", SESSION_ID_SYSTEM, s)) for _, s in sessions]
+    assert counts == [1] * len(sessions)
+
+
+def test_a_503_storm_across_patients_delays_writes_but_loses_none(
+    stack: Stack, published: dict[str, dict[str, Any]]
+) -> None:
+    """Eight events at once meet the outage: the partitions rewind and retry; each event written once."""
+    sessions = [(published[PATIENT_EPISODES[n % 4]], unique_id("T")) for n in range(12)]
+    _produce(stack, [(stack.topics.attendance, _attendance(episode, s)) for episode, s in sessions])
+    before = stack.proxy.failed
+    stack.proxy.fail_next = 30
+    with Service(stack.settings, as_of=AS_OF, retry_pause_s=1) as service:
+        assert service.settings.service.writeback_concurrency == 8
+        service.drain_writebacks(max_seconds=240)
+    assert stack.proxy.failed - before == 30
+    for _, session in sessions:
+        assert len(_count(stack.fhir, "Encounter", SESSION_ID_SYSTEM, session)) == 1
+
+
 def test_no_phi_reaches_any_log_line(
     stack: Stack, published: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:

@@ -41,6 +41,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     delete,
     insert,
     select,
@@ -103,6 +104,18 @@ sessions = Table(
     Column("resource_id", _TEXT, nullable=False),
     Column("occurred_at", _TEXT, nullable=False),
     Column("status", String(20), nullable=False),
+)
+
+
+# The write-back's reads, once per event each: built once (bound parameters), not per call.
+_EVENT_OUTCOME = select(ledger.c.outcome).where(ledger.c.event_id == bindparam("event_id"))
+_SESSION = select(sessions).where(
+    sessions.c.ehr == bindparam("ehr"), sessions.c.session_id == bindparam("session_id")
+)
+_PUBLISHED_ENTRY = select(published.c.record, published.c.fhir_id).where(
+    published.c.ehr == bindparam("ehr"),
+    published.c.kind == bindparam("kind"),
+    published.c.record_id == bindparam("record_id"),
 )
 
 
@@ -326,11 +339,7 @@ class SyncState:
     def published_entry(self, ehr: str, kind: str, record_id: str) -> PublishedEntry | None:
         """``published_record`` and the record's EHR server id, in one read."""
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(published.c.record, published.c.fhir_id).where(
-                    published.c.ehr == ehr, published.c.kind == kind, published.c.record_id == record_id
-                )
-            ).first()
+            row = conn.execute(_PUBLISHED_ENTRY, {"ehr": ehr, "kind": kind, "record_id": record_id}).first()
         return None if row is None else PublishedEntry(dict(orjson.loads(row.record)), row.fhir_id)
 
     def episode_fhir_id(self, ehr: str, episode_id: str) -> str | None:
@@ -357,7 +366,7 @@ class SyncState:
     def event_outcome(self, event_id: str) -> str | None:
         """The outcome recorded for an event, or None when it was never processed."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(ledger.c.outcome).where(ledger.c.event_id == event_id)).first()
+            row = conn.execute(_EVENT_OUTCOME, {"event_id": event_id}).first()
         return None if row is None else str(row.outcome)
 
     def record_event(
@@ -389,9 +398,7 @@ class SyncState:
 
     def session_resource(self, ehr: str, session_id: str) -> SessionResource | None:
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(sessions).where(sessions.c.ehr == ehr, sessions.c.session_id == session_id)
-            ).first()
+            row = conn.execute(_SESSION, {"ehr": ehr, "session_id": session_id}).first()
         if row is None:
             return None
         return SessionResource(row.resource_type, row.resource_id, row.occurred_at, row.status)

@@ -12,14 +12,14 @@ import io
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints, is_typeddict
 
 import orjson
 import pytest
 import yaml
 
 from mappers import default_rules, map_episodes, map_referrals
-from mappers.projection import LEAN_TYPES, ProjectionError, project, project_line, resource_type_of
+from mappers.projection import LEAN_TYPES, Other, ProjectionError, project, project_line, resource_type_of
 from sync.cli import main
 from sync.journeys import build_resources, parse_book
 from tests.unit.mappers.golden import case_names, load_case
@@ -196,3 +196,69 @@ def test_lean_rejects_a_wrong_type_and_strict_also_what_lean_does_not_read(
     ]
     assert len(lean) > 5
     assert [r for r in lean if r["patient"]["reference"] != "Patient/p1"] == strict
+
+
+class _Recording(dict[str, Any]):
+    """A resource (or an element of one) that notes every key the mappers read which it holds."""
+
+    def __init__(self, data: dict[str, Any], path: tuple[str, ...], seen: set[tuple[str, ...]]) -> None:
+        super().__init__({key: _record(value, (*path, key), seen) for key, value in data.items()})
+        self._path = path
+        self._seen = seen
+
+    def _note(self, key: object) -> None:
+        if isinstance(key, str) and dict.__contains__(self, key):
+            self._seen.add((*self._path, key))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._note(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self._note(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self._note(key)
+        return super().__contains__(key)
+
+
+def _record(value: Any, path: tuple[str, ...], seen: set[tuple[str, ...]]) -> Any:
+    if isinstance(value, dict):
+        return _Recording(value, path, seen)
+    if isinstance(value, list):
+        return [_record(item, path, seen) for item in value]
+    return value
+
+
+def _declared(path: tuple[str, ...]) -> bool:
+    """The projection of ``path[0]`` (a resource type) declares the element ``path[1:]``."""
+    kind: Any = LEAN_TYPES.get(path[0], Other)
+    for name in path[1:]:
+        while True:  # unwrap ``X | None`` and ``list[X]``
+            args = [a for a in get_args(kind) if a is not type(None)]
+            if get_origin(kind) is list or (args and get_origin(kind) is not dict and len(args) == 1):
+                kind = args[0]
+                continue
+            break
+        if get_origin(kind) is dict:
+            return True  # kept whole (contained resources)
+        hints = get_type_hints(kind) if is_typeddict(kind) else {}
+        if name not in hints:
+            return False
+        kind = hints[name]
+    return True
+
+
+def test_every_element_the_mappers_read_is_in_the_projection() -> None:
+    """Guards the projection against drift: a field the engine starts reading must be added to it, or
+    lean mapping would silently differ from mapping whole resources."""
+    seen: set[tuple[str, ...]] = set()
+    systems = [_journeys(), *(load_case(name).resources for name in case_names())]
+    rules = default_rules()
+    for resources in systems:
+        wrapped = [_record(r, (str(r.get("resourceType")),), seen) for r in resources if isinstance(r, dict)]
+        map_episodes(wrapped, ehr="test", as_of=AS_OF, rules=rules, explain=True)
+        map_referrals(wrapped, ehr="test", rules=rules)
+    assert len(seen) > 40
+    assert sorted(".".join(path) for path in seen if not _declared(path)) == []

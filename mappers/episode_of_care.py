@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from fhir.resources.R4B.episodeofcare import EpisodeOfCare
 from pydantic import ValidationError
 
 from mappers.codes import LEVEL_SYSTEM
@@ -132,6 +131,9 @@ def episode_of_care(
         raise EpisodeOfCareError(
             episode_id, f"malformed episode record ({type(exc).__name__}: {exc})"
         ) from exc
+    # fhir.resources loads here, on the first EpisodeOfCare: mapping episodes alone never needs it.
+    from fhir.resources.R4B.episodeofcare import EpisodeOfCare
+
     try:
         EpisodeOfCare.model_validate(resource)
     except ValidationError as exc:

@@ -21,13 +21,15 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from connectors.config import EhrConfig
-from connectors.store import StateStore
 from sync.errors import ConfigError
+
+if TYPE_CHECKING:  # the store (SQLAlchemy) loads only when a command opens it
+    from connectors.store import StateStore
 
 ENV_PREFIX = "IOP_BRIDGE_"
 _HARNESS_PREFIX = "IOP_BRIDGE_TEST_"  # scripts/test exports IOP_BRIDGE_TEST_KAFKA / _FHIR to the tests
@@ -164,6 +166,8 @@ def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = N
 def open_store(url: str) -> StateStore:
     """The state store at ``url``; an unusable URL (unsupported database, missing driver) is a
     configuration error (exit 2), not a crash."""
+    from connectors.store import StateStore  # here: SQLAlchemy loads only for commands that open a store
+
     try:
         return StateStore(url)
     except ValueError as exc:

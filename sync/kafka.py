@@ -72,12 +72,15 @@ from schemas import (
     load_schema,
     parse_message_key,
 )
-from sync import deadletter
+from sync import deadletter, kafka_guard
 from sync.config import KafkaConfig
 from sync.errors import KafkaError, PermanentEventError
 from sync.keyed_batch import run_keyed
 
 log = structlog.get_logger()
+
+# kafka-python 3.0.12 can wait forever on its network thread; bound those waits (see sync.kafka_guard).
+kafka_guard.install()
 
 T = TypeVar("T")
 

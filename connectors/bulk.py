@@ -8,13 +8,13 @@ fetch the manifest's ``error`` files (OperationOutcome NDJSON) and log what they
 at the end so the server can free it (Oracle allows one export at a time per client). The next
 ``_since`` is the returned ``transaction_time``.
 
-Polling schedule: the first poll comes ``POLL_START`` seconds after the kick-off, each later wait is
-``POLL_GROWTH`` times the one before, up to ``bulk_poll_max_seconds`` (60 s by default). A server's
-``Retry-After`` can shorten a wait but lengthens it only up to that schedule: servers give one fixed
-value whatever the job's size (HAPI says 120 s for an export done in 3), so honouring the first one
-blindly turned a 5-second export into a 60-second one. Our own schedule backs off geometrically, so a
-long export (Epic: hours) is polled at the server's pace after a minute or two; a 429 or 503 on a poll
-doubles the wait.
+Polling schedule: every wait is a tenth of the time since the first poll, at least ``POLL_START`` (1 s)
+and at most ``bulk_poll_max_seconds`` (60 s by default): an export that takes 4 s is seen done within
+~1 s, one that takes an hour is polled about once a minute, and a poll never comes more than ~10% after
+the job finished. A server's ``Retry-After`` can shorten a wait but lengthens it only up to that
+schedule: servers give one fixed value whatever the job's size (HAPI says 120 s for an export done in
+3), so honouring the first one blindly turned a 4-second export into a 60-second one. A 429 or 503 on a
+poll doubles the schedule from then on.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ __all__ = ["BulkResult", "bulk_export"]
 
 log = structlog.get_logger()
 
-POLL_START = 1.0  # the first wait between status polls
-POLL_GROWTH = 1.5  # each later wait is this much longer (the schedule; see the module docstring)
+POLL_START = 1.0  # the shortest scheduled wait between status polls
+POLL_FRACTION = 0.1  # each wait is this fraction of the time since the first poll (see the module docstring)
 POLL_MIN = 0.5  # the shortest wait, even when a server says Retry-After: 0
 POLL_MAX = RETRY_AFTER_CAP  # longest wait between polls, whatever the server asks
 POLL_TIMEOUT = 12 * 3600.0  # Epic exports run on the operational database and can take hours
@@ -122,9 +122,10 @@ def _poll(
     timeout: float,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    deadline = client.clock() + timeout
+    started = client.clock()
+    deadline = started + timeout
     cap = min(POLL_MAX, client.ehr.bulk_poll_max_seconds)
-    interval = min(POLL_START, cap)
+    pushback = 1.0
     while True:
         if should_stop is not None and should_stop():
             _delete_job(client, status_url)
@@ -157,9 +158,10 @@ def _poll(
         if progress and on_progress is not None:
             on_progress(progress)
         if client.stats.retries > retries_before:
-            interval = min(interval * 2, cap)  # the server pushed back (429/503): poll less often
+            pushback *= 2  # the server pushed back (429/503): poll less often from now on
+        schedule = min(cap, max(POLL_START, POLL_FRACTION * (client.clock() - started)) * pushback)
         asked = parse_retry_after(response.headers.get("Retry-After"), client.clock())
-        wait = max(POLL_MIN, min(asked, interval) if asked is not None else interval)
+        wait = max(POLL_MIN, min(asked, schedule) if asked is not None else schedule)
         if client.clock() + wait > deadline:
             _delete_job(client, status_url)
             raise BulkExportError(
@@ -168,7 +170,6 @@ def _poll(
             )
         log.debug("bulk_export_waiting", ehr=client.ehr.name, progress=progress, wait=wait, asked=asked)
         client.sleep(wait)
-        interval = min(interval * POLL_GROWTH, cap)
 
 
 def _poll_failure_is_temporary(response: httpx.Response) -> bool:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pytest_httpx import HTTPXMock, IteratorStream
 from structlog.testing import capture_logs
 
-from connectors.bulk import POLL_GROWTH, POLL_MIN, POLL_START, _copy_lines, bulk_export
+from connectors.bulk import POLL_FRACTION, POLL_MIN, POLL_START, _copy_lines, bulk_export
 from connectors.config import EhrConfig
 from connectors.errors import BulkExportError
 from connectors.http import EhrClient
@@ -107,8 +107,8 @@ def test_the_whole_export_flow(
         )
 
     assert progress == ["10%", "50% (Encounter)"]
-    # The server's 5 s is longer than our first poll (the schedule wins), the next wait is the schedule's.
-    assert sleeps.slept[:2] == [POLL_START, POLL_START * POLL_GROWTH]
+    # The server's 5 s is longer than our schedule early on (the schedule wins).
+    assert sleeps.slept[:2] == [POLL_START, POLL_START]
     assert len(sleeps.slept) == 3  # the 503 on one file, retried on its own
     assert 1.0 <= sleeps.slept[2] <= 2.0
     assert result.transaction_time == "2026-03-08T06:59:50.123Z"
@@ -166,7 +166,8 @@ def test_429_while_polling_backs_off(
             client, resource_types=["Patient", "Encounter"], since="2026-01-01T00:00:00Z", out_dir=tmp_path
         )
     assert result.files == {}
-    assert sleeps.slept == [30.0, POLL_START * 2]  # the server's wait, then a slower poll
+    # The server's wait, then our schedule (a tenth of the 30 s so far) doubled after the push-back.
+    assert sleeps.slept == [30.0, POLL_FRACTION * 30.0 * 2]
 
 
 def test_a_failed_job_raises_with_diagnostics(
@@ -273,15 +274,18 @@ def test_an_export_that_never_finishes_is_cancelled(
             out_dir=tmp_path,
             poll_timeout=300,
         )
-    # Our schedule (geometric, capped at 60 s), never the server's 60 s from the first poll on.
+    # Our schedule (a tenth of the time so far, 1 s at least, 60 s at most), never the server's 60 s.
     expected: list[float] = []
-    wait = POLL_START
-    while sum(expected) + wait <= 300:
+    elapsed = 0.0
+    while True:
+        wait = min(60.0, max(POLL_START, POLL_FRACTION * elapsed))
+        if elapsed + wait > 300:
+            break
         expected.append(wait)
-        wait = min(wait * POLL_GROWTH, 60.0)
-    assert sleeps.slept == expected
-    assert expected[0] == POLL_START
-    assert max(expected) == 60.0
+        elapsed += wait
+    assert sleeps.slept == pytest.approx(expected)
+    assert expected[:10] == [POLL_START] * 10
+    assert 20 < max(expected) < 30
     assert httpx_mock.get_requests()[-1].method == "DELETE"
 
 
@@ -322,9 +326,15 @@ def test_poll_wait_is_capped_by_the_connection_setting(
     httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
 ) -> None:
     _kickoff(httpx_mock)
-    for _ in range(6):
-        httpx_mock.add_response(url=STATUS, status_code=202, headers={"Retry-After": "120"})
-    httpx_mock.add_response(url=STATUS, json={"transactionTime": "2026-03-08T07:00:00Z", "output": []})
+    polls: list[int] = []
+
+    def status(request: httpx.Request) -> httpx.Response:
+        polls.append(1)
+        if len(polls) <= 40:
+            return httpx.Response(202, headers={"Retry-After": "120"})
+        return httpx.Response(200, json={"transactionTime": "2026-03-08T07:00:00Z", "output": []})
+
+    httpx_mock.add_callback(status, url=STATUS, method="GET", is_reusable=True)
     httpx_mock.add_response(url=STATUS, method="DELETE")
     ehr = make_ehr(auth={"kind": "bearer", "token": "tok"}, bulk_poll_max_seconds=5)
     with EhrClient(ehr, sleep=sleeps, clock=sleeps.clock) as client:
@@ -332,7 +342,10 @@ def test_poll_wait_is_capped_by_the_connection_setting(
             client, resource_types=["Patient", "Encounter"], since="2026-01-01T00:00:00Z", out_dir=tmp_path
         )
     # HAPI asks for 120 s on every poll; we follow our schedule, and the connection allows at most 5.
-    assert sleeps.slept == [1.0, 1.5, 2.25, 3.375, 5.0, 5.0]
+    assert len(sleeps.slept) == 40
+    assert sleeps.slept[:10] == [1.0] * 10
+    assert max(sleeps.slept) == 5.0
+    assert sleeps.slept[-5:] == [5.0] * 5
 
 
 def test_a_retry_after_shorter_than_the_schedule_is_honoured_but_never_below_the_minimum(

@@ -131,7 +131,7 @@ def _in_child(module: str, function: str, params: dict[str, Any], timeout: float
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     ) as child:
-        sampler = _PeakSampler(child.pid)
+        sampler = PeakSampler(child.pid)
         sampler.start()
         try:
             out, err = child.communicate(timeout=timeout)
@@ -146,8 +146,8 @@ def _in_child(module: str, function: str, params: dict[str, Any], timeout: float
     return measurement
 
 
-class _PeakSampler(threading.Thread):
-    """The peak of the summed RSS of a process and its descendants, sampled every 20 ms."""
+class PeakSampler(threading.Thread):
+    """The peak of the summed RSS of a process and its descendants (bytes), sampled every 20 ms."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)

@@ -30,7 +30,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -38,10 +37,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
-import psutil
 
 from bench.generate import ANCHOR, dataset, manifest, size_label
-from bench.harness import ROOT, Measurement, Row, Runner, timed, unavailable
+from bench.harness import ROOT, Measurement, PeakSampler, Row, Runner, timed, unavailable
 
 BENCH = "map"
 METRIC = "Encounters/s per core"
@@ -243,36 +241,14 @@ def _lines(path: Path) -> int:
 
 
 def _tree_peak_rss(process: subprocess.Popen[bytes]) -> float:
-    """Wait for ``process``; the peak of its process tree's summed RSS (MB), sampled every 20 ms."""
-    peak = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        try:
-            root = psutil.Process(process.pid)
-        except psutil.NoSuchProcess:
-            return
-        while not done.is_set():
-            total = 0
-            try:
-                procs = [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            for proc in procs:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    total += proc.memory_info().rss
-            peak = max(peak, total)
-            done.wait(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
+    """Wait for ``process``; the peak of its process tree's summed RSS (MB)."""
+    sampler = PeakSampler(process.pid)
     sampler.start()
     try:
         process.wait()
     finally:
-        done.set()
-        sampler.join()
-    return peak / (1024 * 1024)
+        sampler.stop()
+    return sampler.peak / (1024 * 1024)
 
 
 def patient_of(resource: dict[str, Any]) -> str | None:

@@ -8,6 +8,10 @@ previous files untouched; the ``.part`` leftovers are removed by the next run.
 Each file holds one run's increment and REPLACES the previous run's file: never appended to, so a
 re-run after a crash cannot duplicate lines. Within a run a resource id appears once per file: when a
 search brings the same id twice (e.g. it changed while we paged), the highest version is kept.
+
+What a run holds in memory per resource is one 64-bit hash of its id (no id, no version), so a bulk file
+of millions of resources streams through in little memory. Ids whose hash was seen twice (a real repeat,
+or very rarely two ids with one hash) are settled exactly at ``publish()`` by re-reading the file.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ class _TypeFile:
         self.final = final
         self.part = final.with_name(f".{final.name}{_PART}")
         self.handle: IO[bytes] = self.part.open("wb")
-        self.ranks: dict[str, str] = {}
-        self.repeated: set[str] = set()
+        self.seen: set[int] = set()  # hash(id) of every resource written
+        self.repeated: set[int] = set()  # those hashes seen more than once
         self.lines = 0
+        self.kept: int | None = None  # lines left once the repeats are settled (publish)
 
 
 class RunOutput:
@@ -66,19 +71,14 @@ class RunOutput:
         """Make sure ``<type>.ndjson`` is written by this run, even empty (nothing changed)."""
         self._file(resource_type)
 
-    def has(self, resource_type: str, resource_id: str) -> bool:
-        return resource_id in self._file(resource_type).ranks
-
-    def write(self, resource_type: str, resource_id: str, rank: str, line: bytes) -> None:
+    def write(self, resource_type: str, resource_id: str, line: bytes) -> None:
         """Append one resource (its JSON, without newline) to the type's file."""
         file = self._file(resource_type)
-        if resource_id in file.ranks:
-            file.repeated.add(resource_id)
-            held = file.ranks[resource_id]
-            if held == "" or rank == "" or rank >= held:
-                file.ranks[resource_id] = rank
+        key = hash(resource_id)
+        if key in file.seen:
+            file.repeated.add(key)
         else:
-            file.ranks[resource_id] = rank
+            file.seen.add(key)
         file.handle.write(line + b"\n")
         file.lines += 1
 
@@ -88,8 +88,12 @@ class RunOutput:
         self.rejected += 1
 
     def counts(self) -> dict[str, int]:
-        """Resources per type in this run's output (after de-duplication within the run)."""
-        return {kind: len(file.ranks) for kind, file in sorted(self._files.items())}
+        """Resources per type in this run's output, after de-duplication within the run (exact once
+        published; before, an id hash shared by two ids would count them once)."""
+        return {
+            kind: file.kept if file.kept is not None else len(file.seen)
+            for kind, file in sorted(self._files.items())
+        }
 
     def types(self) -> list[str]:
         return sorted(self._files)
@@ -142,21 +146,40 @@ class RunOutput:
 
 
 def _keep_latest(file: _TypeFile) -> None:
-    """Rewrite a part file keeping, for each repeated id, only the line of its highest version."""
+    """Rewrite a part file keeping, for each repeated id, only the first line of its highest version
+    (a line without ``lastUpdated`` ranks "" and takes the place of whatever was held before it)."""
+    best: dict[str, str] = {}
+    with file.part.open("rb") as source:
+        for resource in _suspects(source, file.repeated):
+            resource_id, rank = resource["id"], _rank_of(resource)
+            held = best.get(resource_id)
+            if held is None or held == "" or rank == "" or rank >= held:
+                best[resource_id] = rank
     kept_once: set[str] = set()
+    kept = 0
     rewritten = file.part.with_name(file.part.name + ".dedup")
     with file.part.open("rb") as source, rewritten.open("wb") as sink:
         for line in source:
             resource = orjson.loads(line)
             resource_id = resource.get("id")
-            if resource_id in file.repeated:
-                if resource_id in kept_once or _rank_of(resource) != file.ranks[resource_id]:
+            if resource_id in best:
+                if resource_id in kept_once or _rank_of(resource) != best[resource_id]:
                     continue
                 kept_once.add(resource_id)
             sink.write(line)
+            kept += 1
         sink.flush()
         os.fsync(sink.fileno())
     os.replace(rewritten, file.part)
+    file.kept = kept
+
+
+def _suspects(lines: IO[bytes], repeated: set[int]) -> Iterator[dict[str, Any]]:
+    """The resources whose id hash is among ``repeated``."""
+    for line in lines:
+        resource = orjson.loads(line)
+        if hash(resource.get("id")) in repeated:
+            yield resource
 
 
 def _rank_of(resource: dict[str, Any]) -> str:

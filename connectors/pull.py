@@ -89,7 +89,7 @@ from connectors.output import OutputBusyError, RunOutput
 from connectors.panel import load_panel
 from connectors.replica_feed import ReplicaFeed
 from connectors.search import SearchPage, SearchQuery, search_pages
-from connectors.store import StateStore, parse_instant, rank_of, version_token
+from connectors.store import StateStore, parse_instant, version_token
 from connectors.validation import check_resource
 
 __all__ = ["PullError", "PullSummary", "pull"]
@@ -252,9 +252,9 @@ class _Run:
                 summary.pages = client.stats.pages
                 summary.requests = client.stats.requests
                 summary.retries = client.stats.retries
-            summary.counts = output.counts()
             summary.rejected = output.rejected
             summary.files = output.publish()
+            summary.counts = output.counts()  # exact once the repeats are settled
         except BaseException:
             output.discard()
             self.feed.abort()
@@ -486,7 +486,7 @@ class _Run:
                     id=verdict.id,
                     classes=classes,
                 )
-            self.output.write(verdict.resource_type, verdict.id, verdict.rank, verdict.kept)
+            self.output.write(verdict.resource_type, verdict.id, verdict.kept)
             kept.setdefault(verdict.resource_type, []).append(verdict.kept)
         for kind, batch in kept.items():
             self.feed.add(kind, batch)
@@ -553,7 +553,6 @@ class _Verdict(NamedTuple):
     error: str | None
     resource_type: str = ""
     id: str = ""
-    rank: str = ""
 
 
 def validate_lines(lines: list[bytes], tolerate: frozenset[str]) -> list[_Verdict]:
@@ -575,10 +574,8 @@ def validate_lines(lines: list[bytes], tolerate: frozenset[str]) -> list[_Verdic
         if not isinstance(resource_id, str) or not resource_id:
             verdicts.append(_Verdict(None, [], f"{kind}/?: id is missing (cannot be de-duplicated or kept)"))
             continue
-        meta = resource.get("meta")
-        rank = rank_of(meta.get("versionId"), meta.get("lastUpdated")) if isinstance(meta, dict) else ""
         kept = line if resource is raw else orjson.dumps(resource)
-        verdicts.append(_Verdict(kept, checked.warnings, None, kind, resource_id, rank))
+        verdicts.append(_Verdict(kept, checked.warnings, None, kind, resource_id))
     return verdicts
 
 

@@ -9,8 +9,9 @@ Each file holds one run's increment and REPLACES the previous run's file: never 
 re-run after a crash cannot duplicate lines. Within a run a resource id appears once per file: when a
 search brings the same id twice (e.g. it changed while we paged), the highest version is kept.
 
-What a run holds in memory per resource is one 64-bit hash of its id (no id, no version), so a bulk file
-of millions of resources streams through in little memory. Ids whose hash was seen twice (a real repeat,
+What a run holds in memory per resource is one 64-bit hash of its id in a flat table (``HashSet``, 16
+bytes per resource; no id, no version), so a bulk file of millions of resources streams through in
+little memory. Ids whose hash was seen twice (a real repeat,
 or very rarely two ids with one hash) are settled exactly at ``publish()`` by re-reading the file.
 """
 
@@ -24,6 +25,7 @@ from typing import IO, Any
 
 import orjson
 
+from connectors.hashset import HashSet
 from connectors.store import rank_of
 
 __all__ = ["REJECTED_FILE", "OutputBusyError", "RunOutput"]
@@ -42,7 +44,7 @@ class _TypeFile:
         self.final = final
         self.part = final.with_name(f".{final.name}{_PART}")
         self.handle: IO[bytes] = self.part.open("wb")
-        self.seen: set[int] = set()  # hash(id) of every resource written
+        self.seen = HashSet()  # hash(id) of every resource written
         self.repeated: set[int] = set()  # those hashes seen more than once
         self.lines = 0
         self.kept: int | None = None  # lines left once the repeats are settled (publish)
@@ -75,10 +77,8 @@ class RunOutput:
         """Append one resource (its JSON, without newline) to the type's file."""
         file = self._file(resource_type)
         key = hash(resource_id)
-        if key in file.seen:
+        if not file.seen.add(key):
             file.repeated.add(key)
-        else:
-            file.seen.add(key)
         file.handle.write(line + b"\n")
         file.lines += 1
 

@@ -123,6 +123,17 @@ def _bundle(entries: list[bytes]) -> bytes:
     return b'{"resourceType":"Bundle","type":"transaction","entry":[' + b",".join(entries) + b"]}"
 
 
+def _land_oldest(
+    pending: deque[tuple[Future[None], int]], kind: str, progress: Callable[[str, int], None] | None
+) -> int:
+    """Wait for the oldest bundle in flight (its error is raised here); its resource count."""
+    future, done = pending.popleft()
+    future.result()
+    if progress is not None:
+        progress(kind, done)
+    return done
+
+
 def _post(client: httpx.Client, base: str, body: bytes) -> None:
     """POST one transaction; a transport error, a conflict between concurrent bundles or a 5xx is retried
     (a transaction is all or nothing, so resending it is safe)."""
@@ -165,22 +176,15 @@ def seed(
             window = 1 if self_referencing else concurrency
             pending: deque[tuple[Future[None], int]] = deque()
             skip = held[kind] if not referenced else 0  # PUTs may repeat; creates must not
+
             for body, count in _bundles(folder / f"{kind}.ndjson", batch, put=referenced, skip=skip):
                 pending.append((pool.submit(_post, client, base, body), count))
                 while len(pending) >= window:
-                    future, done = pending.popleft()
-                    future.result()
-                    resources += done
+                    resources += _land_oldest(pending, kind, progress)
                     bundles += 1
-                    if progress is not None:
-                        progress(kind, done)
             while pending:  # every bundle of a type lands before a type referencing it starts
-                future, done = pending.popleft()
-                future.result()
-                resources += done
+                resources += _land_oldest(pending, kind, progress)
                 bundles += 1
-                if progress is not None:
-                    progress(kind, done)
     return SeedReport(resources=resources, bundles=bundles, seconds=time.perf_counter() - started)
 
 

@@ -38,19 +38,12 @@ class HashSet:
             self._zero = True
             self._size += added
             return added
-        slots = self._slots
-        mask = len(slots) - 1
-        index = key & mask
-        while True:
-            held = slots[index]
-            if held == _EMPTY:
-                break
-            if held == key:
-                return False
-            index = (index + 1) & mask
-        slots[index] = key
+        index = self._slot(key)
+        if self._slots[index] == key:
+            return False
+        self._slots[index] = key
         self._size += 1
-        if self._size * 2 > len(slots):
+        if self._size * 2 > len(self._slots):
             self._grow()
         return True
 
@@ -60,15 +53,17 @@ class HashSet:
         key = value & _MASK
         if key == _EMPTY:
             return self._zero
+        return self._slots[self._slot(key)] == key
+
+    def _slot(self, key: int) -> int:
+        """Where ``key`` is, else the free slot where it would go (the table is never full)."""
         slots = self._slots
         mask = len(slots) - 1
         index = key & mask
         while True:
             held = slots[index]
-            if held == _EMPTY:
-                return False
-            if held == key:
-                return True
+            if held in (_EMPTY, key):
+                return index
             index = (index + 1) & mask
 
     def _grow(self) -> None:

@@ -5,9 +5,10 @@ Metric labels are EHR names, resource types, topics and outcome codes: never pat
 
 from __future__ import annotations
 
+import socketserver
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Final
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
@@ -56,9 +57,24 @@ class Metrics:
         )
 
 
+#: A connection that sends no complete request within this many seconds is closed (its thread ends).
+IDLE_SECONDS: Final = 10.0
+
+
 class _QuietHandler(WSGIRequestHandler):
+    timeout = IDLE_SECONDS  # applied to each connection's socket
+
     def log_message(self, format: str, *args: Any) -> None:
         """Request lines are not logged (they carry nothing useful, and logs stay structured)."""
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    """One thread per connection, so an idle or slow client never holds the liveness probe."""
+
+    daemon_threads = True  # a connection in hand never keeps the process from exiting
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that timed out or went away is not an error of ours (and no traceback on stderr)."""
 
 
 class HealthServer:
@@ -67,7 +83,9 @@ class HealthServer:
     def __init__(self, metrics: Metrics, *, port: int, healthy: Callable[[], bool], host: str = "127.0.0.1"):
         self._metrics_app = make_wsgi_app(metrics.registry)
         self._healthy = healthy
-        self._server: WSGIServer = make_server(host, port, self._app, handler_class=_QuietHandler)
+        self._server: WSGIServer = make_server(
+            host, port, self._app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
+        )
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
 
     @property

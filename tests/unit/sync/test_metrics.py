@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import httpx
 
 from sync.metrics import HealthServer, Metrics
@@ -25,4 +27,21 @@ def test_healthz_and_metrics() -> None:
         assert httpx.get(f"{base}/healthz").status_code == 503
         assert httpx.get(f"{base}/nope").status_code == 404
     finally:
+        server.stop()
+
+
+def test_healthz_answers_while_another_connection_sits_idle() -> None:
+    """A client that opens a connection and sends nothing (a stuck probe, a port scanner) must not
+    hold the liveness probe: each connection is served on its own thread."""
+    server = HealthServer(Metrics(), port=0, healthy=lambda: True).start()
+    idle = socket.create_connection(("127.0.0.1", server.port))
+    half = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        half.sendall(b"GET /healthz HTTP/1.1\r\n")  # a request line, then nothing more
+        response = httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=5)
+        assert response.status_code == 200
+        assert response.text == "ok\n"
+    finally:
+        idle.close()
+        half.close()
         server.stop()

@@ -37,6 +37,7 @@ from connectors.http import (
     outcome_diagnostics,
     parse_retry_after,
 )
+from connectors.private import make_private_dir, open_private
 
 __all__ = ["BulkResult", "bulk_export"]
 
@@ -218,7 +219,7 @@ def _download_all(
     on_file: Callable[[str, Path], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> BulkResult:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(out_dir)  # downloads hold PHI: folder 0700, files 0600
     needs_token = bool(manifest.get("requiresAccessToken", False))
     result = BulkResult(
         transaction_time=manifest["transactionTime"], request_url=str(manifest.get("request") or kickoff_url)
@@ -298,7 +299,7 @@ def _download(client: EhrClient, url: str, path: Path, needs_token: bool) -> int
             with attempt:
                 with (
                     client.stream("GET", url, headers={"Accept": _NDJSON}, authorize=needs_token) as response,
-                    partial.open("wb") as sink,
+                    open_private(partial) as sink,
                 ):
                     written = _copy_lines(response.iter_bytes(), sink)
                 partial.replace(path)

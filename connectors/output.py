@@ -26,6 +26,7 @@ from typing import IO, Any
 import orjson
 
 from connectors.hashset import HashSet
+from connectors.private import make_private_dir, open_private
 from connectors.store import rank_of
 
 __all__ = ["REJECTED_FILE", "OutputBusyError", "RunOutput"]
@@ -43,7 +44,7 @@ class _TypeFile:
     def __init__(self, final: Path) -> None:
         self.final = final
         self.part = final.with_name(f".{final.name}{_PART}")
-        self.handle: IO[bytes] = self.part.open("wb")
+        self.handle: IO[bytes] = open_private(self.part)
         self.seen = HashSet()  # hash(id) of every resource written
         self.repeated: set[int] = set()  # those hashes seen more than once
         self.lines = 0
@@ -55,9 +56,9 @@ class RunOutput:
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(out_dir)  # the files hold PHI: folders 0700, files 0600
         # One pull per folder at a time: a second one would delete our part files as stale ones.
-        self._lock = (out_dir / _LOCK).open("a")
+        self._lock = open_private(out_dir / _LOCK, "ab")
         try:
             fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
@@ -158,7 +159,7 @@ def _keep_latest(file: _TypeFile) -> None:
     kept_once: set[str] = set()
     kept = 0
     rewritten = file.part.with_name(file.part.name + ".dedup")
-    with file.part.open("rb") as source, rewritten.open("wb") as sink:
+    with file.part.open("rb") as source, open_private(rewritten) as sink:
         for line in source:
             resource = orjson.loads(line)
             resource_id = resource.get("id")

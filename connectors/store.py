@@ -57,6 +57,8 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.elements import ColumnElement
 
+from connectors.private import make_private_dir, private_file
+
 __all__ = [
     "DEFAULT_STORE_URL",
     "Deletion",
@@ -256,7 +258,9 @@ class StateStore:
                 f"unsupported state store {self.dialect!r}: use sqlite:/// or postgresql+psycopg://"
             )
         if self.dialect == "sqlite" and parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            database = Path(parsed.database).expanduser()
+            make_private_dir(database.parent)  # the replica holds PHI: folder 0700, file 0600
+            private_file(database)  # SQLite gives its -wal, -shm and journal files the same mode
         # hide_parameters: a failing statement's message would otherwise carry the resource (PHI) into
         # the CLI's error line and the logs. pre_ping: a PostgreSQL restart costs one reconnect, not a
         # failed cycle.

@@ -36,6 +36,7 @@ import msgspec
 import orjson
 import structlog
 
+from connectors.private import open_private
 from mappers.fhir import reference_id
 from mappers.index import PATIENT_ELEMENT
 from mappers.projection import ProjectionError, project, project_line
@@ -169,9 +170,9 @@ def partition_resources(paths: Iterable[Path | str], folder: Path, parts: int) -
         files=len(files),
         sources=[str(path) for path in files],
     )
-    handles = [path.open("wb", buffering=1 << 16) for path in out.parts]
+    handles = [open_private(path, buffering=1 << 16) for path in out.parts]
     try:
-        with out.shared.open("wb", buffering=1 << 16) as shared:
+        with open_private(out.shared, buffering=1 << 16) as shared:
             for index, path in enumerate(files):
                 for kind, patient, number, body in _partition_items(path, out.rejects):
                     out.resources += 1

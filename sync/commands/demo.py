@@ -38,6 +38,7 @@ import structlog
 from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import select
 
+from connectors.private import make_private_dir, open_private
 from schemas.topics import Topics
 from sync.commands.seed import load_book, load_into_server
 from sync.config import KafkaConfig, Settings, load_settings
@@ -149,7 +150,7 @@ def _toml_string(value: str) -> str:
 def write_config(state_dir: Path, *, kafka: str, fhir_url: str, patient_ids: Iterable[str]) -> Path:
     """The demo's config file (and its panel file) under ``state_dir``; returns the config's path."""
     state_dir = state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(state_dir)
     panel = state_dir / "patients.txt"
     panel.write_text("".join(f"{pid}\n" for pid in sorted(patient_ids)), encoding="utf-8")
     config = state_dir / "iop-bridge.toml"
@@ -376,10 +377,9 @@ def _loop(
     print()
     print(render_text(episodes, referrals, writebacks, dead_letters, as_of=now), end="")
     report_path: Path = args.report
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(
-        render_report(episodes, referrals, writebacks, dead_letters, as_of=now), encoding="utf-8"
-    )
+    make_private_dir(report_path.parent)  # the report holds (synthetic) patient data: 0700 / 0600
+    with open_private(report_path) as page:
+        page.write(render_report(episodes, referrals, writebacks, dead_letters, as_of=now).encode())
     return config, report_path
 
 

@@ -50,6 +50,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import orjson
 import structlog
 
+from connectors.private import make_private_dir, open_private
 from mappers.episode_of_care import episode_of_care
 from mappers.episodes import map_episodes, sort_key
 from mappers.referrals import map_referrals
@@ -346,7 +347,7 @@ def _map_partition(job: PartitionJob) -> Outcome:
         lines = _without(lines, [orjson.dumps(k) + b"\t" + orjson.dumps(r) + b"\n" for k, r in alone_keyed])
         outcome.remove(alone)
     outcome.records = len(lines)
-    with job.out.open("wb") as handle:
+    with open_private(job.out) as handle:
         handle.writelines(lines)
     return outcome
 
@@ -482,7 +483,7 @@ def write_lines(path: Path, lines: Iterable[bytes]) -> None:
     sees half a file."""
     folder = path.parent if str(path.parent) else Path(".")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_private_dir(folder)  # records hold PHI: a folder we create is 0700 (mkstemp: 0600)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc

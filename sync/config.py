@@ -19,9 +19,10 @@ import copy
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
@@ -44,6 +45,20 @@ class StoreConfig(_Section):
         default="sqlite:///.run/iop-bridge.db",
         description="SQLAlchemy URL: sqlite:///path (default) or postgresql+psycopg://…",
     )
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """The URL with its password masked (``repr``, ``str``, error messages)."""
+        yield "url", masked_url(self.url)
+
+
+def masked_url(url: str) -> str:
+    """``url`` with the password of its authority replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class KafkaConfig(_Section):

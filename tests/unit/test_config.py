@@ -147,3 +147,15 @@ def test_an_unusable_store_url_is_a_configuration_error() -> None:
     with pytest.raises(StoreURLError, match=r"\[store\] url: unsupported state store 'mysql'") as caught:
         open_store("mysql://localhost/iop")
     assert caught.value.exit_code == 2
+
+
+def test_store_url_password_is_masked_in_repr() -> None:
+    from sync.config import Settings, StoreConfig
+
+    url = "postgresql+psycopg://bridge:s3cr%40t-pw@db.example.org:5432/iop"
+    settings = Settings(store=StoreConfig(url=url))
+    for text in (repr(settings), str(settings), repr(settings.store)):
+        assert "s3cr" not in text
+        assert "bridge:***@db.example.org:5432" in text
+    assert settings.store.url == url  # the store itself still gets the password
+    assert "sqlite:///.run/iop-bridge.db" in repr(StoreConfig())

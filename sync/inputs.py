@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final, Literal, cast
 
-import msgspec
 import orjson
 import structlog
 
@@ -89,6 +88,9 @@ class Loaded:
     resources: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[InputReject] = field(default_factory=list)
     files: int = 0
+    #: Resources read from the files, those the read mode then rejected included (``Partitions`` counts
+    #: the same), so "inputs" means one thing whichever way ``map`` ran.
+    read: int = 0
 
 
 def load_resources(paths: Iterable[Path | str], *, mode: ReadMode = "full") -> Loaded:
@@ -99,6 +101,7 @@ def load_resources(paths: Iterable[Path | str], *, mode: ReadMode = "full") -> L
     for path in files:
         source = str(path)
         for resource, _, number in _read_file_raw(path, loaded.rejects):
+            loaded.read += 1
             admitted = admit(resource, mode, source, number, loaded.rejects)
             if admitted is not None:
                 loaded.resources.append(admitted)
@@ -161,8 +164,8 @@ def partition_resources(paths: Iterable[Path | str], folder: Path, parts: int) -
     of shared resources, under ``folder``; nothing is held in memory but one resource.
 
     Each line of a partition file is ``<resourceType> TAB <input index> TAB <line> TAB <JSON>``, so the
-    worker reading it knows the type to project and where a reject came from. An NDJSON line is read
-    only as far as its type and patient (``msgspec``, the rest skipped) and copied as it is."""
+    worker reading it knows the type to project and where a reject came from. An NDJSON line is parsed
+    as ``load_resources`` parses it (same rejects) and copied as it is."""
     files = _files(paths)
     out = Partitions(
         parts=[folder / f"part-{index:04d}.ndjson" for index in range(parts)],
@@ -177,7 +180,7 @@ def partition_resources(paths: Iterable[Path | str], folder: Path, parts: int) -
                 for kind, patient, number, body in _partition_items(path, out.rejects):
                     out.resources += 1
                     target = shared if patient is None else handles[zlib.crc32(patient.encode()) % parts]
-                    target.write(b"%s\t%d\t%d\t" % (kind.encode(), index, number))
+                    target.write(b"%s\t%d\t%d\t" % (_header_kind(kind), index, number))
                     target.write(body if body.endswith(b"\n") else body + b"\n")
     finally:
         for handle in handles:
@@ -186,69 +189,26 @@ def partition_resources(paths: Iterable[Path | str], folder: Path, parts: int) -
     return out
 
 
-class _Head(msgspec.Struct, gc=False, rename={"for_": "for"}):
-    """A resource read only as far as the partitioner needs: its type, id and patient elements."""
-
-    resourceType: Any = None
-    id: Any = None
-    subject: Any = None
-    patient: Any = None
-    beneficiary: Any = None
-    for_: Any = None
-
-
-_HEAD: Final = msgspec.json.Decoder(_Head)
-
-
-def _head_patient(head: _Head) -> str | None:
-    """``patient_key`` of a resource read as a ``_Head``."""
-    kind = head.resourceType
-    if kind == "Patient":
-        return head.id if isinstance(head.id, str) and head.id else None
-    name = PATIENT_ELEMENT.get(kind) if isinstance(kind, str) else None
-    for element in (name,) if name is not None else _PATIENT_ELEMENTS:
-        value = getattr(head, _HEAD_FIELDS[element])
-        if value is not None:
-            patient = reference_id(value, "Patient")
-            if patient:
-                return patient
-    return None
-
-
-_HEAD_FIELDS: Final = {
-    "subject": "subject",
-    "patient": "patient",
-    "beneficiary": "beneficiary",
-    "for": "for_",
-}
-
-
 def _partition_items(path: Path, rejects: list[InputReject]) -> Iterator[tuple[str, str | None, int, bytes]]:
-    """``(resourceType, patient id, line number, JSON)`` of each resource of one input file."""
-    if not path.name.lower().removesuffix(".gz").endswith(NDJSON_SUFFIXES):
-        for resource, _, number in _read_file_raw(path, rejects):
-            yield str(resource["resourceType"]), patient_key(resource), number or 0, orjson.dumps(resource)
-        return
-    source = str(path)
-    number = 0
-    with _open(path) as handle:
-        try:
-            for number, line in enumerate(handle, start=1):
-                try:
-                    head = _HEAD.decode(line)
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    head = None
-                kind = head.resourceType if head is not None else None
-                if head is not None and isinstance(kind, str) and kind and kind != "Bundle":
-                    yield kind, _head_patient(head), number, line
-                    continue
-                if not line.strip():
-                    continue
-                for resource, _ in _parsed_line(line, source, number, rejects):  # bad JSON, a Bundle…
-                    kind = str(resource["resourceType"])
-                    yield kind, patient_key(resource), number, orjson.dumps(resource)
-        except (OSError, EOFError) as exc:  # a truncated gzip file, a disk error mid-file
-            rejects.append(InputReject(source, number + 1, f"cannot read further: {exc}"))
+    """``(resourceType, patient id, line number, JSON)`` of each resource of one input file.
+
+    Every line is parsed exactly as ``load_resources`` parses it (``orjson``: the same depth limit, the
+    same numbers refused, the same rejects), so the partitioned and in-process runs keep and reject the
+    same resources; an escaped tab in a type stays escaped in the partition line (``_header_kind``)."""
+    for resource, _, number in _read_file_raw(path, rejects):
+        # Written as parsed, not as read: 2**100 reaches the worker as the float orjson made of it.
+        yield str(resource["resourceType"]), patient_key(resource), number or 0, orjson.dumps(resource)
+
+
+def _header_kind(kind: str) -> bytes:
+    """A resource type as a partition line's first field: a JSON string's escaped text, so a type with
+    a tab or a newline in it cannot split the line (FHIR types are letters: they stay as they are)."""
+    return kind.encode() if kind.isalnum() else orjson.dumps(kind)[1:-1]
+
+
+def _kind_of_header(field: bytes) -> str:
+    """The resource type ``_header_kind`` wrote."""
+    return str(orjson.loads(b'"' + field + b'"')) if b"\\" in field else field.decode()
 
 
 def _read_file_raw(
@@ -302,7 +262,7 @@ def read_partition(
                 for line in handle:
                     kind, index, number, body = line.split(b"\t", 3)
                     try:
-                        resources.append(project_line(body, kind.decode()))
+                        resources.append(project_line(body, _kind_of_header(kind)))
                     except ProjectionError as exc:
                         found.append(InputReject(_source(sources, index), int(number) or None, str(exc)))
                 continue

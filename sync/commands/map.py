@@ -168,6 +168,7 @@ class MapRun:
 
     as_of: datetime
     files: int
+    #: Resources read from the inputs (before the lean projection or validation rejected any).
     resources: int
     input_rejects: list[InputReject]
     outcome: Outcome
@@ -268,7 +269,7 @@ def _map_here(inputs: Sequence[Path], options: MapOptions, rules: Rules, *, out:
     with _without_cyclic_gc():
         loaded = load_resources(inputs, mode=options.mode)
         keyed, outcome = map_resources(loaded.resources, options, rules)
-        count = len(loaded.resources)
+        count = loaded.read
         del loaded.resources[:]
     _write_output(out, (orjson.dumps(record) + b"\n" for _, record in keyed))
     return MapRun(options.as_of, loaded.files, count, loaded.rejects, outcome)
@@ -508,7 +509,7 @@ def summary(result: MapRun, *, args: argparse.Namespace, rules: Rules) -> str:
     lines = [
         f"as-of: {result.as_of.isoformat()} (timezone {args.timezone}, ehr {args.ehr})",
         f"rules: {rules.version}",
-        f"inputs: {result.files:,} files, {result.resources:,} resources",
+        f"inputs: {result.files:,} files, {result.resources:,} resources read",
         f"patients: {outcome.patients:,}",
         f"encounters by level: {_counts(sorted(outcome.encounter_levels.items()))}",
         "episodes by level and status: "

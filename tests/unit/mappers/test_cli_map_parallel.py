@@ -108,3 +108,33 @@ def test_patient_key_reads_the_element_the_mappers_group_by() -> None:
     assert patient_key({"resourceType": "Task", "for": {"reference": "urn:uuid:abc"}}) == "abc"
     assert patient_key({"resourceType": "Encounter", "patient": {"reference": "Patient/p3"}}) is None
     assert patient_key({"resourceType": "Location", "id": "l1"}) is None
+
+
+def _hostile_lines() -> list[bytes]:
+    subject = b'"subject":{"reference":"Patient/h1"}'
+    depth = 100_000
+    return [
+        b'{"resourceType":"Patient","id":"h1"}',
+        b'{"resourceType":"Encounter","id":"deep",' + subject + b',"extension":'
+        + b"[" * depth + b"]" * depth + b"}",
+        b'{"resourceType":"Enc\\tounter","id":"tab",' + subject + b"}",
+        b'{"resourceType":"Encounter","id":"inf",' + subject + b',"length":{"value":1e400}}',
+        b'{"resourceType":"Coverage","id":"big","beneficiary":{"reference":"Patient/h1"},"order":'
+        + str(2**100).encode() + b"}",
+        b'{"resourceType":"Encounter","id":"ok","status":"finished",' + subject
+        + b',"class":{"code":"AMB"},"period":{"start":"2026-05-01T10:00:00Z","end":"2026-05-01T13:00:00Z"}}',
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("strict", [[], ["--strict"]])
+def test_hostile_lines_give_the_same_rejects_in_both_modes(tmp_path: Path, strict: list[str]) -> None:
+    """A 100k-deep object, a resourceType with an escaped tab, 1e400 and 2**100: the partitioned run
+    rejects (or keeps) exactly what the in-process run does, and neither stops at them."""
+    source = tmp_path / "hostile.ndjson"
+    source.write_bytes(b"\n".join(_hostile_lines()) + b"\n")
+    here = _map([source], tmp_path / "here.ndjson", "--workers", "1", "--partitions", "1", *strict)
+    split = _map([source], tmp_path / "split.ndjson", "--workers", "1", "--partitions", "3", *strict)
+    assert split == here
+    lines = {json.loads(r)["line"] for r in here[1].splitlines()}
+    assert {2, 4} <= lines  # too deep; 1e400 is infinite
+    assert 6 not in lines  # the good Encounter after them is read

@@ -12,15 +12,29 @@ from typing import Final
 #: The episode an EpisodeOfCare we wrote stands for: value = episode_id (uuid5). Conditional
 #: create/update of that EpisodeOfCare is keyed on it.
 EPISODE_ID_SYSTEM: Final = "urn:iop-bridge:episode-id"
-#: One IOP session (the program's own session id): value = ``session.id`` of the attendance event.
-#: The attendance Encounter/Appointment for a session is keyed on it, so a later event for the same
-#: session updates the resource instead of creating a second one.
+#: One IOP session: value = ``session_key(episode_id, program, session.id)`` of the attendance event
+#: (programs number their sessions alike, so the program's session id alone names no session). The
+#: attendance Encounter/Appointment for a session is keyed on it, so a later event for the same session
+#: updates the resource instead of creating a second one.
 SESSION_ID_SYSTEM: Final = "urn:iop-bridge:session-id"
 #: Any other resource we create carries the ``event_id`` of the event that caused it (idempotency key).
 EVENT_ID_SYSTEM: Final = "urn:iop-bridge:event-id"
 #: A ``meta.tag`` on a finished EpisodeOfCare we wrote: the exit reason we derived (``lost_to_follow_up``,
 #: ``stepped_up``, …). Read back, it tells our own conclusion apart from a recorded discharge.
 EXIT_REASON_SYSTEM: Final = "urn:iop-bridge:exit-reason"
+
+
+#: The program part of a session key when the event names no program.
+NO_PROGRAM: Final = "-"
+
+
+def session_key(episode_id: str, program: str | None, session_id: str) -> str:
+    """``{episode_id}:{program}:{session_id}``: one program's session of one episode.
+
+    Unambiguous: an episode id is a uuid and a program name has no ``:`` (``attendance.v1``), so the
+    first two ``:`` end them; ``-`` (no program) is no valid program name.
+    """
+    return f"{episode_id}:{program or NO_PROGRAM}:{session_id}"
 
 
 def token(system: str, value: str) -> str:

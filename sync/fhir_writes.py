@@ -4,7 +4,8 @@ Pure builders (no I/O, no clock: every time is an argument) so that what we writ
 validated with ``fhir.resources.R4B`` in the tests. ``sync.writeback`` decides which of them to send, and
 how (conditional create, ``If-Match`` update), per vendor profile.
 
-- attended session  -> ``Encounter`` (finished; class AMB, or VR for telehealth), keyed by the session id
+- attended session  -> ``Encounter`` (finished; class AMB, or VR for telehealth), keyed by the session key
+                       (``schemas.identifiers.session_key``: episode, program, session id)
 - absent session    -> ``Appointment`` (noshow), keyed by the session id
 - either, on an EHR that cannot write those (Epic) -> a progress-note ``DocumentReference`` (LOINC 11506-3)
                        keyed by the session id, saying whether the patient attended
@@ -91,6 +92,7 @@ def attendance_encounter(
     episode_id: str,
     episode_fhir_id: str | None = None,
     security: Sequence[Mapping[str, Any]] = (),
+    session_key: str | None = None,
 ) -> dict[str, Any]:
     """The finished Encounter for an attended session of the episode ``episode_id``.
 
@@ -101,7 +103,7 @@ def attendance_encounter(
     code, display = _CLASS_BY_MODALITY.get(str(session.get("modality", "in-person")), ("AMB", "ambulatory"))
     encounter: dict[str, Any] = {
         "resourceType": "Encounter",
-        "identifier": [_identifier(SESSION_ID_SYSTEM, str(session["id"]))],
+        "identifier": [_identifier(SESSION_ID_SYSTEM, session_key or str(session["id"]))],
         "status": "finished",
         "class": {"system": ACT_CODE, "code": code, "display": display},
         "subject": {"reference": patient_reference},
@@ -121,12 +123,13 @@ def noshow_appointment(
     *,
     patient_reference: str,
     security: Sequence[Mapping[str, Any]] = (),
+    session_key: str | None = None,
 ) -> dict[str, Any]:
     """The Appointment marked ``noshow`` for a session the patient missed."""
     session = event["session"]
     appointment: dict[str, Any] = {
         "resourceType": "Appointment",
-        "identifier": [_identifier(SESSION_ID_SYSTEM, str(session["id"]))],
+        "identifier": [_identifier(SESSION_ID_SYSTEM, session_key or str(session["id"]))],
         "status": "noshow",
         "participant": [{"actor": {"reference": patient_reference}, "status": "accepted"}],
     }
@@ -146,6 +149,7 @@ def attendance_note(
     patient_reference: str,
     episode_id: str,
     security: Sequence[Mapping[str, Any]] = (),
+    session_key: str | None = None,
 ) -> dict[str, Any]:
     """A progress note (LOINC 11506-3) for an attended or missed session, keyed by the session id.
 
@@ -168,7 +172,7 @@ def attendance_note(
     lines.append(f"IOP episode: {episode_id}")
     note: dict[str, Any] = {
         "resourceType": "DocumentReference",
-        "identifier": [_identifier(SESSION_ID_SYSTEM, str(session["id"]))],
+        "identifier": [_identifier(SESSION_ID_SYSTEM, session_key or str(session["id"]))],
         "status": "current",
         "docStatus": "final",
         "type": {"coding": [{"system": LOINC, "code": "11506-3", "display": "Progress note"}]},

@@ -9,7 +9,8 @@ default, PostgreSQL for several instances).
 - ``sync_outbox``: messages staged in the SAME transaction that records them as published. A crash
   between mapping and producing loses nothing: the outbox is drained (in order) on the next start.
 - ``sync_ledger``: every consumed event by ``event_id`` with its outcome: redelivery is a no-op.
-- ``sync_sessions``: the resource written for each IOP session (by the program's session id), so a later
+- ``sync_sessions_v2``: the resource written for each IOP session (by its session key: episode, program
+  and the program's session id), so a later
   event for the same session updates it instead of creating another (servers' conditional create is
   racy: the ledger is the second lock).
 
@@ -95,8 +96,11 @@ ledger = Table(
     Column("processed_at", DateTime(timezone=True), nullable=False),
 )
 
+# ``sync_sessions_v2``: by the session key (``schemas.identifiers.session_key``: episode, program and the
+# program's session id). The first table, ``sync_sessions``, was keyed by the program's session id alone,
+# which two programs share; it is left in an existing store, unread (its rows name sessions ambiguously).
 sessions = Table(
-    "sync_sessions",
+    "sync_sessions_v2",
     metadata,
     Column("ehr", String(200), primary_key=True),
     Column("session_id", _TEXT, primary_key=True),

@@ -36,7 +36,7 @@ import orjson
 import structlog
 
 from connectors.errors import EhrError
-from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, SESSION_ID_SYSTEM, token
+from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, SESSION_ID_SYSTEM, session_key, token
 from sync import fhir_writes
 from sync.capabilities import JSON_PATCH, Purpose, Targets
 from sync.errors import PermanentEventError
@@ -308,12 +308,16 @@ class WriteBack:
         reference: str,
         change: Callable[[dict[str, Any]], dict[str, Any]],
         security: list[dict[str, Any]],
+        *,
+        patient: str,
+        event_id: str,
     ) -> bool:
-        """Read, change, write under ``If-Match`` (PUT, or a JSON Patch where the server has only patch);
-        re-read on a version conflict. False when nothing changed."""
+        """Read, check it is ``patient``'s, change, write under ``If-Match`` (PUT, or a JSON Patch where
+        the server has only patch); re-read on a version conflict. False when nothing changed."""
         method = self._change_method(reference.split("/", 1)[0])
         for _ in range(MAX_CONFLICT_RETRIES):
             current, version = self._read(reference)
+            _check_owner(current, reference, patient, event_id)
             wanted = change(current)
             if _same_content(current, wanted):
                 return False
@@ -366,6 +370,7 @@ class WriteBack:
         episode = entry.record
         patient = str(episode["patient"]["reference"])
         episode_id = str(episode["episode_id"])
+        key = _session_key(event)
         if resource_type == "Encounter":
             return fhir_writes.attendance_encounter(
                 event,
@@ -373,20 +378,24 @@ class WriteBack:
                 episode_id=episode_id,
                 episode_fhir_id=entry.fhir_id,
                 security=security,
+                session_key=key,
             )
         if resource_type == "Appointment":
-            return fhir_writes.noshow_appointment(event, patient_reference=patient, security=security)
+            return fhir_writes.noshow_appointment(
+                event, patient_reference=patient, security=security, session_key=key
+            )
         if resource_type == "DocumentReference":
             return fhir_writes.attendance_note(
-                event, patient_reference=patient, episode_id=episode_id, security=security
+                event, patient_reference=patient, episode_id=episode_id, security=security, session_key=key
             )
         raise PermanentEventError(f"EHR {self.ehr!r}: no attendance builder for {resource_type}")
 
     def _attendance(self, event: Mapping[str, Any], entry: PublishedEntry) -> WriteBackResult:
         session = event["session"]
-        session_id = str(session["id"])
+        session_id = _session_key(event)
         status = str(session["status"])
         occurred_at = str(event["occurred_at"])
+        owner = {"patient": str(entry.record["patient"]["reference"]), "event_id": str(event["event_id"])}
         known = self.state.session_resource(self.ehr, session_id)
         if known is not None and _instant(known.occurred_at) >= _instant(occurred_at):
             return WriteBackResult(Outcome.STALE, [f"{known.resource_type}/{known.resource_id}"])
@@ -399,17 +408,21 @@ class WriteBack:
         resource = self._session_resource(resource_type, event, entry, security)
         if known is not None and known.resource_type not in (resource_type, "none"):
             # attended <-> absent: the old record of the session is voided, the new one written.
-            self._update(f"{known.resource_type}/{known.resource_id}", fhir_writes.voided, security)
+            self._update(f"{known.resource_type}/{known.resource_id}", fhir_writes.voided, security, **owner)
             known = None
         if known is None or known.resource_type == "none":
             resource_id, created = self._create(resource, SESSION_ID_SYSTEM, session_id, security)
             outcome = Outcome.CREATED
             if not created:  # written by an earlier try (or found): make it match this event
-                changed = self._update(f"{resource_type}/{resource_id}", _replace_with(resource), security)
+                changed = self._update(
+                    f"{resource_type}/{resource_id}", _replace_with(resource), security, **owner
+                )
                 outcome = Outcome.UPDATED if changed else Outcome.UNCHANGED
         else:
             resource_id = known.resource_id
-            changed = self._update(f"{resource_type}/{resource_id}", _replace_with(resource), security)
+            changed = self._update(
+                f"{resource_type}/{resource_id}", _replace_with(resource), security, **owner
+            )
             outcome = Outcome.UPDATED if changed else Outcome.UNCHANGED
         written = SessionResource(resource_type, resource_id, occurred_at, status)
         return WriteBackResult(
@@ -423,8 +436,9 @@ class WriteBack:
         known: SessionResource | None,
         security: list[dict[str, Any]],
     ) -> WriteBackResult:
-        session_id = str(event["session"]["id"])
+        session_id = _session_key(event)
         occurred_at = str(event["occurred_at"])
+        patient, event_id = str(entry.record["patient"]["reference"]), str(event["event_id"])
         references: list[str] = []
         if known is not None and known.resource_type != "none":
             references.append(f"{known.resource_type}/{known.resource_id}")
@@ -433,12 +447,14 @@ class WriteBack:
                 like = self._session_resource(resource_type, _as_attended(event), entry, security)
                 found = self._lookup(resource_type, SESSION_ID_SYSTEM, session_id, like)
                 if found is not None:
-                    references.append(f"{resource_type}/{found['id']}")
+                    reference = f"{resource_type}/{found['id']}"
+                    _check_owner(found, reference, patient, event_id)  # all checked before the first write
+                    references.append(reference)
         if not references:
             nothing = SessionResource("none", "", occurred_at, "cancelled")
             return WriteBackResult(Outcome.NOTHING_TO_VOID, [], SessionWrite(self.ehr, session_id, nothing))
         for reference in references:
-            self._update(reference, fhir_writes.voided, security)
+            self._update(reference, fhir_writes.voided, security, patient=patient, event_id=event_id)
         resource_type, resource_id = references[0].split("/", 1)
         voided = SessionResource(resource_type, resource_id, occurred_at, "cancelled")
         return WriteBackResult(Outcome.VOIDED, references, SessionWrite(self.ehr, session_id, voided))
@@ -479,6 +495,8 @@ class WriteBack:
                 f"EpisodeOfCare/{eoc_id}",
                 lambda current: fhir_writes.finished_episode_of_care(current, end_date=end_date),
                 security,
+                patient=patient,
+                event_id=str(event["event_id"]),
             )
             references.append(f"EpisodeOfCare/{eoc_id}")
 
@@ -500,7 +518,9 @@ class WriteBack:
             return fhir_writes.task_after_discharge(current, reason=reason)
 
         for task_id in tasks:
-            self._update(f"Task/{task_id}", close_task, security)
+            self._update(
+                f"Task/{task_id}", close_task, security, patient=patient, event_id=str(event["event_id"])
+            )
             references.append(f"Task/{task_id}")
         return WriteBackResult(Outcome.DISCHARGED, references)
 
@@ -530,6 +550,49 @@ class WriteBack:
             for entry in response.json().get("entry") or []
             if (entry.get("resource") or {}).get("resourceType") == "Task"
         ]
+
+
+def _patients_of(resource: Mapping[str, Any]) -> list[str] | None:
+    """The ``Patient/<id>`` references a resource we write belongs to; None for a type (Task) whose
+    patient element is optional and absent."""
+    kind = resource.get("resourceType")
+    if kind == "Appointment":
+        values = [(p.get("actor") or {}).get("reference") for p in resource.get("participant") or []]
+    elif kind == "EpisodeOfCare":
+        values = [(resource.get("patient") or {}).get("reference")]
+    elif kind == "Task":
+        if not resource.get("for"):
+            return None
+        values = [(resource.get("for") or {}).get("reference")]
+    else:
+        values = [(resource.get("subject") or {}).get("reference")]
+    patients = []
+    for value in values:
+        parts = str(value or "").split("/")
+        if "Patient" in parts[:-1]:  # relative or absolute, with or without _history
+            index = len(parts) - 1 - parts[::-1].index("Patient")
+            if index + 1 < len(parts):
+                patients.append(f"Patient/{parts[index + 1]}")
+    return patients
+
+
+def _check_owner(resource: Mapping[str, Any], reference: str, patient: str, event_id: str) -> None:
+    """Refuse to change a resource that is not the episode's patient's (nothing is written)."""
+    owners = _patients_of(resource)
+    if owners is not None and patient not in owners:
+        raise PermanentEventError(
+            f"event {event_id}: {reference} on the server is not the episode's patient's ({patient}); "
+            "nothing written"
+        )
+
+
+def _session_key(event: Mapping[str, Any]) -> str:
+    """The session's identity: the EHR (the table's other key), the episode the program named, the
+    program (``program``, optional in the contract) and the program's session id."""
+    program = event.get("program")
+    return session_key(
+        str(event["episode_id"]), str(program) if program else None, str(event["session"]["id"])
+    )
 
 
 def _as_attended(event: Mapping[str, Any]) -> dict[str, Any]:

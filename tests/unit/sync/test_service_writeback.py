@@ -132,9 +132,9 @@ def test_workers_share_one_writeback_built_once_on_a_pool_as_large_as_they_are(
             thread.join()
 
         assert failures == []
-        assert sorted(created) == sorted(f"S-{n}" for n in range(WORKERS))
+        assert sorted(created) == sorted(f"ep-{n}:-:S-{n}" for n in range(WORKERS))
         assert all(service.state.event_outcome(f"evt-{n}") == "created" for n in range(WORKERS))
-        assert all(service.state.session_resource(EHR, f"S-{n}") is not None for n in range(WORKERS))
+        assert all(service.state.session_resource(EHR, f"ep-{n}:-:S-{n}") is not None for n in range(WORKERS))
         # the EHR's own client has a pool of 4: write-back got one of its own, pooling 8 connections
         assert [c.concurrency for c in factory.configs] == [WORKERS]
     assert len(httpx_mock.get_requests(url=f"{BASE}/metadata")) == 1

@@ -16,12 +16,13 @@ from sqlalchemy import create_engine
 from connectors.config import EhrConfig
 from connectors.errors import TemporaryEhrError
 from connectors.http import EhrClient
-from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, SESSION_ID_SYSTEM
+from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, SESSION_ID_SYSTEM, session_key
 from sync.state import Staged, SyncState
 from sync.writeback import Outcome, PermanentEventError, Targets, WriteBack
 
 BASE = "https://ehr.example.org/fhir"
 EPISODE_ID = "5b1a2f44-1111-5222-8333-444455556666"
+SESSION_KEY = session_key(EPISODE_ID, None, "S-100")
 PART2 = [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "ETH"}]
 
 
@@ -115,9 +116,14 @@ def test_attended_session_creates_one_encounter_and_its_provenance(
     httpx_mock.add_response(
         method="POST",
         url=f"{BASE}/Encounter",
-        match_headers={"If-None-Exist": f"identifier={SESSION_ID_SYSTEM}|S-100"},
+        match_headers={"If-None-Exist": f"identifier={SESSION_ID_SYSTEM}|{SESSION_KEY}"},
         status_code=201,
-        json={"resourceType": "Encounter", "id": "enc-1", "meta": {"versionId": "1"}},
+        json={
+            "resourceType": "Encounter",
+            "id": "enc-1",
+            "subject": {"reference": "Patient/p1"},
+            "meta": {"versionId": "1"},
+        },
     )
     httpx_mock.add_response(method="POST", url=f"{BASE}/Provenance", status_code=201, json={})
 
@@ -157,7 +163,7 @@ def test_superseded_episode_is_followed(
         method="POST",
         url=f"{BASE}/Encounter",
         status_code=201,
-        json={"resourceType": "Encounter", "id": "enc-1"},
+        json={"resourceType": "Encounter", "id": "enc-1", "subject": {"reference": "Patient/p1"}},
     )
     httpx_mock.add_response(method="POST", url=f"{BASE}/Provenance", status_code=201, json={})
 
@@ -175,12 +181,17 @@ def test_later_event_updates_with_if_match_and_rereads_on_conflict(
         method="POST",
         url=f"{BASE}/Encounter",
         status_code=201,
-        json={"resourceType": "Encounter", "id": "enc-1"},
+        json={"resourceType": "Encounter", "id": "enc-1", "subject": {"reference": "Patient/p1"}},
     )
     httpx_mock.add_response(method="POST", url=f"{BASE}/Provenance", status_code=201, json={})
     writeback.attendance(_attendance(), topic="iop.attendance.v1")
 
-    stored = {"resourceType": "Encounter", "id": "enc-1", "status": "finished"}
+    stored = {
+        "resourceType": "Encounter",
+        "id": "enc-1",
+        "subject": {"reference": "Patient/p1"},
+        "status": "finished",
+    }
     httpx_mock.add_response(
         method="GET", url=f"{BASE}/Encounter/enc-1", headers={"ETag": 'W/"1"'}, json=stored
     )
@@ -209,7 +220,7 @@ def test_older_event_for_a_session_is_stale(httpx_mock: HTTPXMock, writeback: Wr
         method="POST",
         url=f"{BASE}/Encounter",
         status_code=201,
-        json={"resourceType": "Encounter", "id": "enc-1"},
+        json={"resourceType": "Encounter", "id": "enc-1", "subject": {"reference": "Patient/p1"}},
     )
     httpx_mock.add_response(method="POST", url=f"{BASE}/Provenance", status_code=201, json={})
     writeback.attendance(_attendance(occurred_at="2026-03-02T19:00:00+00:00"), topic="iop.attendance.v1")
@@ -226,22 +237,35 @@ def test_cancelled_session_voids_what_an_earlier_try_wrote(
     # nothing in our session table (the process died after the write): the server is asked
     httpx_mock.add_response(
         method="GET",
-        url=_search_url("Encounter", SESSION_ID_SYSTEM, "S-100"),
+        url=_search_url("Encounter", SESSION_ID_SYSTEM, SESSION_KEY),
         json={
             "resourceType": "Bundle",
-            "entry": [{"resource": {"resourceType": "Encounter", "id": "enc-1"}}],
+            "entry": [
+                {
+                    "resource": {
+                        "resourceType": "Encounter",
+                        "id": "enc-1",
+                        "subject": {"reference": "Patient/p1"},
+                    }
+                }
+            ],
         },
     )
     httpx_mock.add_response(
         method="GET",
-        url=_search_url("Appointment", SESSION_ID_SYSTEM, "S-100"),
+        url=_search_url("Appointment", SESSION_ID_SYSTEM, SESSION_KEY),
         json={"resourceType": "Bundle"},
     )
     httpx_mock.add_response(
         method="GET",
         url=f"{BASE}/Encounter/enc-1",
         headers={"ETag": 'W/"3"'},
-        json={"resourceType": "Encounter", "id": "enc-1", "status": "finished"},
+        json={
+            "resourceType": "Encounter",
+            "id": "enc-1",
+            "subject": {"reference": "Patient/p1"},
+            "status": "finished",
+        },
     )
     httpx_mock.add_response(method="PUT", url=f"{BASE}/Encounter/enc-1", match_headers={"If-Match": 'W/"3"'})
     httpx_mock.add_response(method="POST", url=f"{BASE}/Provenance", status_code=201, json={})
@@ -259,7 +283,7 @@ def test_cancelling_a_session_never_written_writes_nothing(
     for resource_type in ("Encounter", "Appointment"):
         httpx_mock.add_response(
             method="GET",
-            url=_search_url(resource_type, SESSION_ID_SYSTEM, "S-100"),
+            url=_search_url(resource_type, SESSION_ID_SYSTEM, SESSION_KEY),
             json={"resourceType": "Bundle"},
         )
     result = writeback.attendance(_attendance(status="cancelled"), topic="iop.attendance.v1")
@@ -274,7 +298,7 @@ def test_create_that_matches_an_earlier_write_changes_nothing(
         "resourceType": "Encounter",
         "id": "enc-1",
         "meta": {"versionId": "1"},
-        "identifier": [{"system": SESSION_ID_SYSTEM, "value": "S-100"}],
+        "identifier": [{"system": SESSION_ID_SYSTEM, "value": SESSION_KEY}],
         "status": "finished",
         "class": {
             "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
@@ -327,7 +351,11 @@ def test_absent_session_for_part2_episode_is_a_labelled_noshow(
         method="POST",
         url=f"{BASE}/Appointment",
         status_code=201,
-        json={"resourceType": "Appointment", "id": "ap-1"},
+        json={
+            "resourceType": "Appointment",
+            "id": "ap-1",
+            "participant": [{"actor": {"reference": "Patient/p1"}}],
+        },
     )
 
     result = writeback.attendance(_attendance(status="absent"), topic="iop.attendance.v1")
@@ -346,6 +374,7 @@ def test_discharge_finishes_the_episode_writes_the_summary_and_closes_the_task(
     writeback = WriteBack(client, state, ehr="general", targets=Targets.everything(provenance=False))
     eoc = {
         "resourceType": "EpisodeOfCare",
+        "patient": {"reference": "Patient/p1"},
         "id": "eoc-1",
         "status": "active",
         "period": {"start": "2026-02-02"},
@@ -364,7 +393,7 @@ def test_discharge_finishes_the_episode_writes_the_summary_and_closes_the_task(
         url=f"{BASE}/DocumentReference",
         match_headers={"If-None-Exist": f"identifier={EVENT_ID_SYSTEM}|evt-d"},
         status_code=201,
-        json={"resourceType": "DocumentReference", "id": "doc-1"},
+        json={"resourceType": "DocumentReference", "id": "doc-1", "subject": {"reference": "Patient/p1"}},
     )
     task = {"resourceType": "Task", "id": "t-1", "status": "in-progress", "intent": "order"}
     httpx_mock.add_response(
@@ -400,7 +429,7 @@ def test_session_cancelled_before_anything_was_written_can_still_be_attended_lat
     for resource_type in ("Encounter", "Appointment"):
         httpx_mock.add_response(
             method="GET",
-            url=_search_url(resource_type, SESSION_ID_SYSTEM, "S-100"),
+            url=_search_url(resource_type, SESSION_ID_SYSTEM, SESSION_KEY),
             json={"resourceType": "Bundle"},
         )
     writeback.attendance(_attendance("evt-0", status="cancelled"), topic="iop.attendance.v1")
@@ -408,7 +437,7 @@ def test_session_cancelled_before_anything_was_written_can_still_be_attended_lat
         method="POST",
         url=f"{BASE}/Encounter",
         status_code=201,
-        json={"resourceType": "Encounter", "id": "enc-1"},
+        json={"resourceType": "Encounter", "id": "enc-1", "subject": {"reference": "Patient/p1"}},
     )
     httpx_mock.add_response(method="POST", url=f"{BASE}/Provenance", status_code=201, json={})
 

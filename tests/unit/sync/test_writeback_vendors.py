@@ -22,13 +22,14 @@ from sqlalchemy import create_engine
 
 from connectors.config import EhrConfig
 from connectors.http import EhrClient
-from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, SESSION_ID_SYSTEM
+from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, SESSION_ID_SYSTEM, session_key
 from sync.capabilities import targets_for
 from sync.state import Staged, SyncState
 from sync.writeback import Outcome, PermanentEventError, WriteBack
 
 BASE = "https://ehr.example.org/fhir"
 EPISODE_ID = "5b1a2f44-1111-5222-8333-444455556666"
+SESSION_KEY = session_key(EPISODE_ID, None, "S-100")
 CAPABILITY = Path(__file__).resolve().parents[2] / "data" / "capability"
 CLOCK = "2026-03-02T18:00:05+00:00"
 
@@ -154,13 +155,13 @@ def test_epic_session_becomes_one_progress_note_keyed_by_session(
 ) -> None:
     writeback = _writeback(client, _state(tmp_path, "epic"), "epic", "epic", recorded("epic"))
     httpx_mock.add_response(
-        method="GET", url=_by_identifier("DocumentReference", SESSION_ID_SYSTEM, "S-100"), json=_bundle()
+        method="GET", url=_by_identifier("DocumentReference", SESSION_ID_SYSTEM, SESSION_KEY), json=_bundle()
     )
     httpx_mock.add_response(
         method="POST",
         url=f"{BASE}/DocumentReference",
         status_code=201,
-        json={"resourceType": "DocumentReference", "id": "note-1"},
+        json={"resourceType": "DocumentReference", "id": "note-1", "subject": {"reference": "Patient/p1"}},
     )
 
     result = writeback.attendance(_attendance("epic", status), topic="iop.attendance.v1")
@@ -173,7 +174,7 @@ def test_epic_session_becomes_one_progress_note_keyed_by_session(
     assert "If-None-Exist" not in post.headers
     note = _body(post)
     assert note["type"]["coding"][0]["code"] == "11506-3"
-    assert note["identifier"] == [{"system": SESSION_ID_SYSTEM, "value": "S-100"}]
+    assert note["identifier"] == [{"system": SESSION_ID_SYSTEM, "value": SESSION_KEY}]
     assert phrase in base64.b64decode(note["content"][0]["attachment"]["data"]).decode()
 
 
@@ -183,18 +184,23 @@ def test_epic_same_session_twice_is_one_note_updated(
     state = _state(tmp_path, "epic")
     writeback = _writeback(client, state, "epic", "epic", recorded("epic"))
     httpx_mock.add_response(
-        method="GET", url=_by_identifier("DocumentReference", SESSION_ID_SYSTEM, "S-100"), json=_bundle()
+        method="GET", url=_by_identifier("DocumentReference", SESSION_ID_SYSTEM, SESSION_KEY), json=_bundle()
     )
     httpx_mock.add_response(
         method="POST",
         url=f"{BASE}/DocumentReference",
         status_code=201,
-        json={"resourceType": "DocumentReference", "id": "note-1"},
+        json={"resourceType": "DocumentReference", "id": "note-1", "subject": {"reference": "Patient/p1"}},
     )
     writeback.attendance(_attendance("epic"), topic="iop.attendance.v1")
     assert writeback.attendance(_attendance("epic"), topic="iop.attendance.v1").outcome is Outcome.DUPLICATE
 
-    stored = {"resourceType": "DocumentReference", "id": "note-1", "status": "current"}
+    stored = {
+        "resourceType": "DocumentReference",
+        "id": "note-1",
+        "subject": {"reference": "Patient/p1"},
+        "status": "current",
+    }
     httpx_mock.add_response(
         method="GET", url=f"{BASE}/DocumentReference/note-1", headers={"ETag": 'W/"1"'}, json=stored
     )
@@ -220,12 +226,13 @@ def test_epic_note_written_before_a_crash_is_found_not_duplicated(
     existing = {
         "resourceType": "DocumentReference",
         "id": "note-1",
-        "identifier": [{"system": SESSION_ID_SYSTEM, "value": "S-100"}],
+        "identifier": [{"system": SESSION_ID_SYSTEM, "value": SESSION_KEY}],
+        "subject": {"reference": "Patient/p1"},
         "status": "current",
     }
     httpx_mock.add_response(
         method="GET",
-        url=_by_identifier("DocumentReference", SESSION_ID_SYSTEM, "S-100"),
+        url=_by_identifier("DocumentReference", SESSION_ID_SYSTEM, SESSION_KEY),
         json=_bundle(existing),
     )
     httpx_mock.add_response(
@@ -246,11 +253,14 @@ def test_epic_cancelled_session_marks_its_note_entered_in_error(
     note = {
         "resourceType": "DocumentReference",
         "id": "note-1",
-        "identifier": [{"system": SESSION_ID_SYSTEM, "value": "S-100"}],
+        "identifier": [{"system": SESSION_ID_SYSTEM, "value": SESSION_KEY}],
+        "subject": {"reference": "Patient/p1"},
         "status": "current",
     }
     httpx_mock.add_response(
-        method="GET", url=_by_identifier("DocumentReference", SESSION_ID_SYSTEM, "S-100"), json=_bundle(note)
+        method="GET",
+        url=_by_identifier("DocumentReference", SESSION_ID_SYSTEM, SESSION_KEY),
+        json=_bundle(note),
     )
     httpx_mock.add_response(
         method="GET", url=f"{BASE}/DocumentReference/note-1", headers={"ETag": 'W/"2"'}, json=note
@@ -283,7 +293,7 @@ def test_epic_discharge_is_a_summary_note_and_the_task_update(
         method="POST",
         url=f"{BASE}/DocumentReference",
         status_code=201,
-        json={"resourceType": "DocumentReference", "id": "doc-1"},
+        json={"resourceType": "DocumentReference", "id": "doc-1", "subject": {"reference": "Patient/p1"}},
     )
     httpx_mock.add_response(method="GET", url=f"{BASE}/Task/t-1", headers={"ETag": 'W/"5"'}, json=task)
     httpx_mock.add_response(
@@ -308,7 +318,7 @@ def test_oracle_attended_session_creates_an_encounter_after_an_identifier_search
 ) -> None:
     writeback = _writeback(client, _state(tmp_path, "oracle"), "oracle", "oracle", recorded("oracle"))
     httpx_mock.add_response(
-        method="GET", url=_by_identifier("Encounter", SESSION_ID_SYSTEM, "S-100"), json=_bundle()
+        method="GET", url=_by_identifier("Encounter", SESSION_ID_SYSTEM, SESSION_KEY), json=_bundle()
     )
     httpx_mock.add_response(
         method="POST",
@@ -334,7 +344,12 @@ def test_oracle_absent_session_creates_a_noshow_appointment_after_a_patient_and_
     # Oracle cannot search Appointment by identifier: the patient's appointments that day are read and
     # ours is recognised by its identifier (the EHR's own appointment here is not ours)
     writeback = _writeback(client, _state(tmp_path, "oracle"), "oracle", "oracle", recorded("oracle"))
-    theirs = {"resourceType": "Appointment", "id": "ehr-7", "status": "booked"}
+    theirs = {
+        "resourceType": "Appointment",
+        "id": "ehr-7",
+        "participant": [{"actor": {"reference": "Patient/p1"}}],
+        "status": "booked",
+    }
     httpx_mock.add_response(
         method="GET", url=_by_patient_and_day("Appointment", "2026-03-02"), json=_bundle(theirs)
     )
@@ -342,7 +357,11 @@ def test_oracle_absent_session_creates_a_noshow_appointment_after_a_patient_and_
         method="POST",
         url=f"{BASE}/Appointment",
         status_code=201,
-        json={"resourceType": "Appointment", "id": "ap-1"},
+        json={
+            "resourceType": "Appointment",
+            "id": "ap-1",
+            "participant": [{"actor": {"reference": "Patient/p1"}}],
+        },
     )
     httpx_mock.add_response(method="POST", url=f"{BASE}/Provenance", status_code=201)
 
@@ -359,7 +378,8 @@ def test_oracle_absent_session_patches_the_existing_appointment_with_if_match(
     ours = {
         "resourceType": "Appointment",
         "id": "ap-1",
-        "identifier": [{"system": SESSION_ID_SYSTEM, "value": "S-100"}],
+        "identifier": [{"system": SESSION_ID_SYSTEM, "value": SESSION_KEY}],
+        "participant": [{"actor": {"reference": "Patient/p1"}}],
         "status": "cancelled",
         "start": "2026-03-02T09:00:00+00:00",
         "end": "2026-03-02T12:00:00+00:00",
@@ -407,18 +427,24 @@ def test_oracle_cancelled_session_patches_the_status_only(
 ) -> None:
     writeback = _writeback(client, _state(tmp_path, "oracle"), "oracle", "oracle", recorded("oracle"))
     httpx_mock.add_response(
-        method="GET", url=_by_identifier("Encounter", SESSION_ID_SYSTEM, "S-100"), json=_bundle()
+        method="GET", url=_by_identifier("Encounter", SESSION_ID_SYSTEM, SESSION_KEY), json=_bundle()
     )
     httpx_mock.add_response(
         method="POST",
         url=f"{BASE}/Encounter",
         status_code=201,
-        json={"resourceType": "Encounter", "id": "e-1"},
+        json={"resourceType": "Encounter", "id": "e-1", "subject": {"reference": "Patient/p1"}},
     )
     httpx_mock.add_response(method="POST", url=f"{BASE}/Provenance", status_code=201, is_reusable=True)
     writeback.attendance(_attendance("oracle"), topic="iop.attendance.v1")
 
-    encounter = {"resourceType": "Encounter", "id": "e-1", "status": "finished", "meta": {"versionId": "1"}}
+    encounter = {
+        "resourceType": "Encounter",
+        "id": "e-1",
+        "subject": {"reference": "Patient/p1"},
+        "status": "finished",
+        "meta": {"versionId": "1"},
+    }
     httpx_mock.add_response(method="GET", url=f"{BASE}/Encounter/e-1", json=encounter)
     httpx_mock.add_response(
         method="PATCH", url=f"{BASE}/Encounter/e-1", match_headers={"If-Match": 'W/"1"'}, json=encounter
@@ -445,7 +471,7 @@ def test_oracle_discharge_is_a_summary_document_and_nothing_else(
         method="POST",
         url=f"{BASE}/DocumentReference",
         status_code=201,
-        json={"resourceType": "DocumentReference", "id": "doc-1"},
+        json={"resourceType": "DocumentReference", "id": "doc-1", "subject": {"reference": "Patient/p1"}},
     )
     httpx_mock.add_response(method="POST", url=f"{BASE}/Provenance", status_code=201)
 
@@ -479,9 +505,9 @@ def test_hapi_attended_session_is_a_conditional_create(
     httpx_mock.add_response(
         method="POST",
         url=f"{BASE}/Encounter",
-        match_headers={"If-None-Exist": f"identifier={SESSION_ID_SYSTEM}|S-100"},
+        match_headers={"If-None-Exist": f"identifier={SESSION_ID_SYSTEM}|{SESSION_KEY}"},
         status_code=201,
-        json={"resourceType": "Encounter", "id": "enc-1"},
+        json={"resourceType": "Encounter", "id": "enc-1", "subject": {"reference": "Patient/p1"}},
     )
     httpx_mock.add_response(method="POST", url=f"{BASE}/Provenance", status_code=201)
 

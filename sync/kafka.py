@@ -315,17 +315,18 @@ class EventProducer:
     ) -> None:
         """Produce ``record`` to the dead-letter topic with ``reason`` and wait for the acknowledgement
         (the caller commits past the record only after this returns). ``reason`` must hold no PHI."""
-        value = deadletter.envelope(record, reason, failed_at=now(), contract=contract)
-        check_contract(deadletter.SCHEMA, deadletter.VERSION, value)
+        failed_at = now()
+        value = deadletter.envelope(record, reason, failed_at=failed_at, contract=contract)
         topic = self.topics.name(DEADLETTER)
-        body = orjson.dumps(value)
-        headers = deadletter.headers(record, reason)
-
-        def send() -> Any:
-            future = self._producer.send(topic, key=record.key, value=body, headers=headers)
-            return future.get(timeout=SEND_TIMEOUT_S)
-
-        with_retries(send, what=f"dead-lettering to {topic}", sleep=self._sleep, topic=topic)
+        try:
+            self._send_dead_letter(topic, record, value, reason)
+        except KafkaError as exc:
+            # The whole dead letter would not go (too large for the broker, a header it refuses...):
+            # a stub with where it came from and why still does, so the partition moves on.
+            cause = type(exc.__cause__ or exc).__name__
+            log.warning("dead_letter_stubbed", topic=record.topic, offset=record.offset, error=cause)
+            value = deadletter.stub(record, reason, failed_at=failed_at, cause=cause, contract=contract)
+            self._send_dead_letter(topic, record, value, reason, whole=False)
         log.warning(
             "event_dead_lettered",
             topic=record.topic,
@@ -333,6 +334,26 @@ class EventProducer:
             offset=record.offset,
             event_id=value["event_id"],
         )
+
+    def _send_dead_letter(
+        self,
+        topic: str,
+        record: deadletter.SourceRecord,
+        value: dict[str, Any],
+        reason: str,
+        *,
+        whole: bool = True,
+    ) -> None:
+        check_contract(deadletter.SCHEMA, deadletter.VERSION, value)
+        body = orjson.dumps(value)
+        headers = deadletter.headers(record, reason)
+        key = record.key if whole and "key" not in value["omitted"] else None
+
+        def send() -> Any:
+            future = self._producer.send(topic, key=key, value=body, headers=headers)
+            return future.get(timeout=SEND_TIMEOUT_S)
+
+        with_retries(send, what=f"dead-lettering to {topic}", sleep=self._sleep, topic=topic)
 
     def republish(self, original: deadletter.OriginalRecord) -> None:
         """Produce a dead-lettered record again to its original topic, key, value and headers byte for

@@ -87,14 +87,22 @@ def run(args: argparse.Namespace) -> int:
             if contract_errors(deadletter.SCHEMA, deadletter.VERSION, envelope):
                 log.warning("dlq_envelope_invalid", partition=record.partition, offset=record.offset)
                 continue
-            original = deadletter.original(envelope)
-            if args.reason and args.reason not in original.reason:
+            if args.reason and args.reason not in str(envelope["reason"]):
                 continue
             key = (record.topic, record.partition, record.offset)
             if producer is None:
-                status = "replayed" if key in done else "waiting"
-                print(f"{record.partition}:{record.offset}\t{original.topic}\t{status}\t{original.reason}")
+                status = "replayed" if key in done else "partial" if envelope.get("omitted") else "waiting"
+                print(
+                    f"{record.partition}:{record.offset}\t{envelope['topic']}\t{status}\t{envelope['reason']}"
+                )
                 shown += 1
+                continue
+            try:
+                original = deadletter.original(envelope)
+            except ValueError:
+                # Too large to keep whole: replay it from its original topic and offset instead.
+                log.warning("dlq_not_replayable", partition=record.partition, offset=record.offset)
+                invalid += 1
                 continue
             if key in done:
                 skipped += 1
@@ -126,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             producer.close()
             print(
                 f"replayed {sent} dead letters ({skipped} already replayed before, "
-                f"{invalid} still breaking their contract)"
+                f"{invalid} still breaking their contract or not kept whole)"
             )
         elif shown == 0:
             print("no dead letters")

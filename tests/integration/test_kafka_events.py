@@ -530,3 +530,59 @@ def test_a_retriable_failure_is_dead_lettered_once_it_is_too_old(
     assert orjson.loads(letter.value)["reason"].startswith(
         "gave_up:TemporaryEhrError after 3 attempts in 800 s"
     )
+
+
+def test_an_800_kb_invalid_event_is_dead_lettered_and_the_partition_moves_on(
+    config: KafkaConfig,
+    topics: Topics,
+    producer: EventProducer,
+    produce: Callable[..., list[tuple[int, int]]],
+    consume: Callable[[str, int], list[ConsumerRecord]],
+) -> None:
+    """Its whole envelope (base64: ~1.07 MB) would be over the producer's 1 MiB limit."""
+    import hashlib
+
+    huge = orjson.dumps({**attendance(0), "notes": "x" * 800_000})  # invalid: an unexpected field
+    produce(
+        topics.attendance,
+        [(KEY.encode(), huge, [("event_id", b"evt-0")]), (KEY.encode(), orjson.dumps(attendance(1)), [])],
+    )
+    seen: list[str | None] = []
+    with consumer_for(config, topics, producer) as consumer:
+        stats = consumer.drain(
+            lambda e: seen.append(e.event_id), idle_polls=2, timeout_ms=200, max_seconds=60
+        )
+
+    assert (stats.dead_lettered, stats.processed, stats.failed) == (1, 1, 0)
+    assert seen == ["evt-1"]
+    [letter] = consume(topics.deadletter, 1)
+    envelope = orjson.loads(letter.value)
+    assert envelope["reason"].startswith("schema_invalid: attendance.v1: (root): unexpected notes")
+    assert envelope["omitted"] == ["value"]
+    assert envelope["value_sha256"] == hashlib.sha256(huge).hexdigest()
+    assert (envelope["topic"], envelope["offset"], envelope["event_id"]) == (topics.attendance, 0, "evt-0")
+
+
+def test_when_the_dead_letter_cannot_be_sent_a_stub_still_goes(
+    config: KafkaConfig,
+    topics: Topics,
+    make_topic: TopicFactory,
+    produce: Callable[..., list[tuple[int, int]]],
+    consume: Callable[[str, int], list[ConsumerRecord]],
+) -> None:
+    """A producer whose request limit (20 KB) is below the envelope: the stub (no value) fits."""
+    with EventProducer(config, max_request_size=20_000) as small:
+        produce(
+            topics.attendance,
+            [(KEY.encode(), b"{" + b" " * 15_000, []), (KEY.encode(), orjson.dumps(attendance(1)), [])],
+        )
+        seen: list[str | None] = []
+        with consumer_for(config, topics, small) as consumer:
+            stats = consumer.drain(
+                lambda e: seen.append(e.event_id), idle_polls=2, timeout_ms=200, max_seconds=60
+            )
+    assert (stats.dead_lettered, stats.processed) == (1, 1)
+    [letter] = consume(topics.deadletter, 1)
+    envelope = orjson.loads(letter.value)
+    assert envelope["reason"].startswith("undecodable: the value is not UTF-8 JSON (stub: ")
+    assert envelope["omitted"] == ["value", "headers", "key"]

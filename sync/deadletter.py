@@ -213,3 +213,21 @@ def original(value: Mapping[str, Any]) -> OriginalRecord:
         reason=str(value["reason"]),
         timestamp=value.get("timestamp"),
     )
+
+
+def replay_topic(own_headers: Sequence[Header], value: Mapping[str, Any], allowed: Sequence[str]) -> str:
+    """The topic a dead letter may be replayed to: the one its envelope names, only when the dead-letter
+    record's own headers (``dlq_topic``, ``dlq_partition``, ``dlq_offset``, set when we dead-lettered it)
+    say the same and it is one of ``allowed`` (our write-back topics). ``ValueError`` otherwise."""
+    claimed = {
+        HEADER_DLQ_TOPIC: str(value.get("topic")),
+        HEADER_DLQ_PARTITION: str(value.get("partition")),
+        HEADER_DLQ_OFFSET: str(value.get("offset")),
+    }
+    for name, expected in claimed.items():
+        given = _header(own_headers, name)
+        if given is None or given.decode("utf-8", "replace") != expected:
+            raise ValueError(f"the dead letter's {name} header does not match its envelope: not replayed")
+    if claimed[HEADER_DLQ_TOPIC] not in allowed:
+        raise ValueError(f"{claimed[HEADER_DLQ_TOPIC]!r} is not one of our write-back topics: not replayed")
+    return claimed[HEADER_DLQ_TOPIC]

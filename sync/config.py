@@ -81,6 +81,15 @@ class ServiceConfig(_Section):
     pull_interval_seconds: int = Field(default=300, ge=1)
     out_dir: str = ".run/out"
     writeback_concurrency: int = Field(default=8, ge=1, le=64, description="write-back events at once")
+    retry_pause_seconds: float = Field(
+        default=30.0, ge=0, description="how long a partition waits after a retriable write-back failure"
+    )
+    retry_max_attempts: int = Field(
+        default=10, ge=1, description="retriable failures of one event before it is dead-lettered"
+    )
+    retry_max_seconds: float = Field(
+        default=3600.0, ge=0, description="seconds since an event first failed before it is dead-lettered"
+    )
 
 
 class StoreURLError(ConfigError):

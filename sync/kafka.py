@@ -12,9 +12,13 @@
   original key, value, headers, topic, partition, offset and the reason (``sync.deadletter``).
 - ``EventConsumer`` processes records at least once: auto-commit off; every record is decoded and
   validated against its topic's contract (an invalid one is dead-lettered and the partition moves on);
-  the handler runs; only then is ``offset + 1`` committed for that partition. A handler failure that is
-  not permanent leaves the offset uncommitted, rewinds the partition to that record and pauses it for
-  ``retry_pause_s``: the record is retried later, by this consumer or, after a rebalance, by another.
+  the handler runs; only then is ``offset + 1`` committed for that partition. A handler failure is
+  classified once (``sync.errors.is_retriable``: the error's own ``retriable`` flag): one that is not
+  retriable (an EHR 403, a bug) is dead-lettered at once (``permanent:<class>`` or
+  ``handler_error:<class>``); a retriable one leaves the offset uncommitted, rewinds the partition to
+  that record and pauses it for ``retry_pause_s``: the record is retried later, by this consumer or,
+  after a rebalance, by another, until its budget (``retry_max_attempts`` failures or
+  ``retry_max_seconds`` since the first) is spent; then it is dead-lettered ``gave_up:<class>``.
   Offsets are committed before every poll, so when a rebalance revokes partitions there is no finished
   but uncommitted work to lose, and the rebalance listener only abandons what belonged to them.
   With ``concurrency`` > 1 a poll's records run on a pool of that many threads (``sync.keyed_batch``):
@@ -73,6 +77,7 @@ from schemas import (
     parse_message_key,
 )
 from sync import deadletter, kafka_guard
+from sync import errors as sync_errors
 from sync.config import KafkaConfig
 from sync.errors import KafkaError, PermanentEventError
 from sync.keyed_batch import run_keyed
@@ -310,17 +315,18 @@ class EventProducer:
     ) -> None:
         """Produce ``record`` to the dead-letter topic with ``reason`` and wait for the acknowledgement
         (the caller commits past the record only after this returns). ``reason`` must hold no PHI."""
-        value = deadletter.envelope(record, reason, failed_at=now(), contract=contract)
-        check_contract(deadletter.SCHEMA, deadletter.VERSION, value)
+        failed_at = now()
+        value = deadletter.envelope(record, reason, failed_at=failed_at, contract=contract)
         topic = self.topics.name(DEADLETTER)
-        body = orjson.dumps(value)
-        headers = deadletter.headers(record, reason)
-
-        def send() -> Any:
-            future = self._producer.send(topic, key=record.key, value=body, headers=headers)
-            return future.get(timeout=SEND_TIMEOUT_S)
-
-        with_retries(send, what=f"dead-lettering to {topic}", sleep=self._sleep, topic=topic)
+        try:
+            self._send_dead_letter(topic, record, value, reason)
+        except KafkaError as exc:
+            # The whole dead letter would not go (too large for the broker, a header it refuses...):
+            # a stub with where it came from and why still does, so the partition moves on.
+            cause = type(exc.__cause__ or exc).__name__
+            log.warning("dead_letter_stubbed", topic=record.topic, offset=record.offset, error=cause)
+            value = deadletter.stub(record, reason, failed_at=failed_at, cause=cause, contract=contract)
+            self._send_dead_letter(topic, record, value, reason, whole=False)
         log.warning(
             "event_dead_lettered",
             topic=record.topic,
@@ -328,6 +334,26 @@ class EventProducer:
             offset=record.offset,
             event_id=value["event_id"],
         )
+
+    def _send_dead_letter(
+        self,
+        topic: str,
+        record: deadletter.SourceRecord,
+        value: dict[str, Any],
+        reason: str,
+        *,
+        whole: bool = True,
+    ) -> None:
+        check_contract(deadletter.SCHEMA, deadletter.VERSION, value)
+        body = orjson.dumps(value)
+        headers = deadletter.headers(record, reason)
+        key = record.key if whole and "key" not in value["omitted"] else None
+
+        def send() -> Any:
+            future = self._producer.send(topic, key=key, value=body, headers=headers)
+            return future.get(timeout=SEND_TIMEOUT_S)
+
+        with_retries(send, what=f"dead-lettering to {topic}", sleep=self._sleep, topic=topic)
 
     def republish(self, original: deadletter.OriginalRecord) -> None:
         """Produce a dead-lettered record again to its original topic, key, value and headers byte for
@@ -474,6 +500,8 @@ class _PartitionState:
 
     resume_at: float | None = None
     failures: int = 0
+    #: Per failed offset: how many times it failed and when it first did (the retry budget).
+    attempts: dict[int, tuple[int, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -526,6 +554,8 @@ class EventConsumer:
         group_id: str | None = None,
         permanent: tuple[type[Exception], ...] = (PermanentEventError,),
         retry_pause_s: float = 30.0,
+        retry_max_attempts: int = 10,
+        retry_max_seconds: float = 3600.0,
         concurrency: int = 1,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
@@ -538,6 +568,10 @@ class EventConsumer:
         self._producer = producer
         self._permanent = permanent
         self._retry_pause_s = retry_pause_s
+        if retry_max_attempts < 1 or retry_max_seconds < 0:
+            raise ValueError("retry_max_attempts must be at least 1 and retry_max_seconds not negative")
+        self._retry_max_attempts = retry_max_attempts
+        self._retry_max_seconds = retry_max_seconds
         self._clock = clock
         self._sleep = sleep
         self._assignment = _Assignment()
@@ -665,9 +699,30 @@ class EventConsumer:
         except self._permanent as exc:
             return self._dead_letter(record, str(exc) or type(exc).__name__, contract, context)
         except Exception as exc:
-            log.warning("event_failed", event_id=event.event_id, error=type(exc).__name__, **context)
+            error = type(exc).__name__
+            # Our errors' messages are PHI-free by contract; an unflagged exception (a bug) may quote
+            # data, so only its class is kept.
+            detail = f": {exc}" if sync_errors.has_flag(exc) and str(exc) else ""
+            if not sync_errors.is_retriable(exc):
+                prefix = "permanent" if sync_errors.has_flag(exc) else "handler_error"
+                return self._dead_letter(record, f"{prefix}:{error}{detail}", contract, context)
+            attempts, age = self._count_failure(record)
+            if attempts >= self._retry_max_attempts or age >= self._retry_max_seconds:
+                reason = f"gave_up:{error} after {attempts} attempts in {age:.0f} s{detail}"
+                return self._dead_letter(record, reason, contract, context)
+            log.warning("event_failed", event_id=event.event_id, error=error, attempts=attempts, **context)
             return "failed"
         return "processed"
+
+    def _count_failure(self, record: Any) -> tuple[int, float]:
+        """Count one more retriable failure of ``record``: (failures so far, seconds since the first)."""
+        now = self._clock()
+        tp = TopicPartition(record.topic, record.partition)
+        with self._assignment.lock:
+            state = self._assignment.states.setdefault(tp, _PartitionState())
+            count, first = state.attempts.get(record.offset, (0, now))
+            state.attempts[record.offset] = (count + 1, first)
+        return count + 1, now - first
 
     def _dead_letter(
         self, record: Any, reason: str, contract: tuple[str, int], context: dict[str, Any]

@@ -101,7 +101,7 @@ class Service:
         metrics: Metrics | None = None,
         episode_settings: EpisodeSettings | None = None,
         client_factory: Callable[[EhrConfig], EhrClient] = EhrClient,
-        retry_pause_s: float = 30.0,
+        retry_pause_s: float | None = None,
     ) -> None:
         if not settings.ehr:
             raise ConfigError("no [[ehr]] configured: nothing to pull")
@@ -114,7 +114,9 @@ class Service:
         self.episode_settings = episode_settings or EpisodeSettings()
         self._fixed_as_of = as_of
         self._client_factory = client_factory
-        self._retry_pause_s = retry_pause_s  # how long a partition waits after a temporary EHR failure
+        self._retry_pause_s = (  # how long a partition waits after a temporary EHR failure
+            settings.service.retry_pause_seconds if retry_pause_s is None else retry_pause_s
+        )
         self._producer: EventProducer | None = None
         self._clients: dict[str, EhrClient] = {}
         self._writebacks: dict[str, writeback.WriteBack] = {}
@@ -328,6 +330,8 @@ class Service:
             self.producer,
             permanent=(PermanentEventError,),
             retry_pause_s=self._retry_pause_s,
+            retry_max_attempts=self.settings.service.retry_max_attempts,
+            retry_max_seconds=self.settings.service.retry_max_seconds,
             concurrency=self.settings.service.writeback_concurrency,
         )
 

@@ -342,7 +342,10 @@ class WriteBack:
                 raise
             self._provenance(reference, created=False, security=security)
             return True
-        raise EhrError(f"{method} {reference}: still a version conflict after {MAX_CONFLICT_RETRIES} tries")
+        raise EhrError(
+            f"{method} {reference}: still a version conflict after {MAX_CONFLICT_RETRIES} tries",
+            retriable=True,
+        )
 
     def _provenance(self, reference: str, *, created: bool, security: list[dict[str, Any]]) -> None:
         if not self.targets.enabled(Purpose.PROVENANCE):

@@ -2,7 +2,9 @@
 
 Replay reads the whole dead-letter topic (it is small), skips what an earlier replay already sent (kept
 in the state store, so a replay never sends the same dead letter twice), filters by ``--reason`` and
-re-publishes each original record to its original topic with its original key, value and headers. The
+re-publishes each original record to its original topic with its original key, value and headers, but
+only to our write-back topics (attendance, discharges) and only when the dead-letter record's own
+headers (``dlq_topic``/``dlq_partition``/``dlq_offset``) name the same origin as its envelope. The
 write-back consumers de-duplicate by event id, so a replayed event that had in fact been written is
 harmless.
 """
@@ -19,6 +21,7 @@ from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import BigInteger, Column, DateTime, Integer, MetaData, String, Table, insert, select
 
 from connectors.store import create_tables
+from schemas import Topics
 from schemas.contracts import ContractError
 from schemas.contracts import errors as contract_errors
 from sync import deadletter
@@ -82,19 +85,34 @@ def run(args: argparse.Namespace) -> int:
         with store.engine.connect() as conn:
             done = {(r.topic, r.partition, r.offset) for r in conn.execute(select(replayed)).all()}
         producer = EventProducer(settings.kafka) if args.dlq_action == "replay" else None
+        names = Topics(settings.kafka.topic_prefix)
+        writeback_topics = (names.attendance, names.discharges)
         shown = sent = skipped = invalid = 0
         for record, envelope in _dead_letters(settings, topic):
             if contract_errors(deadletter.SCHEMA, deadletter.VERSION, envelope):
                 log.warning("dlq_envelope_invalid", partition=record.partition, offset=record.offset)
                 continue
-            original = deadletter.original(envelope)
-            if args.reason and args.reason not in original.reason:
+            if args.reason and args.reason not in str(envelope["reason"]):
                 continue
             key = (record.topic, record.partition, record.offset)
             if producer is None:
-                status = "replayed" if key in done else "waiting"
-                print(f"{record.partition}:{record.offset}\t{original.topic}\t{status}\t{original.reason}")
+                status = "replayed" if key in done else "partial" if envelope.get("omitted") else "waiting"
+                print(
+                    f"{record.partition}:{record.offset}\t{envelope['topic']}\t{status}\t{envelope['reason']}"
+                )
                 shown += 1
+                continue
+            try:
+                # Only to our write-back topics, and only where the dead letter's own headers say it
+                # came from: an envelope naming another topic is never followed.
+                deadletter.replay_topic(record.headers or [], envelope, writeback_topics)
+                original = deadletter.original(envelope)
+            except ValueError as exc:
+                # Misdirected, or too large to keep whole (replay that from its original offset).
+                log.warning(
+                    "dlq_not_replayable", partition=record.partition, offset=record.offset, why=str(exc)
+                )
+                invalid += 1
                 continue
             if key in done:
                 skipped += 1
@@ -126,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
             producer.close()
             print(
                 f"replayed {sent} dead letters ({skipped} already replayed before, "
-                f"{invalid} still breaking their contract)"
+                f"{invalid} not replayable: breaking their contract, not kept whole, "
+                "or not for a write-back topic)"
             )
         elif shown == 0:
             print("no dead letters")

@@ -12,6 +12,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
+from connectors.errors import EhrError, TemporaryEhrError
 from schemas import ContractError, Topics, message_key
 from sync import deadletter
 from sync.config import KafkaConfig
@@ -222,7 +223,7 @@ def test_a_failed_handler_leaves_the_offset_uncommitted_and_a_new_consumer_gets_
 
     def fail_on_second(event: Event) -> None:
         if event.event_id == "evt-1":
-            raise RuntimeError("EHR unavailable")
+            raise TemporaryEhrError("EHR unavailable", status=503)
 
     with consumer_for(config, topics, producer) as first:
         stats = first.poll_once(fail_on_second, timeout_ms=1000)
@@ -450,3 +451,138 @@ def test_ensure_topics_creates_only_what_is_missing(
     assert sorted(created) == sorted(set(named.all()) - {named.attendance})
     assert ensure_topics(config, partitions=2) == []
     assert set(named.all()) <= set(kafka_admin.list_topics())
+
+
+def test_a_permanent_ehr_answer_dead_letters_at_once_and_the_partition_moves_on(
+    config: KafkaConfig,
+    topics: Topics,
+    producer: EventProducer,
+    consume: Callable[[str, int], list[ConsumerRecord]],
+) -> None:
+    """A 403 (not in the old permanent set) and a bug in the handler: each dead-lettered on its first
+    try, not retried; the events after them are handled."""
+    publish(producer, topics, [attendance(n) for n in range(3)])
+    attempts: list[str | None] = []
+
+    def handler(event: Event) -> None:
+        attempts.append(event.event_id)
+        if event.event_id == "evt-0":
+            raise EhrError("harbor: POST Encounter -> HTTP 403: forbidden", status=403)
+        if event.event_id == "evt-1":
+            raise KeyError("a value the bug quotes")
+
+    with consumer_for(config, topics, producer) as consumer:
+        stats = consumer.drain(handler, idle_polls=2, timeout_ms=200, max_seconds=60)
+
+    assert attempts == ["evt-0", "evt-1", "evt-2"], "each tried once"
+    assert (stats.dead_lettered, stats.processed, stats.failed) == (2, 1, 0)
+    forbidden, bug = (orjson.loads(r.value)["reason"] for r in consume(topics.deadletter, 2))
+    assert forbidden == "permanent:EhrError: harbor: POST Encounter -> HTTP 403: forbidden"
+    assert bug == "handler_error:KeyError", "an unflagged error's text may quote data: class only"
+
+
+def test_a_retriable_failure_is_dead_lettered_when_its_budget_is_spent(
+    config: KafkaConfig,
+    topics: Topics,
+    producer: EventProducer,
+    consume: Callable[[str, int], list[ConsumerRecord]],
+) -> None:
+    publish(producer, topics, [attendance(0), attendance(1)])
+    attempts: list[str | None] = []
+
+    def handler(event: Event) -> None:
+        attempts.append(event.event_id)
+        if event.event_id == "evt-0":
+            raise TemporaryEhrError("harbor: POST Encounter -> HTTP 503: busy", status=503)
+
+    with consumer_for(config, topics, producer, retry_max_attempts=3) as consumer:
+        stats = consumer.drain(handler, idle_polls=2, timeout_ms=200, max_seconds=60)
+
+    assert attempts == ["evt-0", "evt-0", "evt-0", "evt-1"]
+    assert (stats.failed, stats.dead_lettered, stats.processed) == (2, 1, 1)
+    [letter] = consume(topics.deadletter, 1)
+    reason = orjson.loads(letter.value)["reason"]
+    assert reason.startswith("gave_up:TemporaryEhrError after 3 attempts in ")
+    assert reason.endswith(": harbor: POST Encounter -> HTTP 503: busy")
+
+
+def test_a_retriable_failure_is_dead_lettered_once_it_is_too_old(
+    config: KafkaConfig,
+    topics: Topics,
+    producer: EventProducer,
+    consume: Callable[[str, int], list[ConsumerRecord]],
+) -> None:
+    publish(producer, topics, [attendance(0), attendance(1)])
+    now = [1000.0]
+    attempts: list[str | None] = []
+
+    def handler(event: Event) -> None:
+        attempts.append(event.event_id)
+        if event.event_id == "evt-0":
+            now[0] += 400.0  # each try takes the EHR 400 s to time out
+            raise TemporaryEhrError("harbor: POST Encounter: ReadTimeout")
+
+    with consumer_for(config, topics, producer, retry_max_seconds=600, clock=lambda: now[0]) as consumer:
+        consumer.drain(handler, idle_polls=2, timeout_ms=200, max_seconds=10_000)
+
+    assert attempts == ["evt-0"] * 3 + ["evt-1"], "the third failure is 800 s after the first"
+    [letter] = consume(topics.deadletter, 1)
+    assert orjson.loads(letter.value)["reason"].startswith(
+        "gave_up:TemporaryEhrError after 3 attempts in 800 s"
+    )
+
+
+def test_an_800_kb_invalid_event_is_dead_lettered_and_the_partition_moves_on(
+    config: KafkaConfig,
+    topics: Topics,
+    producer: EventProducer,
+    produce: Callable[..., list[tuple[int, int]]],
+    consume: Callable[[str, int], list[ConsumerRecord]],
+) -> None:
+    """Its whole envelope (base64: ~1.07 MB) would be over the producer's 1 MiB limit."""
+    import hashlib
+
+    huge = orjson.dumps({**attendance(0), "notes": "x" * 800_000})  # invalid: an unexpected field
+    produce(
+        topics.attendance,
+        [(KEY.encode(), huge, [("event_id", b"evt-0")]), (KEY.encode(), orjson.dumps(attendance(1)), [])],
+    )
+    seen: list[str | None] = []
+    with consumer_for(config, topics, producer) as consumer:
+        stats = consumer.drain(
+            lambda e: seen.append(e.event_id), idle_polls=2, timeout_ms=200, max_seconds=60
+        )
+
+    assert (stats.dead_lettered, stats.processed, stats.failed) == (1, 1, 0)
+    assert seen == ["evt-1"]
+    [letter] = consume(topics.deadletter, 1)
+    envelope = orjson.loads(letter.value)
+    assert envelope["reason"].startswith("schema_invalid: attendance.v1: (root): unexpected notes")
+    assert envelope["omitted"] == ["value"]
+    assert envelope["value_sha256"] == hashlib.sha256(huge).hexdigest()
+    assert (envelope["topic"], envelope["offset"], envelope["event_id"]) == (topics.attendance, 0, "evt-0")
+
+
+def test_when_the_dead_letter_cannot_be_sent_a_stub_still_goes(
+    config: KafkaConfig,
+    topics: Topics,
+    make_topic: TopicFactory,
+    produce: Callable[..., list[tuple[int, int]]],
+    consume: Callable[[str, int], list[ConsumerRecord]],
+) -> None:
+    """A producer whose request limit (20 KB) is below the envelope: the stub (no value) fits."""
+    with EventProducer(config, max_request_size=20_000) as small:
+        produce(
+            topics.attendance,
+            [(KEY.encode(), b"{" + b" " * 15_000, []), (KEY.encode(), orjson.dumps(attendance(1)), [])],
+        )
+        seen: list[str | None] = []
+        with consumer_for(config, topics, small) as consumer:
+            stats = consumer.drain(
+                lambda e: seen.append(e.event_id), idle_polls=2, timeout_ms=200, max_seconds=60
+            )
+    assert (stats.dead_lettered, stats.processed) == (1, 1)
+    [letter] = consume(topics.deadletter, 1)
+    envelope = orjson.loads(letter.value)
+    assert envelope["reason"].startswith("undecodable: the value is not UTF-8 JSON (stub: ")
+    assert envelope["omitted"] == ["value", "headers", "key"]

@@ -103,3 +103,49 @@ def test_envelope_contract_rejects_a_missing_origin() -> None:
     value = deadletter.envelope(Record(), "r", failed_at=datetime.now(UTC), contract=None)
     del value["offset"]
     assert errors("deadletter", 1, value) == ["(root): 'offset' is a required property"]
+
+
+#: kafka-python's default ``max_request_size``: what a producer refuses to send.
+PRODUCER_LIMIT = 1_048_576
+
+
+def test_an_envelope_of_a_huge_value_fits_and_keeps_its_hash_and_origin() -> None:
+    import hashlib
+
+    import orjson
+
+    huge = b'{"event_id": "evt-1", "pad": "' + b"x" * 800_000 + b'"}'
+    value = deadletter.envelope(Record(value=huge), "schema_invalid: x", failed_at=FAILED_AT, contract=None)
+
+    assert errors("deadletter", 1, value) == []
+    assert len(orjson.dumps(value)) <= deadletter.ENVELOPE_MAX < PRODUCER_LIMIT
+    assert value["value_base64"] is None
+    assert value["omitted"] == ["value"]
+    assert value["value_sha256"] == hashlib.sha256(huge).hexdigest()
+    assert value["value_bytes"] == len(huge)
+    assert (value["topic"], value["partition"], value["offset"]) == ("p.iop.attendance.v1", 2, 41)
+    with pytest.raises(ValueError, match="value was not kept"):
+        deadletter.original(value)
+
+
+def test_huge_headers_and_key_are_dropped_too_until_it_fits() -> None:
+    import orjson
+
+    record = Record(key=b"k" * 700_000, headers=[("big", b"h" * 700_000)], value=b"v" * 700_000)
+    value = deadletter.envelope(record, "r", failed_at=FAILED_AT, contract=None)
+    assert errors("deadletter", 1, value) == []
+    assert len(orjson.dumps(value)) <= deadletter.ENVELOPE_MAX
+    assert value["omitted"] == ["value", "headers", "key"]
+    own = deadletter.headers(record, "r")
+    assert sum(len(k) + len(v) for k, v in own) < 10_000, "the record's own headers stay small"
+
+
+def test_a_stub_keeps_only_where_it_came_from_and_why() -> None:
+    stub = deadletter.stub(
+        Record(), "schema_invalid: x", failed_at=FAILED_AT, cause="MessageSizeTooLargeError"
+    )
+    assert errors("deadletter", 1, stub) == []
+    assert stub["omitted"] == ["value", "headers", "key"]
+    assert stub["reason"].startswith("schema_invalid: x (stub: ")
+    assert "MessageSizeTooLargeError" in stub["reason"]
+    assert stub["value_sha256"] is not None

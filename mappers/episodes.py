@@ -34,6 +34,7 @@ from mappers.codes import codings
 from mappers.fhir import element, is_literal, items, rfc3339
 from mappers.index import Collected, PatientResources, Reject, collect, resolve
 from mappers.levels import Classifier
+from mappers.part2 import is_part2 as has_part2_evidence
 from mappers.rules import LEVEL_RANK, NONE_LEVEL, Rules
 from mappers.settings import EpisodeSettings
 from mappers.visits import GROUPING_STATUSES, Grouping, Visit, read_grouping, read_visit
@@ -615,7 +616,6 @@ class _Patient:
             coded.append(codings(episode.hint.resource.get("type")))
         treats_sud = facts.is_substance_use(coded, principal)
         substance_use = level == "iop" and treats_sud
-        part2 = self.settings.part2_program or treats_sud
         payer, profile = facts.payer(
             self.holder.of("Coverage"),
             start_day,
@@ -632,6 +632,9 @@ class _Patient:
         encounter_keys = {v.key for v in sessions}
         if episode.admission is not None:
             encounter_keys.add(episode.admission.key)
+        is_part2 = (
+            self.settings.part2_program or treats_sud or self._part2_evidence(sources, extra, encounter_keys)
+        )
         return {
             "episode_id": new_id,
             "ehr": self.ehr,
@@ -662,8 +665,8 @@ class _Patient:
                 "diagnoses": diagnoses,
                 "payer": payer,
             },
-            "part2": part2,
-            "security": facts.security_labels(part2),
+            "part2": is_part2,
+            "security": facts.security_labels(is_part2),
             "referral": self._referral(episode),
             "care_plans": facts.care_plans(
                 self.holder.of("CarePlan"),
@@ -676,6 +679,18 @@ class _Patient:
             "superseded_by": None,
             "rules_version": self.rules.version,
         }
+
+    def _part2_evidence(
+        self, sources: Sequence[Mapping[str, Any]], extra: Sequence[Visit], encounters: set[str]
+    ) -> bool:
+        """Any SUD code or Part 2 label on what feeds the record (``mappers.part2``)."""
+        procedures = [
+            p for p in self.holder.of("Procedure") if resolve(p.get("encounter"), self.shared) in encounters
+        ]
+        patient = [self.holder.patient] if self.holder.patient is not None else []
+        return has_part2_evidence(
+            [*sources, *(v.resource for v in extra), *procedures, *patient], self.shared
+        )
 
     def _revenue_code(self, level: str, substance_use: bool, sessions: Sequence[Visit]) -> str | None:
         if level == "iop":

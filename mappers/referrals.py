@@ -39,6 +39,7 @@ from mappers.codes import CANONICAL, codings, icd10_f_range, normalise_code, sys
 from mappers.facts import SUD_F_RANGES, security_labels
 from mappers.fhir import FhirValueError, parse_datetime, reference_key, rfc3339
 from mappers.index import Reject, newest_versions, resolve
+from mappers.part2 import is_part2 as has_part2_evidence
 from mappers.rules import Rules
 from schemas.referral import (
     Coding,
@@ -496,7 +497,12 @@ def _record(
             identifiers.append(identifier)
     reasons, reason_references = _reasons(request, shared)
     target = _target(request, rules, shared)
-    part2 = part2_program or _is_substance_use(referral_codes, reasons, target)
+    reason_resources = [shared[key] for key in reason_references if key in shared]
+    part2 = (
+        part2_program
+        or _is_substance_use(referral_codes, reasons, target)
+        or has_part2_evidence([request, *reason_resources, *([patient] if patient else [])], shared)
+    )
     task_state = _task_state(task) if task is not None else None
     task_record = _task_record(task, task_state, zone) if task is not None and task_state else None
     status = str(request.get("status"))

@@ -222,7 +222,14 @@ class Service:
                 timezone=ehr.timezone,
                 previous_anchors=previous,
             )
-            referrals = map_referrals(resources, ehr=ehr.name, rules=self.rules, timezone=ehr.timezone)
+            referrals = map_referrals(
+                resources,
+                ehr=ehr.name,
+                rules=self.rules,
+                local_codes=self.episode_settings.referral_local_codes,
+                part2_program=self.episode_settings.part2_program,
+                timezone=ehr.timezone,
+            )
             report.patients_mapped += len(batch)
             report.episodes += len(mapped.episodes)
             report.referrals += len(referrals.referrals)

@@ -58,6 +58,7 @@ class BulkResult:
     transaction_time: str
     files: dict[str, list[Path]] = field(default_factory=dict)
     error_files: list[Path] = field(default_factory=list)
+    deleted_files: list[Path] = field(default_factory=list)  # the manifest's ``deleted`` (Bundles of DELETEs)
     request_url: str = ""
     lines: dict[str, int] = field(default_factory=dict)
     errors: int = 0  # OperationOutcome lines in the error files
@@ -239,6 +240,11 @@ def _download_all(
         path = out_dir / f"_errors.{index:03d}.ndjson"
         result.error_files.append(path)
         jobs.append(("OperationOutcome", url, path, None))
+    for index, item in enumerate(manifest.get("deleted") or []):
+        _, url = _item(client, item)
+        path = out_dir / f"_deleted.{index:03d}.ndjson"
+        result.deleted_files.append(path)
+        jobs.append(("Bundle", url, path, None))
 
     def fetch(job: tuple[str, str, Path, int | None]) -> int:
         kind, url, path, expected = job
@@ -257,7 +263,7 @@ def _download_all(
             log.warning(
                 "bulk_count_mismatch", ehr=client.ehr.name, resource=kind, expected=expected, got=written
             )
-        if on_file is not None and not path.name.startswith("_errors."):
+        if on_file is not None and not path.name.startswith(("_errors.", "_deleted.")):
             on_file(kind, path)
         return written
 
@@ -266,7 +272,7 @@ def _download_all(
     for (kind, _, path, _), written in zip(jobs, counts, strict=True):
         if path in result.error_files:
             result.errors += written
-        else:
+        elif path not in result.deleted_files:
             result.lines[kind] = result.lines.get(kind, 0) + written
     for path in result.error_files:
         _log_error_file(client, path)

@@ -96,6 +96,11 @@ class RunOutput:
             for kind, file in sorted(self._files.items())
         }
 
+    def holds(self, resource_type: str, resource_id: str) -> bool:
+        """Whether this run wrote ``resource_type/resource_id`` (by its id hash: a false yes is ~2^-64)."""
+        file = self._files.get(resource_type)
+        return file is not None and hash(resource_id) in file.seen
+
     def types(self) -> list[str]:
         return sorted(self._files)
 

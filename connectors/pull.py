@@ -83,13 +83,14 @@ import structlog
 
 from connectors.bulk import BulkResult, bulk_export
 from connectors.config import EhrConfig
+from connectors.deletions import bundle_file_deletions, history_deletions, offers_history_type
 from connectors.errors import ConnectorError, EhrError, TemporaryEhrError
 from connectors.http import EhrClient
 from connectors.output import OutputBusyError, RunOutput
 from connectors.panel import load_panel
 from connectors.replica_feed import ReplicaFeed
 from connectors.search import SearchPage, SearchQuery, search_pages
-from connectors.store import StateStore, parse_instant, version_token
+from connectors.store import Deletion, StateStore, parse_instant, version_token
 from connectors.validation import check_resource
 
 __all__ = ["PullError", "PullSummary", "pull"]
@@ -124,6 +125,7 @@ class PullSummary:
     requests: int = 0
     retries: int = 0
     bulk_error_lines: int = 0
+    deleted: int = 0  # resources the server reported deleted, now marked deleted in the replica
     patients: int = 0
     patients_failed: int = 0  # panel patients the EHR refused; fetched whole on a later pull
     duration_seconds: float = 0.0
@@ -221,6 +223,8 @@ class _Run:
         self.panel_failed: set[str] = set()
         self._failed_lock = threading.Lock()
         self._max_seen: dict[str, tuple[datetime, str]] = {}  # per type: newest stamp, as the server wrote it
+        self.deletions: dict[str, list[Deletion]] = {}  # reported by the server, settled in _new_deletions
+        self._capability: dict[str, Any] | None = None
 
     def execute(
         self,
@@ -260,11 +264,14 @@ class _Run:
             self.feed.abort()
             raise
         summary.patients_failed = len(self.panel_failed)
+        deletions = self._new_deletions()
+        summary.deleted = sum(len(d) for d in deletions.values())
         self.feed.finish(
             output,
             {kind: self.new_cursors.get(kind) if kind in types else None for kind in output.types()},
             panel_added=[p for p in self.panel_added if p not in self.panel_failed],
             panel_removed=sorted(self.panel_failed),
+            deletions=deletions,
         )
         summary.cursors = {k: v for k in types if (v := self.store.get_cursor(self.ehr.name, k)) is not None}
 
@@ -310,9 +317,45 @@ class _Run:
                 pages = search_pages(self.client, query)
             for page in pages:
                 self._page(kind, page.resources)
+            if lower is not None and self._offers_history(kind):
+                # After the search: a deletion newer than what the search saw is read again next time.
+                self.deletions.setdefault(kind, []).extend(history_deletions(self.client, kind, lower))
             self._advance(kind, started)
         assert self.validator is not None
         self.validator.drain(block=True)
+
+    def _offers_history(self, kind: str) -> bool:
+        """Whether deletions of ``kind`` can be read from ``_history`` (vendor profile, then /metadata)."""
+        if not self.client.profile.reads_history_deletes:
+            return False
+        if self._capability is None:
+            try:
+                body = self.client.get_json("metadata")
+            except TemporaryEhrError:
+                raise
+            except EhrError as exc:
+                log.warning("history_deletes_unavailable", ehr=self.ehr.name, status=exc.status)
+                body = {}
+            self._capability = body if body.get("resourceType") == "CapabilityStatement" else {}
+        return offers_history_type(self._capability, kind)
+
+    def _new_deletions(self) -> dict[str, list[Deletion]]:
+        """The reported deletions that change the replica: one per id, of a resource we hold live.
+
+        A deletion of a resource we never held, or hold already deleted, changes nothing (de-duplication
+        across overlapping windows); the newest report of an id wins.
+        """
+        settled: dict[str, list[Deletion]] = {}
+        for kind, reported in sorted(self.deletions.items()):
+            latest: dict[str, Deletion] = {}
+            for deletion in reported:
+                latest[deletion.id] = deletion
+            for resource_id, deletion in sorted(latest.items()):
+                row = self.store.replica_row(self.ehr.name, kind, resource_id)
+                held_live = row is not None and not row.deleted
+                if held_live or self.output.holds(kind, resource_id):
+                    settled.setdefault(kind, []).append(deletion)
+        return settled
 
     def _patient_failed(self, patient_id: str, error: EhrError) -> None:
         # Called from the fan-out threads. The patient counts as new next time: their whole history is
@@ -444,6 +487,7 @@ class _Run:
             result = outcome[0]
             self.summary.bulk_error_lines = result.errors
             self.validator.drain(block=True)
+            self._bulk_deletions(result)  # after the drain: the output holds every resource by now
         finally:
             stop.set()
             exporter.join()
@@ -452,6 +496,18 @@ class _Run:
             raise PullError(f"{self.ehr.name}: $export transactionTime is not an instant")
         for kind in types:
             self.new_cursors[kind] = result.transaction_time
+
+    def _bulk_deletions(self, result: BulkResult) -> None:
+        """The manifest's ``deleted`` files; an id this export also brought back (re-created) stays."""
+        unreadable = 0
+        for path in result.deleted_files:
+            found, bad = bundle_file_deletions(path, result.transaction_time)
+            unreadable += bad
+            for deletion in found:
+                if not self.output.holds(deletion.resource_type, deletion.id):
+                    self.deletions.setdefault(deletion.resource_type, []).append(deletion)
+        if unreadable:
+            log.warning("bulk_deleted_entries_unreadable", ehr=self.ehr.name, count=unreadable)
 
     def _bulk_fresh(self, kind: str, lines: list[bytes]) -> list[bytes]:
         if self.since is not None:

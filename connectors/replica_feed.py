@@ -21,7 +21,7 @@ from typing import Protocol, cast
 
 import orjson
 
-from connectors.store import Increment, StateStore
+from connectors.store import Deletion, Increment, StateStore
 
 __all__ = ["ReplicaFeed"]
 
@@ -84,9 +84,15 @@ class ReplicaFeed:
         *,
         panel_added: Sequence[str] = (),
         panel_removed: Sequence[str] = (),
+        deletions: Mapping[str, Sequence[Deletion]] | None = None,
     ) -> None:
-        """Write the cursors (and whatever is still held) and COMMIT; the output must be durable by now."""
-        cursor_increments = [Increment(kind, (), cursor) for kind, cursor in cursors.items()]
+        """Write the cursors, the deletions (and whatever is still held) and COMMIT; the output must be
+        durable by now."""
+        gone = deletions or {}
+        cursor_increments = [
+            Increment(kind, (), cursors.get(kind), gone.get(kind, ()))
+            for kind in dict.fromkeys([*cursors, *gone])
+        ]
         if self._thread is None:
             if self.can_stream:
                 increments = [Increment(kind, _parsed(lines), None) for kind, lines in self._held]

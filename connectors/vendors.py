@@ -58,6 +58,9 @@ class VendorProfile:
     patient_scoped_types: frozenset[str] = frozenset()
     tolerated_deviations: frozenset[str] = frozenset()
     can_write_episode_of_care: bool = True
+    #: Whether search-mode pulls read deletions from type-level ``_history`` (where the server's
+    #: CapabilityStatement offers ``history-type``). Epic and Oracle publish no ``_history``.
+    reads_history_deletes: bool = True
     _headers: Callable[[EhrConfig], dict[str, str]] = field(default=_no_headers, repr=False)
 
     def headers(self, ehr: EhrConfig) -> dict[str, str]:
@@ -80,6 +83,7 @@ _PROFILES: dict[str, VendorProfile] = {
         # Epic ids can exceed 64 characters; the other classes are seen in real vendor payloads.
         tolerated_deviations=DEVIATION_CLASSES,
         can_write_episode_of_care=False,
+        reads_history_deletes=False,
         _headers=_epic_headers,
     ),
     "oracle": VendorProfile(
@@ -90,6 +94,7 @@ _PROFILES: dict[str, VendorProfile] = {
         # Measured on Oracle's published examples: about 1 in 9 resources shows one of these.
         tolerated_deviations=DEVIATION_CLASSES,
         can_write_episode_of_care=False,
+        reads_history_deletes=False,
     ),
 }
 

@@ -39,3 +39,11 @@ def test_epic_client_id_header(make_ehr: Callable[..., EhrConfig]) -> None:
     from_auth = make_ehr(vendor="epic", auth={"kind": "bearer", "token": "t", "client_id": "app-2"})
     assert profile_for(from_auth).headers(from_auth) == {"Epic-Client-ID": "app-2"}
     assert profile_for(make_ehr(vendor="epic")).headers(make_ehr(vendor="epic")) == {}
+
+
+def test_only_servers_with_a_history_read_deletions_from_it(make_ehr: Callable[..., EhrConfig]) -> None:
+    reads = {
+        v: profile_for(make_ehr(vendor=v)).reads_history_deletes
+        for v in ("generic", "hapi", "epic", "oracle")
+    }
+    assert reads == {"generic": True, "hapi": True, "epic": False, "oracle": False}

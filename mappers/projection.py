@@ -176,6 +176,8 @@ class CarePlan(_Resource, total=False):
 class Condition(_Resource, total=False):
     subject: Reference | None
     code: CodeableConcept | None
+    category: list[CodeableConcept] | None
+    clinicalStatus: CodeableConcept | None
     verificationStatus: CodeableConcept | None
 
 

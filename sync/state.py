@@ -8,7 +8,8 @@ default, PostgreSQL for several instances).
   and keeps the EpisodeOfCare's server id once we wrote it.
 - ``sync_outbox``: messages staged in the SAME transaction that records them as published. A crash
   between mapping and producing loses nothing: the outbox is drained (in order) on the next start.
-- ``sync_ledger``: every consumed event by ``event_id`` with its outcome: redelivery is a no-op.
+- ``sync_ledger_v2``: every consumed event by (ehr, topic, ``event_id``) with its content hash and outcome:
+  redelivery is a no-op, an id reused for other content a conflict.
 - ``sync_sessions_v2``: the resource written for each IOP session (by its session key: episode, program
   and the program's session id), so a later
   event for the same session updates it instead of creating another (servers' conditional create is
@@ -86,11 +87,18 @@ outbox = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+# ``sync_ledger_v2``: by (ehr, topic, event_id), with the hash of the event's content so that an id reused
+# for other content is told apart from a redelivery. The first table, ``sync_ledger``, was keyed by
+# ``event_id`` alone (another program's event reusing an id was dropped); it is left in an existing store,
+# unread: a redelivered event it knew is recognised by the session table and the server's conditional
+# create instead (the other two locks of ``sync.writeback``).
 ledger = Table(
-    "sync_ledger",
+    "sync_ledger_v2",
     metadata,
+    Column("ehr", String(200), primary_key=True),
+    Column("topic", String(255), primary_key=True),
     Column("event_id", _TEXT, primary_key=True),
-    Column("topic", String(255), nullable=False),
+    Column("content_hash", String(64), nullable=False),
     Column("outcome", String(50), nullable=False),
     Column("detail", Text, nullable=False),
     Column("processed_at", DateTime(timezone=True), nullable=False),
@@ -112,7 +120,11 @@ sessions = Table(
 
 
 # The write-back's reads, once per event each: built once (bound parameters), not per call.
-_EVENT_OUTCOME = select(ledger.c.outcome).where(ledger.c.event_id == bindparam("event_id"))
+_EVENT_ENTRY = select(ledger.c.outcome, ledger.c.content_hash).where(
+    ledger.c.ehr == bindparam("ehr"),
+    ledger.c.topic == bindparam("topic"),
+    ledger.c.event_id == bindparam("event_id"),
+)
 _SESSION = select(sessions).where(
     sessions.c.ehr == bindparam("ehr"), sessions.c.session_id == bindparam("session_id")
 )
@@ -168,6 +180,14 @@ class PublishedEntry:
 
     record: dict[str, Any]
     fhir_id: str | None
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What the ledger holds of a processed event."""
+
+    outcome: str
+    content_hash: str
 
 
 @dataclass(frozen=True)
@@ -367,11 +387,21 @@ class SyncState:
 
     # -- write-back -------------------------------------------------------------------------------
 
-    def event_outcome(self, event_id: str) -> str | None:
-        """The outcome recorded for an event, or None when it was never processed."""
+    def event_outcome(self, event_id: str, *, ehr: str = "", topic: str | None = None) -> str | None:
+        """The outcome recorded for an event of ``ehr`` (on ``topic``, or on any), or None when never
+        processed."""
+        query = select(ledger.c.outcome).where(ledger.c.ehr == ehr, ledger.c.event_id == event_id)
+        if topic is not None:
+            query = query.where(ledger.c.topic == topic)
         with self.engine.connect() as conn:
-            row = conn.execute(_EVENT_OUTCOME, {"event_id": event_id}).first()
+            row = conn.execute(query.limit(1)).first()
         return None if row is None else str(row.outcome)
+
+    def event_entry(self, ehr: str, topic: str, event_id: str) -> LedgerEntry | None:
+        """The ledger's entry for one event of one EHR on one topic, or None when never processed."""
+        with self.engine.connect() as conn:
+            row = conn.execute(_EVENT_ENTRY, {"ehr": ehr, "topic": topic, "event_id": event_id}).first()
+        return None if row is None else LedgerEntry(str(row.outcome), str(row.content_hash))
 
     def record_event(
         self,
@@ -381,6 +411,8 @@ class SyncState:
         outcome: str,
         detail: Mapping[str, Any],
         session: SessionWrite | None = None,
+        ehr: str = "",
+        content_hash: str = "",
     ) -> None:
         """The event's ledger entry and, when given, its session's row: one transaction, so a crash
         leaves both or neither."""
@@ -391,13 +423,15 @@ class SyncState:
                 conn,
                 ledger,
                 {
-                    "event_id": event_id,
+                    "ehr": ehr,
                     "topic": topic,
+                    "event_id": event_id,
+                    "content_hash": content_hash,
                     "outcome": outcome,
                     "detail": orjson.dumps(detail).decode(),
                     "processed_at": now_utc(),
                 },
-                ["event_id"],
+                ["ehr", "topic", "event_id"],
             )
 
     def session_resource(self, ehr: str, session_id: str) -> SessionResource | None:

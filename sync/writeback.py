@@ -2,7 +2,9 @@
 
 Idempotency has three locks, because servers' conditional create is racy (HAPI #3141, Azure #1382):
 
-1. the ledger: an ``event_id`` already processed is a no-op (redelivery, or the same event produced twice);
+1. the ledger: an event already processed (its ``event_id`` on its topic at its EHR, with the same content)
+   is a no-op (redelivery, or the same event produced twice); the same id with other content is a
+   conflict, dead-lettered;
 2. the session table: a later event for the same IOP session updates the resource written for it
    (``If-Match``, re-reading on a version conflict: 412 per the spec, 409 from HAPI); an older one is stale;
 3. the server: creates are conditional (``If-None-Exist`` on our identifier), or preceded by a look-up
@@ -40,7 +42,7 @@ from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, SESSION_ID_S
 from sync import fhir_writes
 from sync.capabilities import JSON_PATCH, Purpose, Targets
 from sync.errors import PermanentEventError
-from sync.state import PublishedEntry, SessionResource, SessionWrite, SyncState
+from sync.state import PublishedEntry, SessionResource, SessionWrite, SyncState, content_hash
 
 log = structlog.get_logger()
 
@@ -159,7 +161,14 @@ class WriteBack:
         write: Callable[[Mapping[str, Any], PublishedEntry], WriteBackResult],
     ) -> WriteBackResult:
         event_id = str(event["event_id"])
-        if self.state.event_outcome(event_id) is not None:
+        digest = content_hash(event)
+        seen = self.state.event_entry(self.ehr, topic, event_id)
+        if seen is not None:
+            if seen.content_hash and seen.content_hash != digest:
+                raise PermanentEventError(
+                    f"event {event_id} on {topic}: conflict: an event with this id and other content was "
+                    f"already processed ({seen.outcome}); nothing written"
+                )
             log.info("event_duplicate", event_id=event_id, topic=topic)
             return WriteBackResult(Outcome.DUPLICATE)
         if event.get("ehr") not in (None, self.ehr):
@@ -173,6 +182,8 @@ class WriteBack:
             outcome=result.outcome,
             detail={"references": result.references},
             session=result.session,
+            ehr=self.ehr,
+            content_hash=digest,
         )
         log.info("event_written", event_id=event_id, topic=topic, outcome=str(result.outcome))
         return result

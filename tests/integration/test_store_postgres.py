@@ -309,7 +309,7 @@ def test_instances_starting_together_create_the_schema_once(postgres_database: s
             store.close()
     with StateStore(postgres_database) as store:
         tables = set(inspect(store.engine).get_table_names())
-    assert {"connector_replica", "sync_outbox", "sync_ledger", "sync_dlq_replayed"} <= tables
+    assert {"connector_replica", "sync_outbox", "sync_ledger_v2", "sync_dlq_replayed"} <= tables
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

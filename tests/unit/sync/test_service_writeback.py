@@ -133,7 +133,7 @@ def test_workers_share_one_writeback_built_once_on_a_pool_as_large_as_they_are(
 
         assert failures == []
         assert sorted(created) == sorted(f"ep-{n}:-:S-{n}" for n in range(WORKERS))
-        assert all(service.state.event_outcome(f"evt-{n}") == "created" for n in range(WORKERS))
+        assert all(service.state.event_outcome(f"evt-{n}", ehr=EHR) == "created" for n in range(WORKERS))
         assert all(service.state.session_resource(EHR, f"ep-{n}:-:S-{n}") is not None for n in range(WORKERS))
         # the EHR's own client has a pool of 4: write-back got one of its own, pooling 8 connections
         assert [c.concurrency for c in factory.configs] == [WORKERS]
@@ -159,5 +159,5 @@ def test_writeback_shares_the_ehr_client_when_its_pool_is_large_enough(
         service.handle_event(_event(0))
         assert service.client(service.settings.ehr[0]) is service._writeback_for(EHR).client
         assert [c.concurrency for c in factory.configs] == [ehr_concurrency]
-        assert service.state.event_outcome("evt-0") == "created"
+        assert service.state.event_outcome("evt-0", ehr=EHR) == "created"
     assert len(httpx_mock.get_requests()) == 3

@@ -329,7 +329,7 @@ def test_ehr_refusal_is_permanent_and_not_recorded(
     )
     with pytest.raises(PermanentEventError, match=r"refused POST Encounter"):
         writeback.attendance(_attendance(), topic="iop.attendance.v1")
-    assert state.event_outcome("evt-1") is None
+    assert state.event_outcome("evt-1", ehr="general") is None
 
 
 def test_temporary_failure_propagates_for_a_later_retry(
@@ -338,7 +338,7 @@ def test_temporary_failure_propagates_for_a_later_retry(
     httpx_mock.add_response(method="POST", url=f"{BASE}/Encounter", status_code=503, is_reusable=True)
     with pytest.raises(TemporaryEhrError):
         writeback.attendance(_attendance(), topic="iop.attendance.v1")
-    assert state.event_outcome("evt-1") is None
+    assert state.event_outcome("evt-1", ehr="general") is None
 
 
 def test_absent_session_for_part2_episode_is_a_labelled_noshow(

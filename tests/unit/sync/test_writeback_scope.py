@@ -270,3 +270,66 @@ def test_a_session_resource_on_another_patient_is_dead_lettered_and_nothing_writ
     assert "someone-else" not in str(raised.value)
     assert fhir.writes == writes
     assert fhir.resources[key]["status"] == "finished"
+
+
+# -- item 2: the ledger is the EHR's and the topic's; a differing "duplicate" is a conflict ---------
+
+
+def test_an_event_id_reused_on_another_topic_is_no_duplicate(writeback: WriteBack, fhir: MemoryFhir) -> None:
+    writeback.attendance(
+        _attendance("shared-1", episode_id=EPISODE_A, patient="pa"), topic="iop.attendance.v1"
+    )
+    result = writeback.attendance(
+        _attendance("shared-1", episode_id=EPISODE_B, patient="pb"), topic="other.attendance.v1"
+    )
+
+    assert result.outcome is Outcome.CREATED
+    assert sorted(_subjects(fhir).values()) == ["Patient/pa", "Patient/pb"]
+
+
+def test_an_event_id_reused_at_another_ehr_is_no_duplicate(
+    writeback: WriteBack, fhir: MemoryFhir, state: SyncState
+) -> None:
+    other = {**_episode(EPISODE_B, "pb"), "ehr": "other"}
+    state.stage_changes(
+        "other",
+        [
+            Staged(
+                kind="episode",
+                record_id=EPISODE_B,
+                patient_id="pb",
+                record=other,
+                topic="iop.episodes.v1",
+                message_key="other|Patient/pb",
+                schema_name="episode",
+                schema_version=1,
+            )
+        ],
+    )
+    other_fhir = MemoryFhir()
+    other_writeback = WriteBack(other_fhir, state, ehr="other", clock=lambda: "2026-03-02T18:00:05+00:00")
+    writeback.attendance(_attendance("shared-1", episode_id=EPISODE_A, patient="pa"), topic="t")
+    result = other_writeback.attendance(
+        {**_attendance("shared-1", episode_id=EPISODE_B, patient="pb"), "ehr": "other"}, topic="t"
+    )
+
+    assert result.outcome is Outcome.CREATED
+    assert list(_subjects(other_fhir).values()) == ["Patient/pb"]
+
+
+def test_the_same_event_again_is_a_duplicate(writeback: WriteBack) -> None:
+    event = _attendance("a-1", episode_id=EPISODE_A, patient="pa")
+    writeback.attendance(event, topic="t")
+
+    assert writeback.attendance(dict(event), topic="t").outcome is Outcome.DUPLICATE
+
+
+def test_a_duplicate_id_with_other_content_is_a_conflict_not_dropped(
+    writeback: WriteBack, fhir: MemoryFhir
+) -> None:
+    writeback.attendance(_attendance("a-1", episode_id=EPISODE_A, patient="pa"), topic="t")
+    writes = list(fhir.writes)
+
+    with pytest.raises(PermanentEventError, match=r"event a-1 .*conflict"):
+        writeback.attendance(_attendance("a-1", episode_id=EPISODE_B, patient="pb"), topic="t")
+    assert fhir.writes == writes

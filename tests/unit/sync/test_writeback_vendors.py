@@ -492,7 +492,7 @@ def test_oracle_tenant_without_appointment_create_makes_absent_events_permanent(
     with pytest.raises(PermanentEventError, match="EHR 'oracle' does not support create on Appointment"):
         writeback.attendance(_attendance("oracle", "absent"), topic="iop.attendance.v1")
     assert httpx_mock.get_requests() == []
-    assert state.event_outcome("evt-1") is None
+    assert state.event_outcome("evt-1", ehr="oracle") is None
 
 
 # -- generic servers ---------------------------------------------------------------------------------
@@ -544,4 +544,4 @@ def test_generic_discharge_needing_a_task_update_the_server_lacks_writes_nothing
     with pytest.raises(PermanentEventError, match="EHR 'hapi' does not support update or patch on Task"):
         writeback.discharge(_discharge("hapi"), topic="iop.discharges.v1")
     assert {r.method for r in httpx_mock.get_requests()} == {"GET"}
-    assert state.event_outcome("evt-d") is None
+    assert state.event_outcome("evt-d", ehr="hapi") is None

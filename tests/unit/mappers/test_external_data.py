@@ -1,5 +1,6 @@
-"""The external FHIR data beside the clone (``../shared/data``, see its README) maps without a crash and
-without an unexplained reject; the level counts are asserted and explained from the data itself.
+"""The external FHIR data copied into ``tests/data/external`` (each folder's SOURCE.md says whence) maps
+without a crash and without an unexplained reject; the level counts are asserted and explained from the
+data itself.
 
 Neither dataset holds IOP care: the HL7 R4 examples are general-medicine samples, and Synthea codes its
 encounters and conditions in SNOMED CT only (no CPT psychotherapy codes, no ICD-10-CM F codes), so no
@@ -23,7 +24,7 @@ from schemas.contracts import validate
 from sync.cli import main
 from sync.inputs import load_resources
 
-DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "data" / "external"
 HL7 = DATA / "hl7-r4-examples"
 SYNTHEA = DATA / "synthea-bulk-10"
 AS_OF = datetime(2026, 11, 1, tzinfo=UTC)

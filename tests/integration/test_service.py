@@ -129,8 +129,19 @@ def _all_records(bootstrap: str, topic: str) -> list[Any]:
 
 
 def _count(fhir: httpx.Client, resource_type: str, system: str, value: str) -> list[dict[str, Any]]:
-    bundle = fhir.get(f"{resource_type}?identifier={quote(system + '|' + value, safe='')}").json()
-    return [e["resource"] for e in bundle.get("entry", [])]
+    if system != SESSION_ID_SYSTEM:
+        bundle = fhir.get(f"{resource_type}?identifier={quote(system + '|' + value, safe='')}").json()
+        return [e["resource"] for e in bundle.get("entry", [])]
+    # A session's identifier is scoped: "<episode_id>:<program or ->:<session id>" (schemas.identifiers).
+    bundle = fhir.get(f"{resource_type}?identifier={quote(system + '|', safe='')}&_count=1000").json()
+    return [
+        e["resource"]
+        for e in bundle.get("entry", [])
+        if any(
+            i.get("system") == system and str(i.get("value", "")).endswith(f":{value}")
+            for i in e["resource"].get("identifier", [])
+        )
+    ]
 
 
 def _attendance(

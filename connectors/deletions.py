@@ -23,6 +23,7 @@ import structlog
 
 from connectors.errors import EhrError
 from connectors.http import EhrClient
+from connectors.search import next_link
 from connectors.store import Deletion, rank_of
 
 __all__ = ["bundle_file_deletions", "history_deletions", "offers_history_type"]
@@ -102,7 +103,7 @@ def history_deletions(client: EhrClient, resource_type: str, since: str) -> list
                 stamp = modified if isinstance(modified, str) else updated
                 found.append((resource["id"], None, rank_of(None, stamp)))
         seen.add(url if params is None else url + "?" + "&".join(f"{k}={v}" for k, v in params))
-        url, params = _next_link(bundle), None
+        url, params = next_link(bundle), None
         if url is not None and url in seen:
             raise EhrError(
                 f"{client.ehr.name}: {resource_type}/_history: the next link of page {number} repeats "
@@ -138,10 +139,3 @@ def bundle_file_deletions(path: Path, when: str) -> tuple[list[Deletion], int]:
                 else:
                     deletions.append(Deletion(deletion.resource_type, deletion.id, when))
     return deletions, unreadable
-
-
-def _next_link(bundle: Mapping[str, Any]) -> str | None:
-    for link in bundle.get("link") or []:
-        if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
-            return str(link["url"])
-    return None

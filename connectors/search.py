@@ -9,7 +9,7 @@ they go to ``SearchPage.outcomes`` and are logged with their codes and diagnosti
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -108,7 +108,7 @@ def search_pages(client: EhrClient, query: SearchQuery) -> Iterator[SearchPage]:
         )
         yield page
         seen.add(page.url)
-        url, params = _next_link(bundle), None
+        url, params = next_link(bundle), None
         if url is not None and url in seen:
             raise EhrError(
                 f"{client.ehr.name}: {query.resource_type} search: the next link of page {number} "
@@ -171,7 +171,8 @@ def _split(bundle: dict[str, Any], url: str) -> SearchPage:
     return page
 
 
-def _next_link(bundle: dict[str, Any]) -> str | None:
+def next_link(bundle: Mapping[str, Any]) -> str | None:
+    """The URL of a Bundle's ``next`` page, exactly as the server gave it, or None on the last page."""
     for link in bundle.get("link") or []:
         if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
             return str(link["url"])

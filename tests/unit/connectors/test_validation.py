@@ -16,7 +16,7 @@ from connectors.config import EhrConfig
 from connectors.validation import check_resource
 from connectors.vendors import profile_for
 
-DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "data" / "external"  # copied in, each with its SOURCE.md
 ENCOUNTER: dict[str, Any] = {
     "resourceType": "Encounter",
     "id": "enc-1",

@@ -100,9 +100,9 @@ def load_resources(paths: Iterable[Path | str], *, mode: ReadMode = "full") -> L
     loaded.files = len(files)
     for path in files:
         source = str(path)
-        for resource, _, number in _read_file_raw(path, loaded.rejects):
+        for resource, entry, number in _read_file_raw(path, loaded.rejects):
             loaded.read += 1
-            admitted = admit(resource, mode, source, number, loaded.rejects)
+            admitted = admit(resource, mode, source, number, loaded.rejects, entry=entry)
             if admitted is not None:
                 loaded.resources.append(admitted)
     log.info("inputs_read", files=loaded.files, resources=len(loaded.resources), rejects=len(loaded.rejects))
@@ -126,6 +126,7 @@ class Partitions:
 
 #: Elements naming the patient of resource types the mappers do not group themselves (Task.for…).
 _PATIENT_ELEMENTS: Final = ("subject", "patient", "beneficiary", "for")
+_BOM: Final = b"\xef\xbb\xbf"
 _GZIP_RATIO: Final = 8  # a gzipped NDJSON file holds about this many times its size
 
 
@@ -163,9 +164,9 @@ def partition_resources(paths: Iterable[Path | str], folder: Path, parts: int) -
     """Stream the inputs into ``parts`` files by patient (a stable hash of the patient id) plus one file
     of shared resources, under ``folder``; nothing is held in memory but one resource.
 
-    Each line of a partition file is ``<resourceType> TAB <input index> TAB <line> TAB <JSON>``, so the
-    worker reading it knows the type to project and where a reject came from. An NDJSON line is parsed
-    as ``load_resources`` parses it (same rejects) and copied as it is."""
+    Each line of a partition file is ``<resourceType> TAB <input index> TAB <line> TAB <Bundle entry>
+    TAB <JSON>``, so the worker reading it knows the type to project and where a reject came from.
+    Each line is parsed as ``load_resources`` parses it (same rejects)."""
     files = _files(paths)
     out = Partitions(
         parts=[folder / f"part-{index:04d}.ndjson" for index in range(parts)],
@@ -177,10 +178,10 @@ def partition_resources(paths: Iterable[Path | str], folder: Path, parts: int) -
     try:
         with open_private(out.shared, buffering=1 << 16) as shared:
             for index, path in enumerate(files):
-                for kind, patient, number, body in _partition_items(path, out.rejects):
+                for kind, patient, number, entry, body in _partition_items(path, out.rejects):
                     out.resources += 1
                     target = shared if patient is None else handles[zlib.crc32(patient.encode()) % parts]
-                    target.write(b"%s\t%d\t%d\t" % (_header_kind(kind), index, number))
+                    target.write(b"%s\t%d\t%d\t%s\t" % (_header_kind(kind), index, number, entry))
                     target.write(body if body.endswith(b"\n") else body + b"\n")
     finally:
         for handle in handles:
@@ -189,15 +190,18 @@ def partition_resources(paths: Iterable[Path | str], folder: Path, parts: int) -
     return out
 
 
-def _partition_items(path: Path, rejects: list[InputReject]) -> Iterator[tuple[str, str | None, int, bytes]]:
-    """``(resourceType, patient id, line number, JSON)`` of each resource of one input file.
+def _partition_items(
+    path: Path, rejects: list[InputReject]
+) -> Iterator[tuple[str, str | None, int, bytes, bytes]]:
+    """``(resourceType, patient id, line number, Bundle entry, JSON)`` of each resource of one input file.
 
     Every line is parsed exactly as ``load_resources`` parses it (``orjson``: the same depth limit, the
     same numbers refused, the same rejects), so the partitioned and in-process runs keep and reject the
     same resources; an escaped tab in a type stays escaped in the partition line (``_header_kind``)."""
-    for resource, _, number in _read_file_raw(path, rejects):
+    for resource, entry, number in _read_file_raw(path, rejects):
         # Written as parsed, not as read: 2**100 reaches the worker as the float orjson made of it.
-        yield str(resource["resourceType"]), patient_key(resource), number or 0, orjson.dumps(resource)
+        kind, patient, body = str(resource["resourceType"]), patient_key(resource), orjson.dumps(resource)
+        yield kind, patient, number or 0, (entry or "").encode(), body
 
 
 def _header_kind(kind: str) -> bytes:
@@ -213,9 +217,9 @@ def _kind_of_header(field: bytes) -> str:
 
 def _read_file_raw(
     path: Path, rejects: list[InputReject]
-) -> Iterator[tuple[dict[str, Any], bytes | None, int | None]]:
-    """``_read_file``'s resources, each with its NDJSON line when the line is that resource alone, and
-    its line number (NDJSON) or position (a JSON array of resources)."""
+) -> Iterator[tuple[dict[str, Any], str | None, int | None]]:
+    """``_read_file``'s resources, each with its position in a Bundle (None outside one) and its line
+    number (NDJSON) or position (a JSON array of resources)."""
     if not path.name.lower().removesuffix(".gz").endswith(NDJSON_SUFFIXES):
         yield from _read_document(path, rejects)
         return
@@ -224,24 +228,36 @@ def _read_file_raw(
 
 
 def admit(
-    resource: dict[str, Any], mode: ReadMode, source: str, line: int | None, rejects: list[InputReject]
+    resource: dict[str, Any],
+    mode: ReadMode,
+    source: str,
+    line: int | None,
+    rejects: list[InputReject],
+    *,
+    entry: str | None = None,
 ) -> dict[str, Any] | None:
-    """A parsed resource as ``mode`` reads it (None, with a reject, when it does not pass)."""
+    """A parsed resource as ``mode`` reads it (None, with a reject, when it does not pass); ``entry``
+    is its position in a Bundle (``"2"``, ``"2.0"`` nested), named in the reject."""
     if mode == "full":
         return resource
     if mode == "lean":
         try:
             return project(resource)
         except ProjectionError as exc:
-            rejects.append(InputReject(source, line, str(exc)))
+            rejects.append(InputReject(source, line, _entry_reason(entry, str(exc))))
             return None
     # Imported here: fhir.resources' models cost ~25 MB in every process, and only --strict needs them.
     from connectors.validation import check_resource
 
     checked = check_resource(resource, tolerate=frozenset())
     if checked.resource is None:
-        rejects.append(InputReject(source, line, str(checked.error)))  # names the resource and the field
+        reason = _entry_reason(entry, str(checked.error))  # names the resource and the field
+        rejects.append(InputReject(source, line, reason))
     return checked.resource
+
+
+def _entry_reason(entry: str | None, reason: str) -> str:
+    return reason if entry is None else f"Bundle entry {entry}: {reason}"
 
 
 def read_partition(
@@ -260,15 +276,19 @@ def read_partition(
         with path.open("rb") as handle:
             if mode == "lean":
                 for line in handle:
-                    kind, index, number, body = line.split(b"\t", 3)
+                    kind, index, number, entry, body = line.split(b"\t", 4)
                     try:
                         resources.append(project_line(body, _kind_of_header(kind)))
                     except ProjectionError as exc:
-                        found.append(InputReject(_source(sources, index), int(number) or None, str(exc)))
+                        reason = _entry_reason(entry.decode() or None, str(exc))
+                        found.append(InputReject(_source(sources, index), int(number) or None, reason))
                 continue
             for line in handle:
-                kind, index, number, body = line.split(b"\t", 3)
-                resource = admit(loads(body), mode, _source(sources, index), int(number) or None, found)
+                kind, index, number, entry, body = line.split(b"\t", 4)
+                resource = admit(
+                    loads(body), mode, _source(sources, index), int(number) or None, found,
+                    entry=entry.decode() or None,
+                )  # fmt: skip
                 if resource is not None:
                     resources.append(resource)
     return resources
@@ -325,13 +345,14 @@ def _read_file(path: Path, rejects: list[InputReject]) -> Iterator[dict[str, Any
 
 def _read_document(
     path: Path, rejects: list[InputReject]
-) -> Iterator[tuple[dict[str, Any], bytes | None, int | None]]:
+) -> Iterator[tuple[dict[str, Any], str | None, int | None]]:
     """The resources of a JSON file: one resource, a Bundle, an array of those (or NDJSON after all)."""
     with _open(path) as handle:
         try:
             data = handle.read()
         except (OSError, EOFError) as exc:
             raise InputError(f"cannot read input {path}: {exc}") from exc
+    data = data.removeprefix(_BOM)  # Windows tools write one; it is not part of the JSON
     try:
         document = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -341,12 +362,13 @@ def _read_document(
         rejects.append(InputReject(str(path), None, f"not valid JSON: {exc}"))
         return
     if _is_bulk_manifest(document):
+        rejects.extend(_missing_outputs(document, path))
         return
     items = document if isinstance(document, list) else [document]
     for index, item in enumerate(items):
         where = None if not isinstance(document, list) else index + 1
-        for resource in _resources_of(item, str(path), where, rejects):
-            yield resource, None, where
+        for resource, entry in _resources_of(item, str(path), where, rejects):
+            yield resource, entry, where
 
 
 def _looks_like_ndjson(data: bytes) -> bool:
@@ -371,23 +393,26 @@ def _is_bulk_manifest(document: Any) -> bool:
 
 def _read_lines_raw(
     handle: IO[bytes], path: Path, rejects: list[InputReject]
-) -> Iterator[tuple[dict[str, Any], bytes | None, int | None]]:
-    """Each resource of an NDJSON stream, with its line when the line is that resource alone, and the
-    line's number; a bad line is a reject, never a crash."""
+) -> Iterator[tuple[dict[str, Any], str | None, int | None]]:
+    """Each resource of an NDJSON stream, with its Bundle entry (a line may be a Bundle) and the
+    line's number; a bad line is a reject, never a crash. A UTF-8 BOM before the first line is skipped."""
     source = str(path)
     number = 0
     try:
         for number, line in enumerate(handle, start=1):
-            for resource, raw in _parsed_line(line, source, number, rejects):
-                yield resource, raw, number
+            if number == 1:
+                line = line.removeprefix(_BOM)
+            for resource, entry in _parsed_line(line, source, number, rejects):
+                yield resource, entry, number
     except (OSError, EOFError) as exc:  # a truncated gzip file, a disk error mid-file
         rejects.append(InputReject(source, number + 1, f"cannot read further: {exc}"))
 
 
 def _parsed_line(
     line: bytes, source: str, number: int, rejects: list[InputReject]
-) -> Iterator[tuple[dict[str, Any], bytes | None]]:
-    """The resource(s) of one NDJSON line: itself (with the line), a Bundle's entries, or a reject."""
+) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """The resource(s) of one NDJSON line: itself, a Bundle's entries (with their positions), or a
+    reject."""
     if not line.strip():
         return
     try:
@@ -397,33 +422,36 @@ def _parsed_line(
         return
     kind = item.get("resourceType") if isinstance(item, dict) else None
     if isinstance(kind, str) and kind and kind != "Bundle":
-        yield item, line
+        yield item, None
         return
-    for resource in _resources_of(item, source, number, rejects):
-        yield resource, None
+    yield from _resources_of(item, source, number, rejects)
 
 
 def _resources_of(
-    item: Any, source: str, line: int | None, rejects: list[InputReject]
-) -> Iterator[dict[str, Any]]:
-    """The resource itself, or a Bundle's entry resources (recursively)."""
+    item: Any, source: str, line: int | None, rejects: list[InputReject], entry_of: str | None = None
+) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """The resource itself, or a Bundle's entry resources (recursively), each with its entry position
+    (``entry_of``: the position of ``item`` itself, for a nested Bundle)."""
     if not isinstance(item, dict):
-        rejects.append(InputReject(source, line, f"not a FHIR resource (a JSON {_kind(item)})"))
+        reason = f"not a FHIR resource (a JSON {_kind(item)})"
+        rejects.append(InputReject(source, line, _entry_reason(entry_of, reason)))
         return
     resource_type = item.get("resourceType")
     if not isinstance(resource_type, str) or not resource_type:
-        rejects.append(InputReject(source, line, "not a FHIR resource (no resourceType)"))
+        reason = "not a FHIR resource (no resourceType)"
+        rejects.append(InputReject(source, line, _entry_reason(entry_of, reason)))
         return
     if resource_type != "Bundle":
-        yield item
+        yield item, entry_of
         return
     entries = item.get("entry") or []
     if not isinstance(entries, list):
-        rejects.append(InputReject(source, line, "Bundle.entry is not a list"))
+        rejects.append(InputReject(source, line, _entry_reason(entry_of, "Bundle.entry is not a list")))
         return
     for position, entry in enumerate(entries):
+        label = str(position) if entry_of is None else f"{entry_of}.{position}"
         if not isinstance(entry, Mapping):
-            rejects.append(InputReject(source, line, f"Bundle entry {position} is not an object"))
+            rejects.append(InputReject(source, line, f"Bundle entry {label} is not an object"))
             continue
         resource = entry.get("resource")
         if resource is None:
@@ -432,7 +460,29 @@ def _resources_of(
             continue  # searchset outcome messages are not data
         if isinstance(resource, dict) and not resource.get("id"):
             resource = _with_id_from_full_url(resource, entry.get("fullUrl"))
-        yield from _resources_of(resource, source, line, rejects)
+        yield from _resources_of(resource, source, line, rejects, label)
+
+
+def _missing_outputs(manifest: dict[str, Any], path: Path) -> Iterator[InputReject]:
+    """A reject for each file a bulk export's manifest lists that its folder does not hold (a download
+    that failed or was not copied): its resources would otherwise be missing without a word."""
+    folder = path.parent
+    present = {p.name.lower().removesuffix(".gz") for p in folder.iterdir() if p.is_file()}
+    outputs = manifest.get("output")
+    for position, item in enumerate(outputs if isinstance(outputs, list) else []):
+        if not isinstance(item, Mapping):
+            continue
+        kind, url = item.get("type"), item.get("url")
+        given = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] if isinstance(url, str) else ""
+        name = given.lower()
+        prefix = f"{kind}.".lower() if isinstance(kind, str) else None
+        if name.removesuffix(".gz") in present or (
+            prefix is not None and any(n.startswith(prefix) and n.endswith(NDJSON_SUFFIXES) for n in present)
+        ):
+            continue
+        shown = given[:100] or "(no url)"
+        reason = f"bulk manifest output {position} ({str(kind)[:64]}): file {shown} missing from {folder}"
+        yield InputReject(str(path), None, reason)
 
 
 def _with_id_from_full_url(resource: dict[str, Any], full_url: Any) -> dict[str, Any]:

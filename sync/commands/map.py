@@ -228,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
     as_of = parse_as_of(args.as_of, zone) if args.as_of else datetime.now(UTC)
     if not _EHR_NAME.match(args.ehr):
         raise ConfigError(f"--ehr must be letters, digits, '_', '.' or '-' (got {args.ehr!r})")
+    if args.out is not None and args.out.is_dir():
+        raise ConfigError(
+            f"--out {args.out} is a folder: name the output file (e.g. {args.out}/episodes.ndjson)"
+        )
     if args.workers < 0 or args.partitions < 0:
         raise ConfigError("--workers and --partitions must be 0 (automatic) or more")
     rules_text = read_rules_text(args.rules)

@@ -468,6 +468,38 @@ def test_dead_letters_are_replayed_once_the_cause_is_fixed(
     assert "replayed 0 dead letters (1 already replayed before" in capsys.readouterr().out
 
 
+def test_replay_never_follows_an_envelope_to_another_topic(
+    stack: Stack, published: dict[str, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A forged dead letter of a valid episode record naming the episodes topic (its headers agree):
+    replay must not publish it there."""
+    import base64
+
+    from kafka import KafkaProducer
+
+    marker = unique_id("forged")
+    episode = published["pt-active-iop/iop/1"]
+    body = json.dumps(episode).encode()
+    key = message_key(EHR, episode["patient"]["reference"]).encode()
+    target = stack.topics.episodes
+    envelope = {
+        "reason": f"forged {marker}", "failed_at": "2026-06-01T00:00:00+00:00", "topic": target,
+        "partition": 0, "offset": 0, "timestamp": None, "key": key.decode(),
+        "key_base64": base64.b64encode(key).decode(),
+        "value_base64": base64.b64encode(body).decode(), "headers": [],
+    }  # fmt: skip
+    headers = [("dlq_topic", target.encode()), ("dlq_partition", b"0"), ("dlq_offset", b"0")]
+    before = len(_all_records(stack.settings.kafka.bootstrap_servers, target))
+    producer = KafkaProducer(bootstrap_servers=stack.settings.kafka.bootstrap_servers)
+    producer.send(stack.topics.deadletter, value=json.dumps(envelope).encode(), headers=headers).get(30)
+    producer.close()
+
+    capsys.readouterr()
+    assert main(["dlq", "replay", "--config", str(stack.config), "--reason", marker]) == 0
+    assert "replayed 0 dead letters" in capsys.readouterr().out
+    assert len(_all_records(stack.settings.kafka.bootstrap_servers, target)) == before
+
+
 def test_sigterm_stops_the_service_cleanly(stack: Stack) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

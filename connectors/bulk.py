@@ -109,6 +109,11 @@ def bulk_export(
             status=response.status_code,
             response=response,
         )
+    refusal = client.token_refusal(status_url)
+    if refusal is not None:  # its manifest would decide where the token goes: never trust a foreign one
+        raise BulkExportError(
+            f"{client.ehr.name}: $export status URL refused: {refusal}", ehr=client.ehr.name
+        )
     log.info("bulk_export_started", ehr=client.ehr.name, types=len(resource_types), group=group_id)
     manifest = _poll(client, status_url, on_progress, poll_timeout, should_stop)
     try:
@@ -221,14 +226,14 @@ def _download_all(
     should_stop: Callable[[], bool] | None = None,
 ) -> BulkResult:
     make_private_dir(out_dir)  # downloads hold PHI: folder 0700, files 0600
-    needs_token = bool(manifest.get("requiresAccessToken", False))
+    needs_token = manifest.get("requiresAccessToken") is True  # JSON true only: "false" is not true
     result = BulkResult(
         transaction_time=manifest["transactionTime"], request_url=str(manifest.get("request") or kickoff_url)
     )
     jobs: list[tuple[str, str, Path, int | None]] = []
     per_type: dict[str, int] = {}
     for item in manifest["output"]:
-        kind, url = _item(client, item)
+        kind, url = _item(client, item, needs_token)
         index = per_type.get(kind, 0)
         per_type[kind] = index + 1
         path = out_dir / f"{kind}.{index:03d}.ndjson"
@@ -236,12 +241,12 @@ def _download_all(
         count = item.get("count")
         jobs.append((kind, url, path, count if isinstance(count, int) else None))
     for index, item in enumerate(manifest.get("error") or []):
-        _, url = _item(client, item)
+        _, url = _item(client, item, needs_token)
         path = out_dir / f"_errors.{index:03d}.ndjson"
         result.error_files.append(path)
         jobs.append(("OperationOutcome", url, path, None))
     for index, item in enumerate(manifest.get("deleted") or []):
-        _, url = _item(client, item)
+        _, url = _item(client, item, needs_token)
         path = out_dir / f"_deleted.{index:03d}.ndjson"
         result.deleted_files.append(path)
         jobs.append(("Bundle", url, path, None))
@@ -286,9 +291,15 @@ def _download_all(
     return result
 
 
-def _item(client: EhrClient, item: object) -> tuple[str, str]:
+def _item(client: EhrClient, item: object, needs_token: bool) -> tuple[str, str]:
     if not isinstance(item, dict) or not isinstance(item.get("url"), str):
         raise BulkExportError(f"{client.ehr.name}: $export manifest entry without a url", ehr=client.ehr.name)
+    refusal = client.token_refusal(item["url"]) if needs_token else None
+    if refusal is not None:
+        raise BulkExportError(
+            f"{client.ehr.name}: $export file needs the access token, not sent: {refusal}",
+            ehr=client.ehr.name,
+        )
     kind = item.get("type")
     if not isinstance(kind, str) or not kind.isalnum():
         raise BulkExportError(

@@ -6,8 +6,11 @@ or in logs. A private key is either a path to a PEM file or the PEM text itself.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -26,6 +29,18 @@ DEFAULT_RESOURCE_TYPES: tuple[str, ...] = (
     "Task",
     "Appointment",
 )
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url`` names this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
 
 Vendor = Literal["generic", "epic", "oracle", "hapi"]
 AuthKind = Literal["none", "bearer", "smart"]
@@ -104,6 +119,20 @@ class EhrConfig(_Strict):
     concurrency: int = Field(default=4, ge=1, le=64, description="parallel requests to this EHR")
     timeout_seconds: float = Field(default=60.0, gt=0)
     write_back: bool = Field(default=True, description="allow writes to this EHR (where the vendor can)")
+    allow_insecure_http: bool = Field(
+        default=False,
+        description="accept an http:// base_url on a host other than loopback (cleartext PHI and tokens)",
+    )
+    bulk_file_hosts: tuple[str, ...] = Field(
+        default=(),
+        description="hosts (host or host:port) besides the EHR's own that may receive the access token "
+        "for $export files; always over https",
+    )
+    log_server_text: bool = Field(
+        default=False,
+        description="put the server's free text (OperationOutcome diagnostics, error bodies) into logs "
+        "and error messages; off by default because servers echo patient data in it",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -111,6 +140,26 @@ class EhrConfig(_Strict):
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http(s) URL, got {value!r}")
         return value.rstrip("/")
+
+    @field_validator("bulk_file_hosts")
+    @classmethod
+    def _plain_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        hosts = tuple(host.strip().lower() for host in value)
+        for host in hosts:
+            if not host or not re.fullmatch(r"[a-z0-9.\-\[\]:]+", host):
+                raise ValueError(f"bulk_file_hosts: {host!r} is not a host name (host or host:port)")
+        return hosts
+
+    @model_validator(mode="after")
+    def _no_cleartext(self) -> EhrConfig:
+        if self.base_url.startswith("http://") and not (
+            self.allow_insecure_http or is_loopback_url(self.base_url)
+        ):
+            raise ValueError(
+                f"base_url {self.base_url!r} is plain http:// on a non-loopback host: use https, "
+                "or set allow_insecure_http = true for a test server"
+            )
+        return self
 
     @field_validator("timezone")
     @classmethod

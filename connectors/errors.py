@@ -4,6 +4,7 @@
      ├── AuthError                 token endpoint refused us, a 401 after re-authorising (exit 3)
      └── EhrError                  the EHR answered with an error or could not be reached (exit 4)
           ├── TemporaryEhrError    408, 429, 500/502/503/504, transport errors: worth retrying
+          ├── TlsError             the server's certificate failed verification: permanent
           └── BulkExportError      a $export job failed or its manifest is unusable
 
 Each error carries ``retriable`` (False unless said otherwise; True for ``TemporaryEhrError``): any
@@ -60,6 +61,10 @@ class TemporaryEhrError(EhrError):
     """A failure that may go away by itself: retry it."""
 
     retriable = True
+
+
+class TlsError(EhrError):
+    """TLS certificate verification failed: a configuration or interception problem, never retried."""
 
 
 class BulkExportError(EhrError):

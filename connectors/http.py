@@ -18,6 +18,7 @@ A 401 invalidates the access token and re-authorises once, without spending a re
 from __future__ import annotations
 
 import email.utils
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,7 +34,7 @@ import tenacity
 
 from connectors.auth import Authenticator, authenticator_for
 from connectors.config import EhrConfig
-from connectors.errors import AuthError, EhrError, TemporaryEhrError
+from connectors.errors import AuthError, EhrError, TemporaryEhrError, TlsError
 from connectors.vendors import VendorProfile, profile_for
 
 __all__ = [
@@ -177,6 +178,24 @@ class EhrClient:
             return url
         return f"{self.ehr.base_url}/{url.lstrip('/')}"
 
+    def token_refusal(self, url: str) -> str | None:
+        """Why the access token must not go to ``url`` (None when it may).
+
+        The token goes only to the EHR's own origin, or over https to a host of ``bulk_file_hosts``:
+        never to whatever host a server's answer names.
+        """
+        target = self.url(url)
+        if _origin(target) == self._origin:
+            return None
+        parts = urlsplit(target)
+        host = (parts.hostname or "").lower()
+        if parts.scheme.lower() != "https":
+            return f"{host} is not https"
+        allowed = self.ehr.bulk_file_hosts
+        if host in allowed or parts.netloc.lower() in allowed:
+            return None
+        return f"{host} is neither the EHR's origin nor in bulk_file_hosts"
+
     def retrying(self) -> tenacity.Retrying:
         """The retry policy, for callers that retry a larger unit of work (e.g. a whole file download)."""
         return tenacity.Retrying(
@@ -271,6 +290,8 @@ class EhrClient:
                 )
                 response = self._http.send(request, stream=True)
             except httpx.TransportError as exc:
+                if _is_tls_failure(exc):
+                    raise self._tls_error(method, target) from exc
                 if isinstance(exc, _TEMPORARY_TRANSPORT):
                     raise _Retryable(
                         f"{self.ehr.name}: {method} {_path(target)}: {type(exc).__name__}", ehr=self.ehr.name
@@ -318,6 +339,8 @@ class EhrClient:
                     content=content,
                 )
             except _TEMPORARY_TRANSPORT as exc:
+                if _is_tls_failure(exc):
+                    raise self._tls_error(method, target) from exc
                 message = f"{self.ehr.name}: {method} {_path(target)}: {type(exc).__name__}"
                 if not resendable and not isinstance(exc, _NOT_SENT):
                     raise _NotResent(message + _NOT_RESENT_NOTE, ehr=self.ehr.name) from exc
@@ -368,6 +391,14 @@ class EhrClient:
             raise AuthError(message + " (after re-authorising)" if self.ehr.auth.kind == "smart" else message)
         raise EhrError(message, ehr=self.ehr.name, status=status, response=response)
 
+    def _tls_error(self, method: str, target: str) -> TlsError:
+        return TlsError(
+            f"{self.ehr.name}: {method} {_path(target)}: TLS certificate verification failed for "
+            f"{urlsplit(target).hostname}; not retried (check the server's certificate chain, or the "
+            "CA bundle: SSL_CERT_FILE)",
+            ehr=self.ehr.name,
+        )
+
     def _transport_error(self, method: str, target: str, exc: httpx.TransportError) -> EhrError:
         kind = TemporaryEhrError if isinstance(exc, _TEMPORARY_TRANSPORT) else EhrError
         return kind(
@@ -385,6 +416,16 @@ class EhrClient:
             error=type(exc).__name__,
             sleep=round(state.upcoming_sleep, 3),
         )
+
+
+def _is_tls_failure(exc: BaseException) -> bool:
+    """Whether a transport error is a failed certificate verification (httpx wraps ssl's error)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _is_temporary(exc: BaseException) -> bool:

@@ -22,15 +22,18 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from connectors.config import EhrConfig
+from connectors.config import EhrConfig, is_loopback_url
 from sync.errors import ConfigError
 
 if TYPE_CHECKING:  # the store (SQLAlchemy) loads only when a command opens it
     from connectors.store import StateStore
+
+_log = structlog.get_logger()
 
 ENV_PREFIX = "IOP_BRIDGE_"
 _HARNESS_PREFIX = "IOP_BRIDGE_TEST_"  # scripts/test exports IOP_BRIDGE_TEST_KAFKA / _FHIR to the tests
@@ -179,12 +182,40 @@ def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = N
             raise ConfigError(f"config file {file} is not valid TOML: {exc}") from exc
     merged = apply_env_overrides(raw, os.environ if environ is None else environ)
     try:
-        return Settings.model_validate(merged)
+        settings = Settings.model_validate(merged)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
         )
         raise ConfigError(f"invalid configuration: {problems}") from exc
+    warn_cleartext(settings)
+    return settings
+
+
+_VERIFIED_SSLMODES = frozenset({"verify-ca", "verify-full"})
+
+
+def warn_cleartext(settings: Settings) -> None:
+    """Log a warning for each connection that crosses a network without verified TLS."""
+    kafka = settings.kafka
+    brokers = [b.strip() for b in kafka.bootstrap_servers.split(",") if b.strip()]
+    if kafka.security_protocol.upper() in {"PLAINTEXT", "SASL_PLAINTEXT"} and not all(
+        is_loopback_url(f"//{broker}") for broker in brokers
+    ):
+        _log.warning(
+            "kafka_plaintext",
+            security_protocol=kafka.security_protocol,
+            hint="events carry PHI: set [kafka] security_protocol = SSL or SASL_SSL",
+        )
+    store = urlsplit(settings.store.url)
+    if store.scheme.startswith("postgres") and not is_loopback_url(f"//{store.hostname or 'localhost'}"):
+        sslmode = (parse_qs(store.query).get("sslmode") or ["(unset)"])[-1]
+        if sslmode not in _VERIFIED_SSLMODES:
+            _log.warning(
+                "store_without_tls",
+                sslmode=sslmode,
+                hint="the store holds PHI: add ?sslmode=verify-full to [store] url",
+            )
 
 
 def open_store(url: str) -> StateStore:

@@ -166,8 +166,13 @@ def write_config(state_dir: Path, *, kafka: str, fhir_url: str, patient_ids: Ite
         f"name = {_toml_string(EHR_NAME)}\n"
         'vendor = "hapi"\n'
         f"base_url = {_toml_string(fhir_url)}\n"
-        "bulk_poll_max_seconds = 1\n\n"
-        "[ehr.panel]\n"
+        "bulk_poll_max_seconds = 1\n"
+        + (
+            "allow_insecure_http = true  # the sandbox speaks plain http\n"
+            if fhir_url.startswith("http:")
+            else ""
+        )
+        + "\n[ehr.panel]\n"
         f"patients_file = {_toml_string(str(panel))}\n",
         encoding="utf-8",
     )

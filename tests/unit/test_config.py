@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from sync.config import apply_env_overrides, load_settings
 from sync.errors import ConfigError
@@ -159,3 +160,70 @@ def test_store_url_password_is_masked_in_repr() -> None:
         assert "bridge:***@db.example.org:5432" in text
     assert settings.store.url == url  # the store itself still gets the password
     assert "sqlite:///.run/iop-bridge.db" in repr(StoreConfig())
+
+
+# -- cleartext (issue 10, item 12) -------------------------------------------------------------------
+
+
+def _one_ehr(tmp_path: Path, base_url: str, extra: str = "") -> Path:
+    path = tmp_path / "ehr.toml"
+    path.write_text(f'[[ehr]]\nname = "x"\nbase_url = "{base_url}"\n{extra}', encoding="utf-8")
+    return path
+
+
+def test_a_plain_http_ehr_url_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"ehr\.0.*http://.*allow_insecure_http"):
+        load_settings(_one_ehr(tmp_path, "http://ehr.example.org/r4"), environ={})
+
+
+@pytest.mark.parametrize(
+    "base_url", ["http://127.0.0.1:8080/fhir", "http://localhost/fhir", "http://[::1]:8080/fhir"]
+)
+def test_plain_http_on_loopback_is_allowed(tmp_path: Path, base_url: str) -> None:
+    assert load_settings(_one_ehr(tmp_path, base_url), environ={}).ehr[0].base_url == base_url
+
+
+def test_plain_http_elsewhere_needs_the_explicit_opt_in(tmp_path: Path) -> None:
+    path = _one_ehr(tmp_path, "http://hapi:8080/fhir", "allow_insecure_http = true\n")
+    assert load_settings(path, environ={}).ehr[0].allow_insecure_http is True
+
+
+@pytest.mark.parametrize(
+    ("environ", "event"),
+    [
+        ({"IOP_BRIDGE_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:9092,broker-1:9092"}, "kafka_plaintext"),
+        (
+            {
+                "IOP_BRIDGE_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                "IOP_BRIDGE_KAFKA__BOOTSTRAP_SERVERS": "b:9092",
+            },
+            "kafka_plaintext",
+        ),
+        ({"IOP_BRIDGE_STORE__URL": "postgresql+psycopg://u@db/bridge"}, "store_without_tls"),
+        ({"IOP_BRIDGE_STORE__URL": "postgresql+psycopg://u@db/bridge?sslmode=prefer"}, "store_without_tls"),
+    ],
+)
+def test_cleartext_kafka_and_postgres_are_warned_about(environ: dict[str, str], event: str) -> None:
+    with capture_logs() as logs:
+        load_settings(None, environ=environ)
+    assert event in [e["event"] for e in logs if e["log_level"] == "warning"]
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {
+            "IOP_BRIDGE_STORE__URL": "postgresql+psycopg://u@db/bridge?sslmode=verify-full",
+            "IOP_BRIDGE_KAFKA__BOOTSTRAP_SERVERS": "broker-1:9093",
+            "IOP_BRIDGE_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+        },
+        {  # loopback: nothing crosses a network
+            "IOP_BRIDGE_STORE__URL": "postgresql+psycopg://u@127.0.0.1:5432/bridge",
+            "IOP_BRIDGE_KAFKA__BOOTSTRAP_SERVERS": "localhost:9092",
+        },
+    ],
+)
+def test_tls_or_loopback_kafka_and_postgres_are_not_warned_about(environ: dict[str, str]) -> None:
+    with capture_logs() as logs:
+        load_settings(None, environ=environ)
+    assert [e for e in logs if e["log_level"] == "warning"] == []

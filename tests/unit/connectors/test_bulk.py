@@ -73,7 +73,9 @@ def _kickoff(httpx_mock: HTTPXMock, url: str = KICKOFF) -> None:
 
 
 def _client(make_ehr: Callable[..., EhrConfig], sleeps: Sleeps) -> EhrClient:
-    ehr = make_ehr(auth={"kind": "bearer", "token": "tok"}, concurrency=2)
+    ehr = make_ehr(
+        auth={"kind": "bearer", "token": "tok"}, concurrency=2, bulk_file_hosts=["files.example.net"]
+    )
     return EhrClient(ehr, sleep=sleeps, clock=sleeps.clock)
 
 
@@ -421,3 +423,96 @@ def test_a_caller_that_gives_up_cancels_the_export_and_deletes_the_job(
     polls = [r for r in httpx_mock.get_requests() if r.method == "GET" and r.url == STATUS]
     assert len(polls) == 2
     assert httpx_mock.get_requests()[-1].method == "DELETE"
+
+
+# -- where the access token goes (issue 10, item 11) ---------------------------------------------
+
+
+def _export_with(
+    httpx_mock: HTTPXMock,
+    client: EhrClient,
+    tmp_path: Path,
+    manifest: dict[str, Any],
+    status_url: str = STATUS,
+) -> Any:
+    httpx_mock.add_response(url=KICKOFF, status_code=202, headers={"Content-Location": status_url})
+    httpx_mock.add_response(url=status_url, json=manifest)
+    httpx_mock.add_response(url=status_url, method="DELETE", is_optional=True)
+    return bulk_export(
+        client, resource_types=["Patient", "Encounter"], since="2026-01-01T00:00:00Z", out_dir=tmp_path
+    )
+
+
+def _token_client(make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, **overrides: Any) -> EhrClient:
+    ehr = make_ehr(auth={"kind": "bearer", "token": "tok"}, **overrides)
+    return EhrClient(ehr, sleep=sleeps, clock=sleeps.clock)
+
+
+def _one_file(url: str, requires: object = True) -> dict[str, Any]:
+    return {
+        "transactionTime": "2026-03-08T07:00:00Z",
+        "requiresAccessToken": requires,
+        "output": [{"type": "Patient", "url": url}],
+    }
+
+
+def test_the_token_never_goes_to_a_file_host_outside_the_allow_list(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    with (
+        _token_client(make_ehr, sleeps) as client,
+        pytest.raises(BulkExportError, match=r"files\.example\.net.*bulk_file_hosts"),
+    ):
+        _export_with(httpx_mock, client, tmp_path, _one_file(f"{FILES}/p.ndjson"))
+    assert httpx_mock.get_requests(url=f"{FILES}/p.ndjson") == []
+
+
+def test_the_token_never_goes_over_plain_http_even_to_an_allowed_host(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    url = "http://files.example.net/exports/p.ndjson"
+    with (
+        _token_client(make_ehr, sleeps, bulk_file_hosts=["files.example.net"]) as client,
+        pytest.raises(BulkExportError, match=r"https"),
+    ):
+        _export_with(httpx_mock, client, tmp_path, _one_file(url))
+    assert httpx_mock.get_requests(url=url) == []
+
+
+def test_an_allow_listed_https_file_host_gets_the_token(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    httpx_mock.add_response(url=f"{FILES}/p.ndjson", content=PATIENTS)
+    with _token_client(make_ehr, sleeps, bulk_file_hosts=["Files.Example.Net"]) as client:
+        result = _export_with(httpx_mock, client, tmp_path, _one_file(f"{FILES}/p.ndjson"))
+    assert result.lines == {"Patient": 2}
+    assert httpx_mock.get_requests(url=f"{FILES}/p.ndjson")[0].headers["Authorization"] == "Bearer tok"
+
+
+@pytest.mark.parametrize("requires", ["false", "true", 1, None])
+def test_only_json_true_asks_for_the_token(
+    httpx_mock: HTTPXMock,
+    make_ehr: Callable[..., EhrConfig],
+    sleeps: Sleeps,
+    tmp_path: Path,
+    requires: object,
+) -> None:
+    httpx_mock.add_response(url=f"{FILES}/p.ndjson", content=PATIENTS)
+    with _token_client(make_ehr, sleeps, bulk_file_hosts=["files.example.net"]) as client:
+        _export_with(httpx_mock, client, tmp_path, _one_file(f"{FILES}/p.ndjson", requires))
+    assert "Authorization" not in httpx_mock.get_requests(url=f"{FILES}/p.ndjson")[0].headers
+
+
+def test_a_status_url_on_a_foreign_host_is_refused(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    foreign = "https://status.attacker.example/job-1"
+    httpx_mock.add_response(url=KICKOFF, status_code=202, headers={"Content-Location": foreign})
+    with (
+        _token_client(make_ehr, sleeps, bulk_file_hosts=["files.example.net"]) as client,
+        pytest.raises(BulkExportError, match=r"status URL.*status\.attacker\.example"),
+    ):
+        bulk_export(
+            client, resource_types=["Patient", "Encounter"], since="2026-01-01T00:00:00Z", out_dir=tmp_path
+        )
+    assert [r.url.host for r in httpx_mock.get_requests()] == ["ehr.example.org"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import ssl
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ import time_machine
 from pytest_httpx import HTTPXMock
 
 from connectors.config import EhrConfig
-from connectors.errors import EhrError, TemporaryEhrError
+from connectors.errors import EhrError, TemporaryEhrError, TlsError
 from connectors.http import MAX_ATTEMPTS, RETRY_AFTER_CAP, SLEEP_BUDGET, EhrClient, parse_retry_after
 from tests.unit.connectors.conftest import BASE, FakeClock, Sleeps
 
@@ -275,3 +276,30 @@ def test_a_post_declared_idempotent_is_resent(
         bundle = {"resourceType": "Bundle", "type": "transaction", "entry": []}
         assert client.request("POST", "", json=bundle, idempotent=True).json()["resourceType"] == "Bundle"
         assert client.stats.retries == 1
+
+
+def test_a_tls_verification_failure_is_permanent_and_says_so(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    failure = httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    failure.__cause__ = ssl.SSLCertVerificationError(1, "certificate verify failed: self-signed certificate")
+    httpx_mock.add_exception(failure, url=f"{BASE}/Patient")
+    with _client(make_ehr(), sleeps) as client, pytest.raises(TlsError) as caught:
+        client.get_json("Patient")
+    assert len(httpx_mock.get_requests()) == 1
+    assert sleeps.slept == []
+    assert not isinstance(caught.value, TemporaryEhrError)
+    assert "TLS certificate verification failed" in str(caught.value)
+
+
+def test_a_tls_verification_failure_on_a_stream_is_permanent_too(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    failure = httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    httpx_mock.add_exception(failure, url=f"{BASE}/file.ndjson")
+    with (
+        _client(make_ehr(), sleeps) as client,
+        pytest.raises(TlsError, match="TLS certificate"),
+        client.stream("GET", "file.ndjson"),
+    ):
+        pass

@@ -39,7 +39,7 @@ from connectors.http import (
 )
 from connectors.private import make_private_dir, open_private
 
-__all__ = ["BulkResult", "bulk_export"]
+__all__ = ["BulkResult", "LineTooLong", "bulk_export"]
 
 log = structlog.get_logger()
 
@@ -257,6 +257,11 @@ def _download_all(
             raise BulkExportError(f"{client.ehr.name}: $export cancelled", ehr=client.ehr.name)
         try:
             written = _download(client, url, path, needs_token)
+        except LineTooLong as exc:
+            raise BulkExportError(
+                f"{client.ehr.name}: $export file {path.name} ({kind}) refused: {exc} (max_line_bytes)",
+                ehr=client.ehr.name,
+            ) from exc
         except EhrError as exc:
             raise BulkExportError(
                 f"{client.ehr.name}: $export file {path.name} ({kind}) could not be downloaded: {exc}",
@@ -318,7 +323,7 @@ def _download(client: EhrClient, url: str, path: Path, needs_token: bool) -> int
                     client.stream("GET", url, headers={"Accept": _NDJSON}, authorize=needs_token) as response,
                     open_private(partial) as sink,
                 ):
-                    written = _copy_lines(response.iter_bytes(), sink)
+                    written = _copy_lines(response.iter_bytes(), sink, client.ehr.max_line_bytes)
                 partial.replace(path)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -326,23 +331,44 @@ def _download(client: EhrClient, url: str, path: Path, needs_token: bool) -> int
     return written
 
 
-def _copy_lines(chunks: Iterator[bytes], sink: BinaryIO) -> int:
+class LineTooLong(ValueError):
+    """An NDJSON line longer than the cap (``max_line_bytes``)."""
+
+
+def _copy_lines(chunks: Iterator[bytes], sink: BinaryIO, max_line_bytes: int = 64 * 1024 * 1024) -> int:
     """Write the non-blank lines of a byte stream, one at a time; returns how many.
 
     Splits on ``\\n`` only: JSON strings may hold U+2028 and other characters ``str.splitlines`` breaks on.
+    Linear in the line's length (a long line is gathered in a bytearray, each chunk searched once) and
+    bounded: a line over ``max_line_bytes`` raises ``LineTooLong`` naming its number.
     """
     written = 0
-    pending = b""
+    number = 1  # of the line being gathered, blank lines counted
+    pending = bytearray()
+
+    def emit(line: bytes | bytearray) -> None:
+        nonlocal written
+        if line.strip():
+            sink.write(bytes(line).rstrip(b"\r") + b"\n")
+            written += 1
+
     for chunk in chunks:
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            if line.strip():
-                sink.write(line.rstrip(b"\r") + b"\n")
-                written += 1
-    if pending.strip():
-        sink.write(pending.rstrip(b"\r") + b"\n")
-        written += 1
+        start = 0
+        while (end := chunk.find(b"\n", start)) != -1:
+            if len(pending) + end - start > max_line_bytes:
+                raise LineTooLong(f"line {number} is over {max_line_bytes} bytes")
+            if pending:
+                pending += chunk[start:end]
+                emit(pending)
+                pending.clear()
+            else:
+                emit(chunk[start:end])
+            number += 1
+            start = end + 1
+        pending += chunk[start:]
+        if len(pending) > max_line_bytes:
+            raise LineTooLong(f"line {number} is over {max_line_bytes} bytes")
+    emit(pending)
     return written
 
 

@@ -128,6 +128,11 @@ class EhrConfig(_Strict):
         description="hosts (host or host:port) besides the EHR's own that may receive the access token "
         "for $export files; always over https",
     )
+    max_line_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="longest NDJSON line (one resource) accepted from a $export file",
+    )
     log_server_text: bool = Field(
         default=False,
         description="put the server's free text (OperationOutcome diagnostics, error bodies) into logs "

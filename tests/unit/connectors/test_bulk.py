@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pytest_httpx import HTTPXMock, IteratorStream
 from structlog.testing import capture_logs
 
-from connectors.bulk import POLL_FRACTION, POLL_MIN, POLL_START, _copy_lines, bulk_export
+from connectors.bulk import POLL_FRACTION, POLL_MIN, POLL_START, LineTooLong, _copy_lines, bulk_export
 from connectors.config import EhrConfig
 from connectors.errors import BulkExportError
 from connectors.http import EhrClient
@@ -516,3 +516,35 @@ def test_a_status_url_on_a_foreign_host_is_refused(
             client, resource_types=["Patient", "Encounter"], since="2026-01-01T00:00:00Z", out_dir=tmp_path
         )
     assert [r.url.host for r in httpx_mock.get_requests()] == ["ehr.example.org"]
+
+
+# -- line caps (issue 10, item 16) ------------------------------------------------------------------
+
+
+def test_a_line_over_the_cap_is_refused_naming_the_line_and_the_cap() -> None:
+    chunks = iter([b'{"a":1}\n', b"x" * 40, b"y" * 40, b"\n"])
+    with pytest.raises(LineTooLong, match=r"line 2 is over 64 bytes"):
+        _copy_lines(chunks, io.BytesIO(), max_line_bytes=64)
+
+
+def test_a_last_line_without_newline_over_the_cap_is_refused() -> None:
+    with pytest.raises(LineTooLong, match=r"line 1 is over 8 bytes"):
+        _copy_lines(iter([b"x" * 5, b"x" * 5]), io.BytesIO(), max_line_bytes=8)
+
+
+def test_lines_up_to_the_cap_pass_whatever_the_chunking() -> None:
+    sink = io.BytesIO()
+    assert _copy_lines(iter([b"abcd", b"efgh\nij", b"kl\r\n"]), sink, max_line_bytes=8) == 2
+    assert sink.getvalue() == b"abcdefgh\nijkl\n"
+
+
+def test_a_bulk_file_with_a_line_over_the_cap_fails_with_a_clear_reason(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
+) -> None:
+    httpx_mock.add_response(url=f"{FILES}/p.ndjson", content=b'{"resourceType":"Patient"}\n' + b"x" * 5000)
+    with (
+        _token_client(make_ehr, sleeps, bulk_file_hosts=["files.example.net"], max_line_bytes=4096) as client,
+        pytest.raises(BulkExportError, match=r"Patient\.000\.ndjson.*line 2 is over 4096 bytes"),
+    ):
+        _export_with(httpx_mock, client, tmp_path, _one_file(f"{FILES}/p.ndjson"))
+    assert not list(tmp_path.glob("*.part"))

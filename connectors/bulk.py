@@ -373,7 +373,8 @@ def _copy_lines(chunks: Iterator[bytes], sink: BinaryIO, max_line_bytes: int = 6
 
 
 def _log_error_file(client: EhrClient, path: Path, limit: int = 20) -> None:
-    """Log the first ``limit`` OperationOutcomes of an error file (codes and diagnostics only)."""
+    """Log the first ``limit`` OperationOutcomes of an error file (severity and codes; the free text
+    only with ``log_server_text``)."""
     with path.open("rb") as lines:
         for number, line in enumerate(lines):
             if number >= limit:
@@ -387,7 +388,7 @@ def _log_error_file(client: EhrClient, path: Path, limit: int = 20) -> None:
                 "bulk_export_error",
                 ehr=client.ehr.name,
                 file=path.name,
-                outcome=outcome_diagnostics(outcome)[:300],
+                outcome=outcome_diagnostics(outcome, free_text=client.ehr.log_server_text)[:300],
             )
 
 

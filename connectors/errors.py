@@ -10,8 +10,8 @@
 Each error carries ``retriable`` (False unless said otherwise; True for ``TemporaryEhrError``): any
 other EHR answer (403, 406, 413, 415, 501, ...) is permanent.
 
-Every message names the EHR, the method and path, and the server's own diagnostics
-(OperationOutcome or OAuth ``error_description``); none carries PHI.
+Every message names the EHR, the method and path, and the server's OperationOutcome severities and
+codes (its free text only with ``log_server_text``) or OAuth ``error``; none carries PHI.
 """
 
 from __future__ import annotations

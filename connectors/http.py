@@ -44,6 +44,7 @@ __all__ = [
     "TEMPORARY_STATUSES",
     "EhrClient",
     "RequestStats",
+    "outcome_codes",
     "outcome_diagnostics",
     "parse_retry_after",
 ]
@@ -102,28 +103,44 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-def outcome_diagnostics(body: object) -> str:
-    """The useful text of an OperationOutcome: severity, code and diagnostics of each issue."""
+def outcome_diagnostics(body: object, *, free_text: bool = False) -> str:
+    """What an OperationOutcome says: severity, code and detail codes of each issue.
+
+    Servers echo patient data in ``diagnostics`` and ``details.text`` (names, birth dates, clinical
+    notes), so that free text is added only with ``free_text`` (the EHR's ``log_server_text``).
+    """
     if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
         return ""
     parts = []
     for issue in body.get("issue") or []:
         if not isinstance(issue, dict):
             continue
-        text = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or ""
-        parts.append(" ".join(str(p) for p in (issue.get("severity"), issue.get("code"), text) if p))
+        details = issue.get("details")
+        words = [issue.get("severity"), issue.get("code"), *outcome_codes(details)]
+        if free_text:
+            words.append(
+                issue.get("diagnostics") or (details if isinstance(details, dict) else {}).get("text")
+            )
+        parts.append(" ".join(str(w) for w in words if w))
     return "; ".join(parts)
 
 
-def _response_reason(response: httpx.Response) -> str:
+def outcome_codes(concept: object) -> list[str]:
+    """The codes of a CodeableConcept (an OperationOutcome issue's ``details``)."""
+    if not isinstance(concept, dict):
+        return []
+    return [str(c.get("code")) for c in concept.get("coding") or [] if isinstance(c, dict) and c.get("code")]
+
+
+def _response_reason(response: httpx.Response, free_text: bool) -> str:
     try:
         body = orjson.loads(response.content)
     except orjson.JSONDecodeError:
         body = None
-    text = outcome_diagnostics(body)
+    text = outcome_diagnostics(body, free_text=free_text)
     if text:
         return text[:500]
-    snippet = " ".join(response.text[:200].split()) if not response.is_stream_consumed else ""
+    snippet = " ".join(response.text[:200].split()) if free_text and not response.is_stream_consumed else ""
     return snippet or response.reason_phrase
 
 
@@ -377,7 +394,8 @@ class EhrClient:
         resendable: bool = True,
     ) -> None:
         status = response.status_code
-        message = f"{self.ehr.name}: {method} {_path(target)} -> HTTP {status}: {_response_reason(response)}"
+        reason = _response_reason(response, self.ehr.log_server_text)
+        message = f"{self.ehr.name}: {method} {_path(target)} -> HTTP {status}: {reason}"
         if temporary(response) if temporary is not None else status in TEMPORARY_STATUSES:
             if not resendable and status not in _NOT_ACTED_ON:
                 raise _NotResent(

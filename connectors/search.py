@@ -3,7 +3,8 @@
 ``search_pages`` adds the vendor's required parameters and ``_count``, then follows
 ``Bundle.link[relation=next]`` exactly as the server gives it (absolute URLs, opaque tokens). Entries
 with ``search.mode = outcome`` and OperationOutcome resources are warnings from the server, not data:
-they go to ``SearchPage.outcomes`` and are logged with their codes and diagnostics.
+they go to ``SearchPage.outcomes`` and are logged with their codes (diagnostics only with
+``log_server_text``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import httpx
 import structlog
 
 from connectors.errors import EhrError
-from connectors.http import EhrClient, outcome_diagnostics
+from connectors.http import EhrClient, outcome_codes, outcome_diagnostics
 
 __all__ = ["SearchPage", "SearchQuery", "search_pages"]
 
@@ -144,7 +145,7 @@ def _fetch(
         ) from exc
     if bundle.get("resourceType") != "Bundle":
         found = bundle.get("resourceType")
-        detail = outcome_diagnostics(bundle)
+        detail = outcome_diagnostics(bundle, free_text=client.ehr.log_server_text)
         raise EhrError(
             f"{client.ehr.name}: {resource_type} search, page {number}: expected a Bundle, got {found!r}"
             + (f": {detail}" if detail else ""),
@@ -184,18 +185,17 @@ def _log_outcomes(client: EhrClient, resource_type: str, outcomes: list[dict[str
         for issue in outcome.get("issue") or []:
             if not isinstance(issue, dict):
                 continue
+            text = (
+                {"diagnostics": str(issue.get("diagnostics") or "")[:300]}
+                if client.ehr.log_server_text
+                else {}
+            )
             log.warning(
                 "search_outcome",
                 ehr=client.ehr.name,
                 resource=resource_type,
                 severity=issue.get("severity"),
                 code=issue.get("code"),
-                details=_codes(issue.get("details")),
-                diagnostics=str(issue.get("diagnostics") or "")[:300],
+                details=outcome_codes(issue.get("details")),
+                **text,
             )
-
-
-def _codes(concept: object) -> list[str]:
-    if not isinstance(concept, dict):
-        return []
-    return [str(c.get("code")) for c in concept.get("coding") or [] if isinstance(c, dict) and c.get("code")]

@@ -118,7 +118,8 @@ def test_a_fatal_400_is_not_retried_and_names_ehr_method_path_and_diagnostics(
     message = str(caught.value)
     assert "test-ehr" in message
     assert "GET /r4/tenant-1/Encounter" in message
-    assert "Unknown search parameter 'foo'" in message
+    assert "error invalid" in message  # severity and code; the free text only when opted in
+    assert "Unknown search parameter" not in message
     assert "MRN-12345" not in message  # query strings may hold identifiers
     assert caught.value.status == 400
     assert caught.value.response is not None
@@ -303,3 +304,42 @@ def test_a_tls_verification_failure_on_a_stream_is_permanent_too(
         client.stream("GET", "file.ndjson"),
     ):
         pass
+
+
+PHI_OUTCOME = {
+    "resourceType": "OperationOutcome",
+    "issue": [
+        {
+            "severity": "error",
+            "code": "processing",
+            "details": {"coding": [{"code": "MSG_ERROR"}], "text": "Jane Roe 1970-02-03 relapsed on alcohol"},
+            "diagnostics": "Jane Roe 1970-02-03 relapsed on alcohol",
+        }
+    ],
+}
+
+
+def test_server_free_text_stays_out_of_errors_by_default(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/Encounter", status_code=422, json=PHI_OUTCOME)
+    httpx_mock.add_response(url=f"{BASE}/Patient", status_code=400, text="no Patient Jane Roe here")
+    with _client(make_ehr(), sleeps) as client:
+        with pytest.raises(EhrError) as outcome:
+            client.get_json("Encounter")
+        with pytest.raises(EhrError) as plain:
+            client.get_json("Patient")
+    assert "error processing MSG_ERROR" in str(outcome.value)
+    assert "Jane" not in str(outcome.value) + str(plain.value)
+    assert "Bad Request" in str(plain.value)
+
+
+def test_server_free_text_is_kept_when_opted_in(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/Encounter", status_code=422, json=PHI_OUTCOME)
+    with (
+        _client(make_ehr(log_server_text=True), sleeps) as client,
+        pytest.raises(EhrError, match="relapsed on alcohol"),
+    ):
+        client.get_json("Encounter")

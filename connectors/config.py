@@ -15,6 +15,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from schemas.patient_identifiers import DEFAULT_PATIENT_IDENTIFIER_SYSTEMS, check_entries
+
 DEFAULT_RESOURCE_TYPES: tuple[str, ...] = (
     "Patient",
     "Encounter",
@@ -138,6 +140,23 @@ class EhrConfig(_Strict):
         description="put the server's free text (OperationOutcome diagnostics, error bodies) into logs "
         "and error messages; off by default because servers echo patient data in it",
     )
+    patient_identifier_systems: tuple[str, ...] = Field(
+        default=DEFAULT_PATIENT_IDENTIFIER_SYSTEMS,
+        description="Patient identifiers records carry: system URIs or 'type-system|code' (default MR type)",
+    )
+
+    @field_validator("patient_identifier_systems", mode="before")
+    @classmethod
+    def _split_identifier_systems(cls, value: object) -> object:
+        if isinstance(value, str):  # from the environment: comma-separated
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("patient_identifier_systems")
+    @classmethod
+    def _no_ssn_dl_passport(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        check_entries(value)
+        return value
 
     @field_validator("base_url")
     @classmethod

@@ -38,6 +38,7 @@ from mappers.part2 import is_part2 as has_part2_evidence
 from mappers.rules import LEVEL_RANK, NONE_LEVEL, Rules
 from mappers.settings import EpisodeSettings
 from mappers.visits import GROUPING_STATUSES, Grouping, Visit, read_grouping, read_visit
+from schemas.patient_identifiers import allowed
 
 EPISODE_NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "urn:iop-bridge:episode")
 #: Levels whose care closes a running episode of another level (outpatient is concurrent care).
@@ -730,7 +731,11 @@ class _Patient:
         patient = self.holder.patient
         if patient is not None:
             for identifier in items(patient, "identifier"):
-                if isinstance(identifier, (dict, Mapping)) and identifier.get("value"):
+                if (
+                    isinstance(identifier, (dict, Mapping))
+                    and identifier.get("value")
+                    and allowed(identifier, self.settings.patient_identifier_systems)
+                ):
                     item = {"value": str(identifier["value"])}
                     if identifier.get("system"):
                         item["system"] = str(identifier["system"])

@@ -126,6 +126,11 @@ def has_part2_label(resource: Mapping[str, Any]) -> bool:
     return False
 
 
+#: Elements never walked: labels (read apart), narrative, and status / category value sets that hold no
+#: SUD codes (and that the lean projection, ``mappers.projection``, does not keep).
+_NOT_CODED: Final = frozenset({"meta", "text", "category", "clinicalStatus", "verificationStatus"})
+
+
 def _has_sud_code(value: Any) -> bool:
     """Any SUD coding anywhere in a resource (every CodeableConcept / Coding), ``meta`` and text aside."""
     stack = [value]
@@ -137,9 +142,7 @@ def _has_sud_code(value: Any) -> bool:
             code = item.get("code")
             if isinstance(code, str) and code and any(is_sud_code(k, c) for k, c in codings(item)):
                 return True
-            stack.extend(
-                v for k, v in item.items() if k not in ("meta", "text") and isinstance(v, (list, dict))
-            )
+            stack.extend(v for k, v in item.items() if k not in _NOT_CODED and isinstance(v, (list, dict)))
     return False
 
 

@@ -52,6 +52,7 @@ class CodeableConcept(TypedDict, total=False):
 class Identifier(TypedDict, total=False):
     system: str | None
     value: str | None
+    type: CodeableConcept | None  # v2-0203 MR / SS / DL / PPN: which identifiers a record may carry
 
 
 class Reference(TypedDict, total=False):

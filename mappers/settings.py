@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from schemas.patient_identifiers import DEFAULT_PATIENT_IDENTIFIER_SYSTEMS, check_entries
+
 #: Program levels an episode can be built for.
 PROGRAM_LEVELS: Final = ("iop", "php", "residential")
 WEEK_STARTS: Final = ("iso", "sunday")
@@ -89,6 +91,9 @@ class EpisodeSettings:
     referral_local_codes: tuple[tuple[str, str], ...] = ()
     #: Hours a session may last at most; a longer or inverted period counts the default session length.
     max_session_hours: float = 12.0
+    #: Patient identifiers records carry: system URIs or ``type system|code`` tokens (default: MR type);
+    #: SSN, driver's licence and passport are refused (``schemas.patient_identifiers``).
+    patient_identifier_systems: tuple[str, ...] = DEFAULT_PATIENT_IDENTIFIER_SYSTEMS
 
     def __post_init__(self) -> None:
         for level in self.program_levels:
@@ -99,6 +104,10 @@ class EpisodeSettings:
         for name in ("max_gap_days", "lookback_days", "lookahead_days"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        try:
+            check_entries(self.patient_identifier_systems)
+        except ValueError as exc:
+            raise ValueError(f"patient_identifier_systems: {exc}") from exc
         if self.default_session_hours <= 0:
             raise ValueError("default_session_hours must be positive")
 

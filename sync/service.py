@@ -218,7 +218,9 @@ class Service:
                 ehr=ehr.name,
                 as_of=as_of,
                 rules=self.rules,
-                settings=self.episode_settings,
+                settings=replace(
+                    self.episode_settings, patient_identifier_systems=ehr.patient_identifier_systems
+                ),
                 timezone=ehr.timezone,
                 previous_anchors=previous,
             )

@@ -67,7 +67,16 @@ def patient(pid: str) -> dict[str, Any]:
     return {
         "resourceType": "Patient",
         "id": pid,
-        "identifier": [{"system": "urn:oid:1.2.3.4", "value": f"MRN-{pid}"}],
+        "identifier": [
+            {
+                "system": "urn:oid:1.2.3.4",
+                "value": f"MRN-{pid}",
+                "type": {
+                    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]
+                },
+            },
+            {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "000-00-0000"},  # never carried
+        ],
     }
 
 

@@ -227,3 +227,14 @@ def test_tls_or_loopback_kafka_and_postgres_are_not_warned_about(environ: dict[s
     with capture_logs() as logs:
         load_settings(None, environ=environ)
     assert [e for e in logs if e["log_level"] == "warning"] == []
+
+
+def test_patient_identifier_systems_default_to_mr_and_refuse_ssn_naming_the_key() -> None:
+    settings = load_settings(None, {"IOP_BRIDGE_EHR__H__BASE_URL": "https://ehr.example/fhir"})
+    assert settings.ehr[0].patient_identifier_systems == ("http://terminology.hl7.org/CodeSystem/v2-0203|MR",)
+    environ = {
+        "IOP_BRIDGE_EHR__H__BASE_URL": "https://ehr.example/fhir",
+        "IOP_BRIDGE_EHR__H__PATIENT_IDENTIFIER_SYSTEMS": "urn:oid:1.2.3,http://hl7.org/fhir/sid/us-ssn",
+    }
+    with pytest.raises(ConfigError, match=r"ehr\.0\.patient_identifier_systems.*us-ssn"):
+        load_settings(None, environ)

@@ -7,8 +7,8 @@ Both speak the same shape: Bundle entries whose ``request.method`` is ``DELETE``
   The spec gives no time per entry; the deletion happened before the export's ``transactionTime``.
 - Search mode: ``GET [base]/Type/_history?_since=…`` where the vendor profile allows it
   (``VendorProfile.reads_history_deletes``) and the CapabilityStatement offers ``history-type`` for the
-  type. Each entry has ``response.lastModified`` (the time of the deletion). Only the newest entry of an
-  id counts: a resource deleted and re-created in the window is not deleted.
+  type. A DELETE entry's ``response.lastModified`` (where the server sends it; HAPI does not) stamps the
+  deletion. Only the newest entry of an id counts: a resource deleted and re-created is not deleted.
 """
 
 from __future__ import annotations
@@ -24,13 +24,16 @@ import structlog
 from connectors.errors import EhrError
 from connectors.http import EhrClient
 from connectors.search import next_link
-from connectors.store import Deletion, rank_of
+from connectors.store import Deletion
 
 __all__ = ["bundle_file_deletions", "history_deletions", "offers_history_type"]
 
 log = structlog.get_logger()
 
 _TARGET = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/?#]*)?(?:[?#].*)?$")
+_VERSION = re.compile(r"/_history/(\d{1,18})(?:[?#].*)?$")
+_ETAG = re.compile(r'^(?:W/)?"(\d{1,18})"$')
+_DIGITS = re.compile(r"^(\d{1,18})$")
 _MAX_PAGES = 10_000  # a paging loop that never repeats a URL still ends
 
 
@@ -61,14 +64,31 @@ def _entry_deletion(entry: object, resource_type: str | None, when: str | None) 
     return Deletion(match.group(1), match.group(2), modified if isinstance(modified, str) else when)
 
 
-def _newest(deletions_and_others: Iterable[tuple[str, Deletion | None, str]]) -> list[Deletion]:
-    """Per id, the newest entry (by time; later in the input on a tie); kept only when it is a DELETE."""
-    newest: dict[str, tuple[str, Deletion | None]] = {}
-    for resource_id, deletion, rank in deletions_and_others:
+def _newest(entries: Iterable[tuple[str, Deletion | None, int | None]]) -> list[Deletion]:
+    """Per id, its newest entry, kept only when it is a DELETE.
+
+    A history lists the newest versions first (FHIR R4 3.1.0.5.3), so the first entry of an id is its
+    newest; a higher version number (``…/_history/N``, else the ETag) seen later still wins.
+    """
+    newest: dict[str, tuple[int | None, Deletion | None]] = {}
+    for resource_id, deletion, version in entries:
         held = newest.get(resource_id)
-        if held is None or rank == "" or held[0] == "" or rank >= held[0]:
-            newest[resource_id] = (rank, deletion)
+        if held is None or (version is not None and held[0] is not None and version > held[0]):
+            newest[resource_id] = (version, deletion)
     return [d for _, d in newest.values() if d is not None]
+
+
+def _version_of(entry: Mapping[str, Any]) -> int | None:
+    request = entry.get("request")
+    match = _VERSION.search(str(request.get("url") or "")) if isinstance(request, dict) else None
+    if match is None:
+        response = entry.get("response")
+        match = _ETAG.match(str(response.get("etag") or "")) if isinstance(response, dict) else None
+    if match is None:
+        resource = entry.get("resource")
+        meta = resource.get("meta") if isinstance(resource, dict) else None
+        match = _DIGITS.match(str(meta.get("versionId") or "")) if isinstance(meta, dict) else None
+    return int(match.group(1)) if match else None
 
 
 def history_deletions(client: EhrClient, resource_type: str, since: str) -> list[Deletion]:
@@ -76,7 +96,7 @@ def history_deletions(client: EhrClient, resource_type: str, since: str) -> list
     url: str | None = client.url(f"{resource_type}/_history")
     params: list[tuple[str, str]] | None = [("_since", since), ("_count", str(client.ehr.page_size))]
     seen: set[str] = set()
-    found: list[tuple[str, Deletion | None, str]] = []
+    found: list[tuple[str, Deletion | None, int | None]] = []
     for number in range(1, _MAX_PAGES + 1):
         if url is None:
             break
@@ -91,17 +111,12 @@ def history_deletions(client: EhrClient, resource_type: str, since: str) -> list
         for entry in bundle.get("entry") or []:
             if not isinstance(entry, dict):
                 continue
-            response = entry.get("response")
-            modified = response.get("lastModified") if isinstance(response, dict) else None
             deletion = _entry_deletion(entry, resource_type, None)
             resource = entry.get("resource")
             if deletion is not None:
-                found.append((deletion.id, deletion, rank_of(None, modified)))
+                found.append((deletion.id, deletion, _version_of(entry)))
             elif isinstance(resource, dict) and isinstance(resource.get("id"), str):
-                meta = resource.get("meta")
-                updated = meta.get("lastUpdated") if isinstance(meta, dict) else None
-                stamp = modified if isinstance(modified, str) else updated
-                found.append((resource["id"], None, rank_of(None, stamp)))
+                found.append((resource["id"], None, _version_of(entry)))
         seen.add(url if params is None else url + "?" + "&".join(f"{k}={v}" for k, v in params))
         url, params = next_link(bundle), None
         if url is not None and url in seen:

@@ -14,10 +14,12 @@ import pytest
 from pytest_httpx import HTTPXMock
 
 from connectors.config import EhrConfig
-from connectors.store import StateStore
+from connectors.deletions import history_deletions
+from connectors.store import Deletion, StateStore
 from tests.unit.connectors.conftest import BASE
 from tests.unit.connectors.test_pull import (
     FakeFhirServer,
+    _client,
     _encounter,
     _instant,
     _patient,
@@ -172,3 +174,36 @@ def test_the_manifests_deleted_files_mark_resources_deleted_unless_the_export_br
     assert not store.replica_row(ehr.name, "Encounter", "e3").deleted  # type: ignore[union-attr]
     assert store.replica_row(ehr.name, "Encounter", "e404") is None
     assert store.get_cursor(ehr.name, "Encounter") == "2026-03-02T11:00:00Z"
+
+
+def test_history_counts_only_each_ids_newest_entry_as_hapi_lists_them(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig]
+) -> None:
+    def entry(method: str, rid: str, version: int) -> dict[str, Any]:
+        item: dict[str, Any] = {
+            "fullUrl": f"{BASE}/Encounter/{rid}",
+            "request": {"method": method, "url": f"Encounter/{rid}/_history/{version}"},
+            "response": {"status": "200 OK", "etag": f'W/"{version}"'},
+        }
+        if method != "DELETE":
+            item["resource"] = {**_encounter(rid, "p1"), "meta": {"versionId": str(version)}}
+        return item
+
+    page2 = f"{BASE}/Encounter/_history?page=2"
+    httpx_mock.add_response(
+        url=f"{BASE}/Encounter/_history?_since=2026-03-01T00%3A00%3A00Z&_count=200",
+        json={
+            "resourceType": "Bundle",
+            "type": "history",
+            "link": [{"relation": "next", "url": page2}],
+            # newest first, no lastModified (HAPI): gone deleted; back deleted, then re-created
+            "entry": [entry("DELETE", "gone", 2), entry("POST", "gone", 1), entry("PUT", "back", 3)],
+        },
+    )
+    httpx_mock.add_response(
+        url=page2,
+        json={"resourceType": "Bundle", "type": "history", "entry": [entry("DELETE", "back", 2)]},
+    )
+    with _client(make_ehr()) as client:
+        found = history_deletions(client, "Encounter", "2026-03-01T00:00:00Z")
+    assert found == [Deletion("Encounter", "gone", None)]

@@ -20,6 +20,7 @@ ROLE_CODE: Final = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
 HSLOC: Final = "https://www.cdc.gov/nhsn/cdaportal/terminology/codesystem/hsloc.html"
 SNOMED: Final = "http://snomed.info/sct"
 ICD10CM: Final = "http://hl7.org/fhir/sid/icd-10-cm"
+ICD9CM: Final = "http://hl7.org/fhir/sid/icd-9-cm"
 ADMIT_SOURCE: Final = "http://terminology.hl7.org/CodeSystem/admit-source"
 CONFIDENTIALITY: Final = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 US_PRIVACY_LAW: Final = "http://terminology.hl7.org/CodeSystem/v3-ActUSPrivacyLaw"
@@ -37,6 +38,7 @@ CANONICAL: Final[Mapping[str, str]] = {
     "hsloc": HSLOC,
     "snomed": SNOMED,
     "icd10cm": ICD10CM,
+    "icd9cm": ICD9CM,
     "admitsource": ADMIT_SOURCE,
     "level": LEVEL_SYSTEM,
 }
@@ -95,6 +97,14 @@ _ALIASES: Final[Mapping[str, tuple[str, ...]]] = {
         "icd10cm",
         "icd-10-cm",
     ),
+    "icd9cm": (
+        "hl7.org/fhir/sid/icd-9-cm",
+        "hl7.org/fhir/sid/icd-9",
+        "urn:oid:2.16.840.1.113883.6.103",
+        "urn:oid:2.16.840.1.113883.6.2",
+        "icd9cm",
+        "icd-9-cm",
+    ),
     "admitsource": (
         "terminology.hl7.org/codesystem/admit-source",
         "hl7.org/fhir/admit-source",
@@ -141,7 +151,7 @@ def normalise_code(key: str, code: str) -> str:
         return text.zfill(4)
     if key == "pos" and text.isdigit():
         return text.zfill(2)
-    if key == "icd10cm":
+    if key in ("icd10cm", "icd9cm"):
         return text.replace(".", "")
     return text
 

@@ -991,7 +991,7 @@ def _map_all(
     episodes: list[dict[str, Any]] = []
     explanations: dict[str, list[str]] = {}
     levels: dict[str, int] = {}
-    classifier = Classifier(collected.shared, rules)
+    classifier = Classifier(collected.shared, rules, collected.by_encounter)
     for patient_id in sorted(collected.patients):
         own_rejects: list[Reject] = []
         try:

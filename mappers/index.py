@@ -66,6 +66,9 @@ class Collected:
     patients: dict[str, PatientResources]
     shared: dict[str, Mapping[str, Any]]
     rejects: list[Reject]
+    #: Conditions and Procedures by the Encounter they point at (``"Encounter/1"``): the US Core
+    #: encounter diagnosis is a ``Condition.encounter`` back-reference only; services ``Procedure.encounter``.
+    by_encounter: dict[str, list[Mapping[str, Any]]] = field(default_factory=dict)
 
 
 _MIN: Final = datetime.min.replace(tzinfo=UTC)
@@ -173,11 +176,17 @@ def collect(resources: Iterable[Mapping[str, Any]]) -> Collected:
         shared[f"urn:uuid:{resource_id}"] = resource
         holder = patients.setdefault(patient_id, PatientResources(patient_id))
         holder.by_type.setdefault(resource_type, []).append(resource)
+    by_encounter: dict[str, list[Mapping[str, Any]]] = {}
     for holder in patients.values():
         for items in holder.by_type.values():
             items.sort(key=_id_of)  # every id is a string here: newest_versions kept no other
+        for resource in (*holder.of("Condition"), *holder.of("Procedure")):
+            if resource.get("encounter") is not None:
+                target = resolve(resource.get("encounter"), shared)
+                if target is not None and target.startswith("Encounter/"):
+                    by_encounter.setdefault(target, []).append(resource)
     rejects.sort(key=lambda r: (r.resource_type, r.id or "", r.reason))
-    return Collected(patients=patients, shared=shared, rejects=rejects)
+    return Collected(patients=patients, shared=shared, rejects=rejects, by_encounter=by_encounter)
 
 
 _id_of: Final = itemgetter("id")

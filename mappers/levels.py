@@ -9,7 +9,7 @@ department). Every result says which rule fired and why, for ``--explain``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -80,11 +80,15 @@ def encounter_classes(encounter: Mapping[str, Any]) -> frozenset[str]:
     return frozenset(code for system, code in _class_codes(encounter) if system == "actcode")
 
 
-def diagnosis_codings(encounter: Mapping[str, Any], context: References) -> Iterator[tuple[str, str]]:
-    """Codings of ``reasonCode``, ``diagnosis.condition`` and ``reasonReference`` Conditions."""
-    yield from codings(encounter.get("reasonCode"))
-    targets = [d.get("condition") for d in items(encounter, "diagnosis") if isinstance(d, (dict, Mapping))]
-    targets.extend(items(encounter, "reasonReference"))
+#: Conditions and Procedures that point at an Encounter (``Condition.encounter``, ``Procedure.encounter``),
+#: by the Encounter's key (``"Encounter/1"``): US Core records an encounter diagnosis this way only.
+BackRefs = Mapping[str, Sequence[Mapping[str, Any]]]
+_NO_BACKREFS: Final[BackRefs] = {}
+
+
+def _condition_codings(
+    targets: Iterable[Any], context: References, encounter: Mapping[str, Any]
+) -> Iterator[tuple[str, str]]:
     for target in targets:
         if isinstance(target, (dict, Mapping)) and "concept" in target:
             yield from codings(target)
@@ -95,22 +99,84 @@ def diagnosis_codings(encounter: Mapping[str, Any], context: References) -> Iter
             yield from codings(condition.get("code"))
 
 
-def qualifier_of(encounter: Mapping[str, Any], context: References, rules: Rules) -> str | None:
-    """Why the Encounter is behavioral-health care (``"<qualifier id>: <evidence>"``), or None."""
-    checks: list[tuple[str, Iterator[tuple[str, str]]]] = [
-        ("diagnosis", diagnosis_codings(encounter, context)),
-        ("location_type", _location_types(encounter, context)),
-        ("admit_source", iter(codings(element(encounter, "hospitalization").get("admitSource")))),
-        ("service_type", iter(service_codes(encounter))),
+def reason_codings(encounter: Mapping[str, Any], context: References) -> Iterator[tuple[str, str]]:
+    """Codings of the Encounter's reason: ``reasonCode`` and ``reasonReference`` Conditions."""
+    yield from codings(encounter.get("reasonCode"))
+    yield from _condition_codings(items(encounter, "reasonReference"), context, encounter)
+
+
+def recorded_codings(
+    encounter: Mapping[str, Any], context: References, backrefs: BackRefs = _NO_BACKREFS
+) -> Iterator[tuple[str, str]]:
+    """Codings of diagnoses recorded for the Encounter: ``diagnosis.condition`` and Conditions pointing
+    at it (``Condition.encounter``; a refuted one does not count)."""
+    targets = [d.get("condition") for d in items(encounter, "diagnosis") if isinstance(d, (dict, Mapping))]
+    yield from _condition_codings(targets, context, encounter)
+    for resource in backrefs.get(f"Encounter/{encounter.get('id')}", ()):
+        if resource.get("resourceType") == "Condition" and not _refuted(resource):
+            yield from codings(resource.get("code"))
+
+
+def _refuted(condition: Mapping[str, Any]) -> bool:
+    return any(code == "REFUTED" for _, code in codings(condition.get("verificationStatus")))
+
+
+def diagnosis_codings(
+    encounter: Mapping[str, Any], context: References, backrefs: BackRefs = _NO_BACKREFS
+) -> Iterator[tuple[str, str]]:
+    """Codings of the reason, ``diagnosis.condition`` and the Conditions pointing at the Encounter."""
+    yield from reason_codings(encounter, context)
+    yield from recorded_codings(encounter, context, backrefs)
+
+
+def procedure_codings(encounter: Mapping[str, Any], backrefs: BackRefs) -> Iterator[tuple[str, str]]:
+    """Codes of the Procedures done in the Encounter (``Procedure.encounter``), not ``not-done`` ones."""
+    for resource in backrefs.get(f"Encounter/{encounter.get('id')}", ()):
+        if resource.get("resourceType") == "Procedure" and resource.get("status") not in (
+            "not-done",
+            "entered-in-error",
+            "preparation",
+        ):
+            yield from codings(resource.get("code"))
+
+
+def qualifier_of(
+    encounter: Mapping[str, Any],
+    context: References,
+    rules: Rules,
+    backrefs: BackRefs = _NO_BACKREFS,
+    *,
+    purpose: bool = False,
+) -> str | None:
+    """Why the Encounter is behavioral-health care (``"<qualifier id>: <evidence>"``), or None.
+
+    With ``purpose``, only what shows the Encounter was *for* behavioral-health care counts: its reason,
+    type/serviceType, the services done in it, its place or admit source; not a diagnosis it merely
+    records (``Encounter.diagnosis``, a Condition pointing at it), as a check-up does.
+    """
+    checks: list[tuple[str, str, Iterator[tuple[str, str]]]] = [
+        ("diagnosis", "reason", reason_codings(encounter, context)),
     ]
-    for kind, found in checks:
+    if not purpose:
+        checks.append(("diagnosis", "diagnosis", recorded_codings(encounter, context, backrefs)))
+    checks += [
+        ("location_type", "location_type", _location_types(encounter, context)),
+        (
+            "admit_source",
+            "admit_source",
+            iter(codings(element(encounter, "hospitalization").get("admitSource"))),
+        ),
+        ("service_type", "service_type", iter(service_codes(encounter))),
+        ("service_type", "Procedure.encounter", procedure_codings(encounter, backrefs)),
+    ]
+    for kind, label, found in checks:
         qualifiers = rules.qualifiers_on(kind)
         if not qualifiers:
             continue
         for system, code in found:
             for qualifier in qualifiers:
-                if (not qualifier.system or qualifier.system == system) and qualifier.matches_code(code):
-                    return f"{qualifier.id}: {kind} {system} {code}"
+                if qualifier.matches(system, code):
+                    return f"{qualifier.id}: {label} {system} {code}"
     departments = rules.qualifiers_on("location")
     if departments:
         for key in _refs(encounter):
@@ -121,24 +187,28 @@ def qualifier_of(encounter: Mapping[str, Any], context: References, rules: Rules
 
 
 class _Qualified:
-    """The behavioral-health qualifier, computed at most once per classification."""
+    """The behavioral-health qualifiers (any, and of purpose), each computed at most once."""
 
-    def __init__(self, encounter: Mapping[str, Any], context: References, rules: Rules) -> None:
-        self._args = (encounter, context, rules)
-        self._done = False
-        self._value: str | None = None
+    def __init__(
+        self,
+        encounter: Mapping[str, Any],
+        context: References,
+        rules: Rules,
+        backrefs: BackRefs = _NO_BACKREFS,
+    ) -> None:
+        self._args = (encounter, context, rules, backrefs)
+        self._values: dict[str, str | None] = {}
 
-    def get(self) -> str | None:
-        if not self._done:
-            self._value = qualifier_of(*self._args)
-            self._done = True
-        return self._value
+    def get(self, need: str = "any") -> str | None:
+        if need not in self._values:
+            self._values[need] = qualifier_of(*self._args, purpose=need == "purpose")
+        return self._values[need]
 
 
 def _applies(rule: Rule, classes: frozenset[str], qualified: _Qualified) -> bool:
     if rule.classes and not (rule.classes & classes):
         return False
-    return not rule.qualifier or qualified.get() is not None
+    return not rule.qualifier or qualified.get(rule.qualifier) is not None
 
 
 def classify_encounter(
@@ -147,15 +217,17 @@ def classify_encounter(
     rules: Rules,
     *,
     codes: list[tuple[str, str]] | None = None,
+    backrefs: BackRefs = _NO_BACKREFS,
 ) -> Classification:
     """The level of care of one Encounter and the rule that fired (pure; no I/O).
 
     ``context`` maps reference keys to the Locations and Conditions the Encounter may point at;
-    ``codes`` are its ``service_codes`` when the caller has them already.
+    ``codes`` are its ``service_codes`` when the caller has them already; ``backrefs`` the Conditions
+    and Procedures pointing at Encounters (``index.Collected.by_encounter``).
     """
     if codes is None:
         codes = service_codes(encounter)
-    return _classify(encounter, context, rules, codes, _Qualified(encounter, context, rules))
+    return _classify(encounter, context, rules, codes, _Qualified(encounter, context, rules, backrefs))
 
 
 def _classify(
@@ -201,36 +273,45 @@ def _classify(
             _, rule, what, value = best
             reason = f"rule {rule.id}: {what} {value}"
             if rule.qualifier:
-                reason += f"; behavioral-health qualifier {qualified.get()}"
+                reason += f"; behavioral-health qualifier {qualified.get(rule.qualifier)}"
             level = None if rule.level == NONE_LEVEL else rule.level
             return Classification(level=level, rule_id=rule.id, reason=reason)
     if missing_qualifier is not None:
         return Classification(
             level=None,
             rule_id=None,
-            reason=f"no level: rule {missing_qualifier.id} needs a behavioral-health qualifier",
+            reason=f"no level: rule {missing_qualifier.id} needs a behavioral-health qualifier"
+            + (
+                " of purpose (reason, type, service or place)"
+                if missing_qualifier.qualifier == "purpose"
+                else ""
+            ),
         )
     return Classification(level=None, rule_id=None, reason="no rule matched")
 
 
 class _Consulted(_Qualified):
-    """A ``_Qualified`` that remembers whether the rules asked for the qualifier."""
+    """A ``_Qualified`` that remembers whether the rules asked for a qualifier."""
 
-    def __init__(self, encounter: Mapping[str, Any], context: References, rules: Rules) -> None:
-        super().__init__(encounter, context, rules)
+    def __init__(
+        self, encounter: Mapping[str, Any], context: References, rules: Rules, backrefs: BackRefs
+    ) -> None:
+        super().__init__(encounter, context, rules, backrefs)
         self.asked = False
 
-    def get(self) -> str | None:
+    def get(self, need: str = "any") -> str | None:
         self.asked = True
-        return super().get()
+        return super().get(need)
+
+    def both(self) -> tuple[str | None, str | None]:
+        return super().get("any"), super().get("purpose")
 
 
 class _Known(_Qualified):
-    """A qualifier computed already."""
+    """Qualifiers computed already."""
 
-    def __init__(self, value: str | None) -> None:
-        self._done = True
-        self._value = value
+    def __init__(self, values: tuple[str | None, str | None]) -> None:
+        self._values = {"any": values[0], "purpose": values[1]}
 
 
 _ASKS_QUALIFIER: Final = object()
@@ -241,43 +322,49 @@ class Classifier:
 
     An Encounter's level depends only on its service codes, ``class``, ``location`` and
     ``serviceProvider`` (with the types of those Locations, fixed by ``context``), plus its behavioral-health
-    qualifier when a candidate rule needs one. Encounters with the same such signature (a program's
-    sessions, week after week) share one Classification; the qualifier, when a rule asks for it, is
-    still read from each Encounter (its diagnoses) and is part of the memo key. Encounters with
-    contained resources (``#id`` references) are classified afresh. Give each ``context`` its own.
+    qualifiers when a candidate rule needs one. Encounters with the same such signature (a program's
+    sessions, week after week) share one Classification; the qualifiers, when a rule asks for one, are
+    still read from each Encounter (its diagnoses, reasons, the resources pointing at it) and are part of
+    the memo key. Encounters with contained resources (``#id`` references) are classified afresh. Give
+    each ``context`` its own.
     """
 
-    def __init__(self, context: References, rules: Rules) -> None:
+    def __init__(self, context: References, rules: Rules, backrefs: BackRefs = _NO_BACKREFS) -> None:
         self.context = context
         self.rules = rules
+        self.backrefs = backrefs
         self._memo: dict[Any, Any] = {}
 
     def classify(self, encounter: Mapping[str, Any], codes: list[tuple[str, str]]) -> Classification:
         if encounter.get("contained"):
-            return classify_encounter(encounter, self.context, self.rules, codes=codes)
+            return classify_encounter(
+                encounter, self.context, self.rules, codes=codes, backrefs=self.backrefs
+            )
         try:  # the elements the class and location tiers read, as JSON: cheaper than reading them
             where = orjson.dumps(
                 (encounter.get("class"), encounter.get("location"), encounter.get("serviceProvider"))
             )
         except TypeError:  # what orjson cannot write (integers beyond 64 bits…): no memo
-            return classify_encounter(encounter, self.context, self.rules, codes=codes)
+            return classify_encounter(
+                encounter, self.context, self.rules, codes=codes, backrefs=self.backrefs
+            )
         key = (tuple(codes), where)
         known = self._memo.get(key)
         if known is not None and known is not _ASKS_QUALIFIER:
             return known  # type: ignore[no-any-return]
         if known is _ASKS_QUALIFIER:
-            qualifier = qualifier_of(encounter, self.context, self.rules)
-            found = self._memo.get((key, qualifier))
+            qualifiers = _Consulted(encounter, self.context, self.rules, self.backrefs).both()
+            found = self._memo.get((key, qualifiers))
             if found is None:
-                found = self._memo[(key, qualifier)] = _classify(
-                    encounter, self.context, self.rules, codes, _Known(qualifier)
+                found = self._memo[(key, qualifiers)] = _classify(
+                    encounter, self.context, self.rules, codes, _Known(qualifiers)
                 )
             return found
-        consulted = _Consulted(encounter, self.context, self.rules)
+        consulted = _Consulted(encounter, self.context, self.rules, self.backrefs)
         result = _classify(encounter, self.context, self.rules, codes, consulted)
         if consulted.asked:
             self._memo[key] = _ASKS_QUALIFIER
-            self._memo[(key, consulted.get())] = result
+            self._memo[(key, consulted.both())] = result
         else:
             self._memo[key] = result
         return result

@@ -180,6 +180,7 @@ class Condition(_Resource, total=False):
     category: list[CodeableConcept] | None
     clinicalStatus: CodeableConcept | None
     verificationStatus: CodeableConcept | None
+    encounter: Reference | None
 
 
 class Procedure(_Resource, total=False):

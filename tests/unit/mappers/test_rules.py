@@ -10,12 +10,12 @@ from mappers.rules import LEVEL_RANK
 
 def test_default_table_is_versioned_and_every_entry_has_a_source() -> None:
     rules = default_rules()
-    assert rules.version == "2026.11.1"
+    assert rules.version == "2026.12.1"
     assert rules.rules
     assert rules.qualifiers
     for entry in (*rules.rules, *rules.qualifiers):
         assert entry.source.strip()
-    assert {r.level for r in rules.rules} == set(LEVEL_RANK)
+    assert {r.level for r in rules.rules} == {*LEVEL_RANK, "none"}
 
 
 def test_no_text_gives_the_base() -> None:
@@ -47,7 +47,7 @@ id = "residential-class-nonac"
 disabled = true
 """
     rules = load_rules(text)
-    assert rules.version == "2026.11.1+st-mary-3"
+    assert rules.version == "2026.12.1+st-mary-3"
     by_id = {r.id: r for r in rules.rules}
     assert by_id["php-pos-52"].level == "iop"
     assert "residential-class-nonac" not in by_id

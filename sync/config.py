@@ -28,10 +28,12 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from connectors.config import EhrConfig, is_loopback_url
+from sync.episode_config import EpisodeConfig, merged_episode_table
 from sync.errors import ConfigError
 
 if TYPE_CHECKING:  # the store (SQLAlchemy) loads only when a command opens it
     from connectors.store import StateStore
+    from mappers.settings import EpisodeSettings
 
 _log = structlog.get_logger()
 
@@ -104,7 +106,21 @@ class Settings(_Section):
     kafka: KafkaConfig = KafkaConfig()
     service: ServiceConfig = ServiceConfig()
     rules: str | None = Field(default=None, description="a hospital's own level-of-care rule file (TOML)")
+    episode: EpisodeConfig = Field(default=EpisodeConfig(), description="episode settings of every EHR")
     ehr: tuple[EhrConfig, ...] = ()
+    #: ``[ehr.episode]`` tables laid over ``[episode]``, by EHR name (built by ``load_settings``).
+    ehr_episode: dict[str, EpisodeConfig] = Field(default_factory=dict)
+
+    def episode_config(self, ehr_name: str) -> EpisodeConfig:
+        return self.ehr_episode.get(ehr_name, self.episode)
+
+    def episode_settings(self, ehr: EhrConfig) -> EpisodeSettings:
+        """What the mappers receive for ``ehr``: its episode settings and its patient identifiers."""
+        return self.episode_config(ehr.name).settings(ehr.patient_identifier_systems)
+
+    def rules_file(self, ehr_name: str) -> str | None:
+        """The EHR's own rule file, else the top-level one, else none (the shipped rules)."""
+        return self.episode_config(ehr_name).rules or self.rules
 
     def ehr_named(self, name: str) -> EhrConfig:
         for ehr in self.ehr:
@@ -181,15 +197,43 @@ def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = N
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {file} is not valid TOML: {exc}") from exc
     merged = apply_env_overrides(raw, os.environ if environ is None else environ)
+    own_episode = _pop_ehr_episode_tables(merged)
     try:
         settings = Settings.model_validate(merged)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
-        )
-        raise ConfigError(f"invalid configuration: {problems}") from exc
+        raise ConfigError(f"invalid configuration: {_problems(exc)}") from exc
+    per_ehr: dict[str, EpisodeConfig] = {}
+    for index, own in own_episode.items():
+        try:
+            per_ehr[settings.ehr[index].name] = EpisodeConfig.model_validate(
+                merged_episode_table(merged.get("episode"), own)
+            )
+        except ValidationError as exc:
+            raise ConfigError(f"invalid configuration: {_problems(exc, f'ehr.{index}.episode')}") from exc
+    if per_ehr:
+        settings = settings.model_copy(update={"ehr_episode": per_ehr})
     warn_cleartext(settings)
     return settings
+
+
+def _pop_ehr_episode_tables(merged: dict[str, Any]) -> dict[int, object]:
+    """Take each ``[ehr.episode]`` table out of its ``[[ehr]]`` (the connector's config does not know
+    episodes), by the EHR's position."""
+    tables = merged.get("ehr")
+    if not isinstance(tables, list):
+        return {}
+    return {
+        i: ehr.pop("episode") for i, ehr in enumerate(tables) if isinstance(ehr, dict) and "episode" in ehr
+    }
+
+
+def _problems(exc: ValidationError, prefix: str = "") -> str:
+    """Each error as ``key.path: message`` (the key a person would fix)."""
+    return "; ".join(
+        ".".join([prefix, *(str(p) for p in err["loc"])] if prefix else [str(p) for p in err["loc"]])
+        + f": {err['msg']}"
+        for err in exc.errors(include_url=False)
+    )
 
 
 _VERIFIED_SSLMODES = frozenset({"verify-ca", "verify-full"})

@@ -49,6 +49,7 @@ from schemas.topics import Topics
 from sync import writeback
 from sync.capabilities import discover_targets
 from sync.config import Settings, open_store
+from sync.episode_config import settings_fingerprint
 from sync.errors import ConfigError, PermanentEventError
 from sync.kafka import Event, EventConsumer, EventProducer, PollStats
 from sync.metrics import Metrics
@@ -61,6 +62,8 @@ log = structlog.get_logger()
 SHARED_TYPES = ("Location", "Organization")
 #: Patients mapped together: the shared resources are indexed once per batch.
 MAP_BATCH = 200
+#: ``patients_touched`` since this instant: every patient the replica holds.
+_EVERY_PULL = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass
@@ -77,17 +80,21 @@ class CycleReport:
     staged: int = 0
     published: int = 0
     episode_of_care_written: int = 0
+    #: Patients re-mapped because the EHR's rules or episode settings changed (0 when they did not).
+    remapped_for_settings: int = 0
 
 
-def _load_rules(settings: Settings) -> Rules:
-    if not settings.rules:
-        return default_rules()
+def _read_rules(path: str | None) -> tuple[Rules, str | None]:
+    """The rules of ``path`` (the shipped ones when None) and the file's text (for the fingerprint)."""
+    if not path:
+        return default_rules(), None
     try:
-        return load_rules(Path(settings.rules).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+        return load_rules(text), text
     except OSError as exc:
-        raise ConfigError(f"rules file {settings.rules}: {exc.strerror}") from exc
+        raise ConfigError(f"rules file {path}: {exc.strerror}") from exc
     except ValueError as exc:
-        raise ConfigError(f"rules file {settings.rules}: {exc}") from exc
+        raise ConfigError(f"rules file {path}: {exc}") from exc
 
 
 class Service:
@@ -109,9 +116,20 @@ class Service:
         self.store = open_store(settings.store.url)
         self.state = SyncState(self.store.engine)
         self.topics = Topics(settings.kafka.topic_prefix)
-        self.rules = _load_rules(settings)
         self.metrics = metrics or Metrics()
-        self.episode_settings = episode_settings or EpisodeSettings()
+        # Per EHR: the episode settings and rules its patients are mapped with, and their fingerprint
+        # (``settings_fingerprint``); every rule file is read once, at start-up (a bad one stops it).
+        self._mapping: dict[str, tuple[EpisodeSettings, Rules, str]] = {}
+        read: dict[str | None, tuple[Rules, str | None]] = {}
+        for ehr in settings.ehr:
+            path = settings.rules_file(ehr.name)
+            if path not in read:
+                read[path] = _read_rules(path)
+            rules, text = read[path]
+            chosen = settings.episode_settings(ehr)
+            if episode_settings is not None:  # a caller's (tests') settings, with the EHR's identifiers
+                chosen = replace(episode_settings, patient_identifier_systems=ehr.patient_identifier_systems)
+            self._mapping[ehr.name] = (chosen, rules, settings_fingerprint(chosen, rules.version, text))
         self._fixed_as_of = as_of
         self._client_factory = client_factory
         self._retry_pause_s = (  # how long a partition waits after a temporary EHR failure
@@ -180,9 +198,24 @@ class Service:
         as_of = self.as_of()
         touched = set(self.store.patients_touched(ehr.name, summary.started_at))
         due = set(self.state.patients_due(ehr.name, as_of.date().isoformat()))
+        fingerprint = self._mapping[ehr.name][2]
+        before = self.state.mapping_fingerprint(ehr.name)
+        settings_changed = before != fingerprint
+        if settings_changed:  # new rules or settings: every patient once, not only the increment's
+            touched |= set(self.store.patients_touched(ehr.name, _EVERY_PULL))
         patients = sorted(touched | due)
         changed = self._map_and_stage(ehr, patients, as_of, report)
         report.staged = len(changed)
+        if settings_changed:
+            self.state.set_mapping_fingerprint(ehr.name, fingerprint)
+            report.remapped_for_settings = len(patients)
+            log.info(
+                "settings_changed_remapped",
+                ehr=ehr.name,
+                first_mapping=before is None,
+                patients=len(patients),
+                records_changed=len(changed),
+            )
         report.published += drain_outbox(self.state, self.producer, metrics=self.metrics)
         if ehr.write_back and self.client(ehr).profile.can_write_episode_of_care:
             report.episode_of_care_written = self._write_episodes_of_care(ehr, changed)
@@ -203,6 +236,7 @@ class Service:
         if not patients:
             return []
         shared = self.store.resources_of_type(ehr.name, SHARED_TYPES)
+        episode_settings, rules, _ = self._mapping[ehr.name]
         changed: list[Staged] = []
         for start in range(0, len(patients), MAP_BATCH):
             batch = patients[start : start + MAP_BATCH]
@@ -217,19 +251,17 @@ class Service:
                 resources,
                 ehr=ehr.name,
                 as_of=as_of,
-                rules=self.rules,
-                settings=replace(
-                    self.episode_settings, patient_identifier_systems=ehr.patient_identifier_systems
-                ),
+                rules=rules,
+                settings=episode_settings,
                 timezone=ehr.timezone,
                 previous_anchors=previous,
             )
             referrals = map_referrals(
                 resources,
                 ehr=ehr.name,
-                rules=self.rules,
-                local_codes=self.episode_settings.referral_local_codes,
-                part2_program=self.episode_settings.part2_program,
+                rules=rules,
+                local_codes=episode_settings.referral_local_codes,
+                part2_program=episode_settings.part2_program,
                 timezone=ehr.timezone,
             )
             report.patients_mapped += len(batch)
@@ -245,8 +277,7 @@ class Service:
                 referrals=[dict(r) for r in referrals.referrals],
             )
             staged = [
-                _with_review(item, self.episode_settings) if item.kind == "episode" else item
-                for item in staged
+                _with_review(item, episode_settings) if item.kind == "episode" else item for item in staged
             ]
             changed.extend(self.state.stage_changes(ehr.name, staged))
         return changed

@@ -118,6 +118,16 @@ sessions = Table(
     Column("status", String(20), nullable=False),
 )
 
+# ``sync_mapping_v1``: per EHR, the fingerprint of the rules and episode settings its published records
+# were mapped with (``sync.episode_config.settings_fingerprint``); another one re-maps every patient.
+mapping = Table(
+    "sync_mapping_v1",
+    metadata,
+    Column("ehr", String(200), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
 
 # The write-back's reads, once per event each: built once (bound parameters), not per call.
 _EVENT_ENTRY = select(ledger.c.outcome, ledger.c.content_hash).where(
@@ -384,6 +394,16 @@ class SyncState:
                 )
                 .values(fhir_id=fhir_id)
             )
+
+    def mapping_fingerprint(self, ehr: str) -> str | None:
+        """The fingerprint of the rules and settings ``ehr``'s records were last mapped with."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(mapping.c.fingerprint).where(mapping.c.ehr == ehr)).first()
+        return None if row is None else str(row.fingerprint)
+
+    def set_mapping_fingerprint(self, ehr: str, fingerprint: str) -> None:
+        with self._writing() as conn:
+            _upsert(conn, mapping, {"ehr": ehr, "fingerprint": fingerprint, "updated_at": now_utc()}, ["ehr"])
 
     # -- write-back -------------------------------------------------------------------------------
 

@@ -151,6 +151,26 @@ def consume_records(bootstrap: str, topic: str, count: int) -> list[ConsumerReco
     return sorted(found, key=lambda r: (r.partition, r.offset))
 
 
+def records_to_end(bootstrap: str, topic: str) -> list[ConsumerRecord]:
+    """Every record of every partition of a topic, up to its end offsets now (no group, nothing
+    committed), ordered by (partition, offset)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    try:
+        assignment = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(assignment)
+        consumer.seek_to_beginning(*assignment)
+        ends = consumer.end_offsets(assignment)
+        found: list[ConsumerRecord] = []
+        deadline = time.monotonic() + WAIT_S
+        while any(consumer.position(tp) < ends[tp] for tp in assignment):
+            assert time.monotonic() < deadline, f"{topic}: not read to its end within {WAIT_S}s"
+            for batch in consumer.poll(timeout_ms=500).values():
+                found.extend(batch)
+    finally:
+        consumer.close()
+    return sorted(found, key=lambda r: (r.partition, r.offset))
+
+
 @pytest.fixture
 def produce(kafka_bootstrap: str) -> Callable[..., list[tuple[int, int]]]:
     def _produce(topic: str, records: Sequence[tuple[bytes | None, bytes, Sequence[Header]]]) -> Any:

@@ -37,9 +37,7 @@ from mappers import (
     EpisodeSettings,
     Rules,
     anchor_key,
-    default_rules,
     episode_of_care,
-    load_rules,
     map_episodes,
     map_referrals,
     review_after,
@@ -53,6 +51,7 @@ from sync.errors import ConfigError, PermanentEventError
 from sync.kafka import Event, EventConsumer, EventProducer, PollStats
 from sync.metrics import Metrics
 from sync.publisher import drain_outbox, stage_records
+from sync.rules_files import load_rules_file
 from sync.state import Staged, SyncState
 
 log = structlog.get_logger()
@@ -80,14 +79,8 @@ class CycleReport:
 
 
 def _load_rules(settings: Settings) -> Rules:
-    if not settings.rules:
-        return default_rules()
-    try:
-        return load_rules(Path(settings.rules).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"rules file {settings.rules}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise ConfigError(f"rules file {settings.rules}: {exc}") from exc
+    """The hospital's rules file (value set files it names read beside it), else the defaults."""
+    return load_rules_file(settings.rules)
 
 
 class Service:

@@ -66,6 +66,11 @@ def _location_types(encounter: Mapping[str, Any], context: References) -> Iterat
             yield from codings(location.get("type"))
 
 
+def location_types(encounter: Mapping[str, Any], context: References) -> list[tuple[str, str]]:
+    """``Location.type`` codings of the Encounter's locations (resolved through ``context``)."""
+    return list(_location_types(encounter, context))
+
+
 def service_codes(encounter: Mapping[str, Any]) -> list[tuple[str, str]]:
     """``Encounter.type`` and ``serviceType`` codings as (system key, code)."""
     return codings(encounter.get("type")) + codings(encounter.get("serviceType"))

@@ -112,7 +112,7 @@ def resource_batches(args: argparse.Namespace, settings: Settings | None) -> Ite
     if args.store is None and settings is None:
         raise ConfigError("give INPUT files, or --config / --store to read the service's replica")
     url = args.store if args.store is not None else settings.store.url  # type: ignore[union-attr]
-    yield from _store_batches(url, _ehr_name(args, settings))
+    yield from _store_batches(url, ehr_name(args, settings))
 
 
 def _file_batches(paths: Sequence[Path], mode: ReadMode) -> Iterator[list[dict[str, Any]]]:
@@ -127,7 +127,7 @@ def _file_batches(paths: Sequence[Path], mode: ReadMode) -> Iterator[list[dict[s
             yield [*read_partition([part], mode=mode, sources=partitions.sources), *shared]
 
 
-def _ehr_name(args: argparse.Namespace, settings: Settings | None) -> str:
+def ehr_name(args: argparse.Namespace, settings: Settings | None) -> str:
     if args.ehr:
         return str(args.ehr)
     names = [ehr.name for ehr in settings.ehr] if settings is not None else []

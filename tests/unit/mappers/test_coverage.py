@@ -161,3 +161,36 @@ def test_cli_reads_the_services_replica(tmp_path: Path, capsys: pytest.CaptureFi
 def test_cli_without_inputs_or_store_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["coverage"]) == 2
     assert "INPUT" in capsys.readouterr().err
+
+
+ORACLE_222 = "https://fhir.cerner.com/ec2458f2-1e24-41c8-b71b-0e701af7583d/codeSet/222"
+
+
+def test_oracle_location_types_in_physical_type_show_and_take_a_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Oracle Health sends Millennium location types (code set 222, tenant-specific numeric codes) in
+    Location.physicalType: coverage shows them through the lean reader, and a rule on that system works."""
+    unit = {
+        "resourceType": "Location",
+        "id": "4048128",
+        "physicalType": {"coding": [{"system": ORACLE_222, "code": "794", "userSelected": True}]},
+    }
+    stays = [
+        enc(f"st{n}", "p", "IMP", location=[{"location": {"reference": "Location/4048128"}}])
+        for n in range(2)
+    ]
+    data = tmp_path / "oracle.ndjson"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [unit, *stays]), encoding="utf-8")
+    assert main(["coverage", str(data), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["signatures"]
+    assert row["location_types"] == [f"{ORACLE_222.removeprefix('https://').lower()} 794"]
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        f'version = "h-1"\n[[rule]]\nid = "inpatient-bhu"\nlevel = "inpatient"\non = "location_type"\n'
+        f'system = "{ORACLE_222}"\ncodes = ["794"]\nsource = "our BH unit (code set 222 value 794)"\n',
+        encoding="utf-8",
+    )
+    assert main(["coverage", str(data), "--rules", str(rules), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert (document["classified"], document["unclassified"]) == ({"inpatient": 2}, 0)

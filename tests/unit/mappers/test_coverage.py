@@ -13,6 +13,7 @@ from connectors.store import StateStore
 from mappers.coverage import encounter_coverage
 from mappers.rules import default_rules, load_rules
 from sync.cli import main
+from sync.commands import coverage as command
 
 ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 SNOMED = "http://snomed.info/sct"
@@ -194,3 +195,14 @@ def test_oracle_location_types_in_physical_type_show_and_take_a_rule(
     assert main(["coverage", str(data), "--rules", str(rules), "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert (document["classified"], document["unclassified"]) == ({"inpatient": 2}, 0)
+
+
+def test_a_large_input_is_read_in_patient_partitions_with_the_same_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _write(tmp_path / "all.ndjson")
+    assert main(["coverage", str(data), "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    monkeypatch.setattr(command, "PARTITION_BYTES", 500)  # a few patients per partition
+    assert main(["coverage", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == whole

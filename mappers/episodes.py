@@ -148,6 +148,7 @@ class _Patient:
         self.holder = holder
         self.classifier = classifier
         self.shared = collected.shared
+        self.by_encounter = collected.by_encounter
         self.ehr = ehr
         self.as_of = as_of
         self.today = as_of.astimezone(zone).date()
@@ -607,7 +608,13 @@ class _Patient:
         if episode.hint is not None:
             sources.append(episode.hint.resource)
         diagnoses = facts.billing_diagnoses(
-            [facts.diagnoses_of(r, self.shared, self.condition_codes, self.diagnoses) for r in sources]
+            [
+                [
+                    *facts.diagnoses_of(r, self.shared, self.condition_codes, self.diagnoses),
+                    *self._pointing_diagnoses(r),
+                ]
+                for r in sources
+            ]
         )
         principal = diagnoses[0]["code"] if diagnoses else None
         coded = [v.codes for v in sessions]
@@ -681,6 +688,14 @@ class _Patient:
             "rules_version": self.rules.version,
         }
 
+    def _pointing_diagnoses(self, resource: Mapping[str, Any]) -> list[facts.Diagnosis]:
+        """Diagnoses of the Conditions pointing at an Encounter (``Condition.encounter``)."""
+        if resource.get("resourceType") != "Encounter":
+            return []
+        key = f"Encounter/{resource.get('id')}"
+        pointing = self.by_encounter.get(key)
+        return facts.back_reference_diagnoses(key, pointing, self.condition_codes) if pointing else []
+
     def _part2_evidence(
         self, sources: Sequence[Mapping[str, Any]], extra: Sequence[Visit], encounters: set[str]
     ) -> bool:
@@ -689,8 +704,14 @@ class _Patient:
             p for p in self.holder.of("Procedure") if resolve(p.get("encounter"), self.shared) in encounters
         ]
         patient = [self.holder.patient] if self.holder.patient is not None else []
+        pointing = [
+            c
+            for key in sorted(encounters)
+            for c in self.by_encounter.get(key, ())
+            if c.get("resourceType") == "Condition"
+        ]
         return has_part2_evidence(
-            [*sources, *(v.resource for v in extra), *procedures, *patient], self.shared
+            [*sources, *(v.resource for v in extra), *procedures, *pointing, *patient], self.shared
         )
 
     def _revenue_code(self, level: str, substance_use: bool, sessions: Sequence[Visit]) -> str | None:

@@ -246,6 +246,25 @@ def _diagnoses_of(
     return found
 
 
+def back_reference_diagnoses(
+    key: str, pointing: Sequence[Mapping[str, Any]], memo: dict[str, list[str]]
+) -> list[Diagnosis]:
+    """ICD-10-CM diagnoses of the Conditions pointing at Encounter ``key`` (``Condition.encounter``: US
+    Core's encounter diagnosis), not refuted ones; ``pointing`` is ``index.Collected.by_encounter[key]``."""
+    found: list[Diagnosis] = []
+    for resource in pointing:
+        if resource.get("resourceType") != "Condition" or _refuted(resource):
+            continue
+        reference = f"Condition/{resource.get('id')}"
+        for code in _condition_codes(reference, resource, memo):
+            found.append(Diagnosis(code, _icd_key(code), reference, None))
+    return found
+
+
+def _refuted(condition: Mapping[str, Any]) -> bool:
+    return any(code == "REFUTED" for _, code in codings(condition.get("verificationStatus")))
+
+
 def billing_diagnoses(ordered: Sequence[Sequence[Diagnosis]]) -> list[dict[str, Any]]:
     """Principal first (rank 1 on the earliest resource, else its first F code, else its first code)."""
     flat = [d for group in ordered for d in group]

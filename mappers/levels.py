@@ -1,10 +1,11 @@
 """Classifying an Encounter into a level of care by the rule table.
 
 Tiers in order of precedence: a hospital Location / department id, ``Encounter.type`` / ``serviceType``
-codings, the ``Location.type`` of the Encounter's locations, then ``Encounter.class``. Within a tier the
-first matching rule in table order wins. A rule marked ``qualifier`` needs a behavioral-health qualifier
-(an F01-F99 diagnosis, a psychiatric location, admit source ``psych``, a configured service type or
-department). Every result says which rule fired and why, for ``--explain``.
+codings, the ``Location.type`` (and ``physicalType``) of the Encounter's locations, then
+``Encounter.class``. Within a tier the first matching rule in table order wins. A rule marked
+``qualifier`` needs a behavioral-health qualifier (an F01-F99 diagnosis, a psychiatric location, admit
+source ``psych``, a configured service type or department). Every result says which rule fired and
+why, for ``--explain``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ def _location_types(encounter: Mapping[str, Any], context: References) -> Iterat
         location = _resolve(key, context, encounter) if key else None
         if location is not None:
             yield from codings(location.get("type"))
+            # Oracle Health puts its local location types (Millennium code set 222) in physicalType.
+            yield from codings(location.get("physicalType"))
+
+
+def location_types(encounter: Mapping[str, Any], context: References) -> list[tuple[str, str]]:
+    """``Location.type`` codings of the Encounter's locations (resolved through ``context``)."""
+    return list(_location_types(encounter, context))
 
 
 def service_codes(encounter: Mapping[str, Any]) -> list[tuple[str, str]]:

@@ -199,6 +199,8 @@ class Coverage(_Resource, total=False):
 
 class Location(_Resource, total=False):
     type: list[CodeableConcept] | None
+    #: Oracle Health sends its Millennium location types (code set 222) here, not in ``type``.
+    physicalType: CodeableConcept | None
 
 
 class Organization(_Resource, total=False):

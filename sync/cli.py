@@ -18,7 +18,7 @@ import structlog
 
 from sync.logs import configure_logging
 
-COMMANDS: tuple[str, ...] = ("seed", "pull", "map", "run", "dlq", "demo")
+COMMANDS: tuple[str, ...] = ("seed", "pull", "map", "coverage", "explain", "run", "dlq", "demo")
 
 EXIT_OK = 0
 EXIT_OTHER = 1

@@ -37,9 +37,7 @@ from mappers import (
     EpisodeSettings,
     Rules,
     anchor_key,
-    default_rules,
     episode_of_care,
-    load_rules,
     map_episodes,
     map_referrals,
     review_after,
@@ -54,6 +52,7 @@ from sync.errors import ConfigError, PermanentEventError
 from sync.kafka import Event, EventConsumer, EventProducer, PollStats
 from sync.metrics import Metrics
 from sync.publisher import drain_outbox, stage_records
+from sync.rules_files import load_rules_file, read_rules_text
 from sync.state import Staged, SyncState
 
 log = structlog.get_logger()
@@ -85,16 +84,11 @@ class CycleReport:
 
 
 def _read_rules(path: str | None) -> tuple[Rules, str | None]:
-    """The rules of ``path`` (the shipped ones when None) and the file's text (for the fingerprint)."""
+    """The rules of ``path`` (value set files it names read beside it; the shipped rules when None) and
+    the file's text (for the fingerprint)."""
     if not path:
-        return default_rules(), None
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-        return load_rules(text), text
-    except OSError as exc:
-        raise ConfigError(f"rules file {path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise ConfigError(f"rules file {path}: {exc}") from exc
+        return load_rules_file(None), None
+    return load_rules_file(path), read_rules_text(Path(path))
 
 
 class Service:

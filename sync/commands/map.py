@@ -41,7 +41,6 @@ from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, tzinfo
-from functools import lru_cache
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final
@@ -54,7 +53,7 @@ from connectors.private import make_private_dir, open_private
 from mappers.episode_of_care import episode_of_care
 from mappers.episodes import map_episodes, sort_key
 from mappers.referrals import map_referrals
-from mappers.rules import Rules, RulesError, default_rules, load_rules
+from mappers.rules import Rules, RulesError
 from mappers.settings import EpisodeSettings
 from sync.errors import ConfigError
 from sync.inputs import (
@@ -65,6 +64,7 @@ from sync.inputs import (
     partition_resources,
     read_partition,
 )
+from sync.rules_files import rules_folder, rules_from_text
 
 log = structlog.get_logger()
 
@@ -119,6 +119,8 @@ class MapOptions:
     format: str
     explain: bool
     rules_text: str | None = None
+    #: The rules file's folder: the value set files it names are read from there (``sync.rules_files``).
+    rules_dir: str | None = None
     #: How resources are read: the lean projection, or whole and validated (``--strict``).
     mode: ReadMode = "lean"
 
@@ -236,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--workers and --partitions must be 0 (automatic) or more")
     rules_text = read_rules_text(args.rules)
     rules = rules_from(rules_text, args.rules)
+    rules_dir = rules_folder(args.rules) if args.rules is not None else None
     options = MapOptions(
         ehr=args.ehr,
         as_of=as_of,
@@ -243,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
         format=args.format,
         explain=args.explain,
         rules_text=rules_text,
+        rules_dir=rules_dir,
         mode="strict" if args.strict else "lean",
     )
     workers = args.workers or os.cpu_count() or 1
@@ -335,7 +339,7 @@ def map_partition(job: PartitionJob) -> Outcome:
 
 
 def _map_partition(job: PartitionJob) -> Outcome:
-    rules = _rules(job.options.rules_text)
+    rules = rules_from_text(job.options.rules_text, job.options.rules_dir)
     mode, sources = job.options.mode, job.sources
     unreadable: list[InputReject] = []
     shared = read_partition(
@@ -355,11 +359,6 @@ def _map_partition(job: PartitionJob) -> Outcome:
     with open_private(job.out) as handle:
         handle.writelines(lines)
     return outcome
-
-
-@lru_cache(maxsize=4)
-def _rules(text: str | None) -> Rules:
-    return default_rules() if text is None else load_rules(text)
 
 
 def map_resources(
@@ -457,7 +456,7 @@ def read_rules_text(path: Path | None) -> str | None:
 
 def rules_from(text: str | None, path: Path | None) -> Rules:
     try:
-        return _rules(text)
+        return rules_from_text(text, rules_folder(path) if path is not None else None)
     except RulesError as exc:
         raise ConfigError(f"rules file {path}: {exc}") from exc
 

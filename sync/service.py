@@ -231,6 +231,7 @@ class Service:
                 local_codes=self.episode_settings.referral_local_codes,
                 part2_program=self.episode_settings.part2_program,
                 timezone=ehr.timezone,
+                patient_identifier_systems=ehr.patient_identifier_systems,
             )
             report.patients_mapped += len(batch)
             report.episodes += len(mapped.episodes)

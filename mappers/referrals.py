@@ -41,6 +41,7 @@ from mappers.fhir import FhirValueError, parse_datetime, reference_key, rfc3339
 from mappers.index import Reject, newest_versions, resolve
 from mappers.part2 import is_part2 as has_part2_evidence
 from mappers.rules import Rules
+from schemas.patient_identifiers import DEFAULT_PATIENT_IDENTIFIER_SYSTEMS, allowed, check_entries
 from schemas.referral import (
     Coding,
     Identifier,
@@ -255,11 +256,14 @@ def _coding_list(value: Any) -> list[Coding]:
     return found
 
 
-def _identifiers(value: Any) -> list[Identifier]:
-    """Identifiers as ``{system, value}`` (type text and other free text left out)."""
+def _identifiers(value: Any, systems: Sequence[str] | None = None) -> list[Identifier]:
+    """Identifiers as ``{system, value}`` (type text and other free text left out); with ``systems``
+    (a patient's: ``schemas.patient_identifiers``) only those these entries allow."""
     items = value if isinstance(value, list) else [value] if isinstance(value, (dict, Mapping)) else []
     found: list[Identifier] = []
     for item in items:
+        if systems is not None and not (isinstance(item, (dict, Mapping)) and allowed(item, systems)):
+            continue
         if isinstance(item, (dict, Mapping)) and isinstance(item.get("value"), str) and item["value"].strip():
             identifier: Identifier = {"value": item["value"].strip()}
             if isinstance(item.get("system"), str) and item["system"].strip():
@@ -410,13 +414,22 @@ def map_referrals(
     referral_to: bool = True,
     part2_program: bool = False,
     timezone: str | tzinfo = "UTC",
+    patient_identifier_systems: Iterable[str] = DEFAULT_PATIENT_IDENTIFIER_SYSTEMS,
 ) -> ReferralResult:
     """Referral records from any mix of FHIR resources (only ServiceRequest, Task, Patient, Condition,
     Observation and Bundle-referenced resources are read; everything else is ignored).
 
     ``local_codes`` are ``(system URI, code)`` pairs a hospital uses for referrals besides SNOMED;
-    ``part2_program`` marks every referral Part 2 (the receiving program is a 42 CFR Part 2 program).
+    ``part2_program`` marks every referral Part 2 (the receiving program is a 42 CFR Part 2 program);
+    ``patient_identifier_systems`` are the patient identifiers a record may carry (HIPAA minimum
+    necessary: ``schemas.patient_identifiers``; the MR type by default, never SSN / licence / passport,
+    which raise ``ValueError``), as for episodes.
     """
+    systems = tuple(patient_identifier_systems)
+    try:
+        check_entries(systems)
+    except ValueError as exc:
+        raise ValueError(f"patient_identifier_systems: {exc}") from exc
     zone = _zone(timezone)
     local = _local_keys(local_codes)
     result = ReferralResult()
@@ -454,6 +467,7 @@ def map_referrals(
             rules=rules,
             zone=zone,
             part2_program=part2_program,
+            patient_identifier_systems=systems,
         )
         if isinstance(record, Reject):
             result.rejects.append(record)
@@ -474,6 +488,7 @@ def _record(
     rules: Rules,
     zone: tzinfo,
     part2_program: bool,
+    patient_identifier_systems: Sequence[str],
 ) -> Referral | Reject:
     request_id = str(request["id"])
     subject = resolve(request.get("subject"), shared)
@@ -489,10 +504,11 @@ def _record(
         except FhirValueError as exc:
             return Reject("ServiceRequest", request_id, f"authoredOn: {exc}")
     patient = shared.get(subject)
-    identifiers = _identifiers(patient.get("identifier")) if patient else []
+    systems = patient_identifier_systems
+    identifiers = _identifiers(patient.get("identifier"), systems) if patient else []
     subject_ref = request.get("subject")
     sent = subject_ref.get("identifier") if isinstance(subject_ref, (dict, Mapping)) else None
-    for identifier in _identifiers(sent):
+    for identifier in _identifiers(sent, systems):
         if identifier not in identifiers:
             identifiers.append(identifier)
     reasons, reason_references = _reasons(request, shared)

@@ -44,7 +44,7 @@ from mappers import (
 )
 from schemas.identifiers import EPISODE_ID_SYSTEM, token
 from schemas.topics import Topics
-from sync import writeback
+from sync import event_authority, writeback
 from sync.capabilities import discover_targets
 from sync.config import Settings, open_store
 from sync.episode_config import settings_fingerprint
@@ -257,6 +257,7 @@ class Service:
                 local_codes=episode_settings.referral_local_codes,
                 part2_program=episode_settings.part2_program,
                 timezone=ehr.timezone,
+                patient_identifier_systems=ehr.patient_identifier_systems,
             )
             report.patients_mapped += len(batch)
             report.episodes += len(mapped.episodes)
@@ -343,12 +344,18 @@ class Service:
     def handle_event(self, event: Event) -> None:
         """The write-back consumer's handler: route one validated event to its EHR."""
         ehr_name = str(event.value.get("ehr", ""))
+        try:
+            # The key is checked against the body before the EHR is asked anything.
+            event_authority.require_key(event.key, event.value)
+        except PermanentEventError:
+            self.metrics.dead_letters.labels(topic=event.topic).inc()
+            raise
         target = self._writeback_for(ehr_name)
         try:
             if event.topic == self.topics.attendance:
-                result = target.attendance(event.value, topic=event.topic)
+                result = target.attendance(event.value, topic=event.topic, key=event.key)
             elif event.topic == self.topics.discharges:
-                result = target.discharge(event.value, topic=event.topic)
+                result = target.discharge(event.value, topic=event.topic, key=event.key)
             else:
                 raise PermanentEventError(f"no write-back for topic {event.topic}")
         except PermanentEventError:

@@ -19,6 +19,10 @@ looked up by our identifier before it is created (or, when it cannot search by i
 patient and date, filtered by our identifier); such a create is never resent by the HTTP client, and a
 retry of the event finds what an unanswered one wrote.
 
+Before the ledger is read, an event must have authority over what it writes (``sync.event_authority``):
+its patient, by reference or identifier, is its episode's patient, and its message key names its EHR and
+that patient; otherwise it is refused with nothing written.
+
 Errors are classified for the consumer: ``PermanentEventError`` (the event can never be written:
 schema-invalid, unknown episode, or the EHR answered 400/404/405/410/422) goes to the dead-letter topic;
 ``TemporaryEhrError`` and ``AuthError`` propagate, so the consumer pauses and retries later (never
@@ -39,7 +43,7 @@ import structlog
 
 from connectors.errors import EhrError
 from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, SESSION_ID_SYSTEM, session_key, token
-from sync import fhir_writes
+from sync import event_authority, fhir_writes
 from sync.capabilities import JSON_PATCH, Purpose, Targets
 from sync.errors import PermanentEventError
 from sync.state import PublishedEntry, SessionResource, SessionWrite, SyncState, content_hash
@@ -146,21 +150,32 @@ class WriteBack:
 
     # -- entry points -----------------------------------------------------------------------------
 
-    def attendance(self, event: Mapping[str, Any], *, topic: str) -> WriteBackResult:
-        """Write one ``attendance.v1`` event (already validated against its contract)."""
-        return self._once(event, topic, self._attendance)
+    def attendance(self, event: Mapping[str, Any], *, topic: str, key: str | None = None) -> WriteBackResult:
+        """Write one ``attendance.v1`` event (already validated against its contract); ``key``: its
+        message key, which must name the event's EHR and its episode's patient."""
+        return self._once(event, topic, self._attendance, key)
 
-    def discharge(self, event: Mapping[str, Any], *, topic: str) -> WriteBackResult:
-        """Write one ``discharge.v1`` event (already validated against its contract)."""
-        return self._once(event, topic, self._discharge)
+    def discharge(self, event: Mapping[str, Any], *, topic: str, key: str | None = None) -> WriteBackResult:
+        """Write one ``discharge.v1`` event (already validated against its contract); ``key`` as for
+        ``attendance``."""
+        return self._once(event, topic, self._discharge, key)
 
     def _once(
         self,
         event: Mapping[str, Any],
         topic: str,
         write: Callable[[Mapping[str, Any], PublishedEntry], WriteBackResult],
+        key: str | None,
     ) -> WriteBackResult:
         event_id = str(event["event_id"])
+        if event.get("ehr") not in (None, self.ehr):
+            raise PermanentEventError(f"event {event_id} is for EHR {event.get('ehr')!r}, not {self.ehr!r}")
+        # Authority before the ledger: a copy of a written event under another key or patient is
+        # refused, never reported as a harmless duplicate.
+        episode = self._episode(str(event["episode_id"]))
+        event_authority.check_patient(event, episode.record)
+        if key is not None:
+            event_authority.check_key_episode(event_authority.parse_key(key, event_id), event, episode.record)
         digest = content_hash(event)
         seen = self.state.event_entry(self.ehr, topic, event_id)
         if seen is not None:
@@ -171,10 +186,6 @@ class WriteBack:
                 )
             log.info("event_duplicate", event_id=event_id, topic=topic)
             return WriteBackResult(Outcome.DUPLICATE)
-        if event.get("ehr") not in (None, self.ehr):
-            raise PermanentEventError(f"event {event_id} is for EHR {event.get('ehr')!r}, not {self.ehr!r}")
-        episode = self._episode(str(event["episode_id"]))
-        self._check_patient(event, episode.record)
         result = write(event, episode)
         self.state.record_event(
             event_id,
@@ -205,15 +216,6 @@ class WriteBack:
             seen.append(current)
             current = str(successor)
         raise PermanentEventError(f"episode {episode_id} is superseded in a loop: {seen}")
-
-    @staticmethod
-    def _check_patient(event: Mapping[str, Any], episode: Mapping[str, Any]) -> None:
-        given = (event.get("patient") or {}).get("reference")
-        expected = (episode.get("patient") or {}).get("reference")
-        if given and expected and given != expected:
-            raise PermanentEventError(
-                f"event {event['event_id']} names {given} but episode {episode['episode_id']} is {expected}"
-            )
 
     @staticmethod
     def _security(episode: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -2,13 +2,17 @@
 
     iop-bridge map INPUT... [--out FILE] [--as-of ISO] [--rules FILE] [--format episodes|fhir|referrals]
                             [--explain] [--ehr NAME] [--timezone TZ] [--workers N] [--partitions N]
-                            [--strict]
+                            [--strict] [--config FILE]
 
 INPUT is any mix of NDJSON files, bulk-export folders and Bundle / resource JSON files (``sync.inputs``).
 Output is NDJSON, one record per line, to ``--out`` (written whole, then renamed into place) or stdout.
 A summary goes to stderr; with ``--out``, every reject is also written to ``<out>.rejects.ndjson``.
 Exit status 0 when the run completed, rejects included; 2 when it could not run (bad rules file,
 unreadable input, bad option).
+
+With ``--config FILE`` the EHR (``--ehr NAME``, or the only one configured) is mapped as the service maps
+it: its ``patient_identifier_systems`` decide which patient identifiers the records carry, and its
+``timezone`` is the default of ``--timezone``. Without a config: the MR-typed identifier only, UTC.
 
 Reading: by default each resource is read as the mappers' lean projection (``mappers.projection``: only
 the fields they use, each type-checked, since ``pull`` validated every resource with ``fhir.resources``);
@@ -55,6 +59,8 @@ from mappers.episodes import map_episodes, sort_key
 from mappers.referrals import map_referrals
 from mappers.rules import Rules, RulesError
 from mappers.settings import EpisodeSettings
+from schemas.patient_identifiers import DEFAULT_PATIENT_IDENTIFIER_SYSTEMS
+from sync.config import load_settings
 from sync.errors import ConfigError
 from sync.inputs import (
     InputReject,
@@ -90,8 +96,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--rules", type=Path, help="a hospital's level-of-care rules file (TOML)")
     parser.add_argument("--format", choices=FORMATS, default="episodes", help="what to output")
     parser.add_argument("--explain", action="store_true", help="add why each episode began and ended")
-    parser.add_argument("--ehr", default="default", help="name of the EHR connection (part of the ids)")
-    parser.add_argument("--timezone", default="UTC", help="IANA time zone of the EHR (days and weeks)")
+    parser.add_argument(
+        "--ehr",
+        help="name of the EHR connection (part of the ids; default: the config's only one, or 'default')",
+    )
+    parser.add_argument(
+        "--timezone", help="IANA time zone of the EHR, days and weeks (default: the config's EHR's, or UTC)"
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="the service's config file: map as it maps --ehr (identifier systems, zone)",
+    )
     parser.add_argument(
         "--workers", type=int, default=0, help="processes mapping partitions (default: every core; 1: here)"
     )
@@ -123,6 +139,8 @@ class MapOptions:
     rules_dir: str | None = None
     #: How resources are read: the lean projection, or whole and validated (``--strict``).
     mode: ReadMode = "lean"
+    #: The patient identifiers records may carry (the EHR's ``patient_identifier_systems``).
+    patient_identifier_systems: tuple[str, ...] = DEFAULT_PATIENT_IDENTIFIER_SYSTEMS
 
 
 @dataclass
@@ -225,7 +243,24 @@ def _identity(item: Any) -> bytes:
     return item if isinstance(item, bytes) else orjson.dumps(item)
 
 
+def _configured(args: argparse.Namespace) -> tuple[str, str, tuple[str, ...]]:
+    """(EHR name, time zone, patient identifier systems) from the flags and, with ``--config``, the
+    configured EHR they name."""
+    if args.config is None:
+        return args.ehr or "default", args.timezone or "UTC", DEFAULT_PATIENT_IDENTIFIER_SYSTEMS
+    settings = load_settings(args.config)
+    if args.ehr is not None:
+        ehr = settings.ehr_named(args.ehr)
+    elif len(settings.ehr) == 1:
+        ehr = settings.ehr[0]
+    else:
+        configured = ", ".join(e.name for e in settings.ehr) or "none"
+        raise ConfigError(f"say which EHR to map as with --ehr (configured: {configured})")
+    return ehr.name, args.timezone or ehr.timezone, tuple(ehr.patient_identifier_systems)
+
+
 def run(args: argparse.Namespace) -> int:
+    args.ehr, args.timezone, identifier_systems = _configured(args)
     zone = parse_timezone(args.timezone)
     as_of = parse_as_of(args.as_of, zone) if args.as_of else datetime.now(UTC)
     if not _EHR_NAME.match(args.ehr):
@@ -248,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
         rules_text=rules_text,
         rules_dir=rules_dir,
         mode="strict" if args.strict else "lean",
+        patient_identifier_systems=identifier_systems,
     )
     workers = args.workers or os.cpu_count() or 1
     parts = args.partitions or min(MAX_PARTITIONS, math.ceil(input_bytes(args.inputs) / PARTITION_BYTES))
@@ -365,7 +401,7 @@ def map_resources(
     resources: Sequence[Mapping[str, Any]], options: MapOptions, rules: Rules
 ) -> tuple[list[tuple[list[Any], Mapping[str, Any]]], Outcome]:
     """The output records of ``resources`` (each with its sort key), in output order, and the counts."""
-    settings = EpisodeSettings()
+    settings = EpisodeSettings(patient_identifier_systems=options.patient_identifier_systems)
     episodes = map_episodes(
         resources, ehr=options.ehr, as_of=options.as_of, rules=rules, settings=settings,
         timezone=options.timezone, explain=options.explain,
@@ -373,6 +409,7 @@ def map_resources(
     referrals = map_referrals(
         resources, ehr=options.ehr, rules=rules, local_codes=settings.referral_local_codes,
         part2_program=settings.part2_program, timezone=options.timezone,
+        patient_identifier_systems=options.patient_identifier_systems,
     )  # fmt: skip
     keyed: list[tuple[list[Any], Mapping[str, Any]]]
     if options.format == "referrals":

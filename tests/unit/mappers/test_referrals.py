@@ -81,6 +81,7 @@ def test_a_referral_category_makes_a_referral_record() -> None:
             identifier=[{"system": "urn:orders", "value": "O-1", "type": {"text": "order"}}],
         ),
         patient,
+        patient_identifier_systems=("urn:mrn",),
     )
     assert record["referral_id"] == str(
         uuid.uuid5(uuid.uuid5(uuid.NAMESPACE_URL, "urn:iop-bridge:referral"), "north|ServiceRequest/sr1")
@@ -333,6 +334,7 @@ def test_bundle_urn_uuid_references_resolve_to_the_resources() -> None:
         request(subject={"reference": "urn:uuid:9f1c"}),
         patient,
         task(focus={"reference": "urn:uuid:sr1"}, status="accepted"),
+        patient_identifier_systems=("urn:mrn",),
     )
     assert record["patient"] == {
         "reference": "Patient/9f1c",

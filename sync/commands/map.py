@@ -141,6 +141,8 @@ class MapOptions:
     mode: ReadMode = "lean"
     #: The patient identifiers records may carry (the EHR's ``patient_identifier_systems``).
     patient_identifier_systems: tuple[str, ...] = DEFAULT_PATIENT_IDENTIFIER_SYSTEMS
+    #: The configured EHR's episode settings (``--config``); None: the model's defaults.
+    episode_settings: EpisodeSettings | None = None
 
 
 @dataclass
@@ -243,11 +245,19 @@ def _identity(item: Any) -> bytes:
     return item if isinstance(item, bytes) else orjson.dumps(item)
 
 
-def _configured(args: argparse.Namespace) -> tuple[str, str, tuple[str, ...]]:
-    """(EHR name, time zone, patient identifier systems) from the flags and, with ``--config``, the
-    configured EHR they name."""
+def _configured(
+    args: argparse.Namespace,
+) -> tuple[str, str, tuple[str, ...], EpisodeSettings | None, Path | None]:
+    """(EHR name, time zone, patient identifier systems, episode settings, rules file) from the flags
+    and, with ``--config``, the configured EHR they name (``--rules`` wins over the config's)."""
     if args.config is None:
-        return args.ehr or "default", args.timezone or "UTC", DEFAULT_PATIENT_IDENTIFIER_SYSTEMS
+        return (
+            args.ehr or "default",
+            args.timezone or "UTC",
+            DEFAULT_PATIENT_IDENTIFIER_SYSTEMS,
+            None,
+            args.rules,
+        )
     settings = load_settings(args.config)
     if args.ehr is not None:
         ehr = settings.ehr_named(args.ehr)
@@ -256,11 +266,14 @@ def _configured(args: argparse.Namespace) -> tuple[str, str, tuple[str, ...]]:
     else:
         configured = ", ".join(e.name for e in settings.ehr) or "none"
         raise ConfigError(f"say which EHR to map as with --ehr (configured: {configured})")
-    return ehr.name, args.timezone or ehr.timezone, tuple(ehr.patient_identifier_systems)
+    configured_rules = settings.rules_file(ehr.name)
+    rules = args.rules or (Path(configured_rules) if configured_rules else None)
+    episode = settings.episode_settings(ehr)
+    return ehr.name, args.timezone or ehr.timezone, tuple(ehr.patient_identifier_systems), episode, rules
 
 
 def run(args: argparse.Namespace) -> int:
-    args.ehr, args.timezone, identifier_systems = _configured(args)
+    args.ehr, args.timezone, identifier_systems, episode_settings, args.rules = _configured(args)
     zone = parse_timezone(args.timezone)
     as_of = parse_as_of(args.as_of, zone) if args.as_of else datetime.now(UTC)
     if not _EHR_NAME.match(args.ehr):
@@ -284,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
         rules_dir=rules_dir,
         mode="strict" if args.strict else "lean",
         patient_identifier_systems=identifier_systems,
+        episode_settings=episode_settings,
     )
     workers = args.workers or os.cpu_count() or 1
     parts = args.partitions or min(MAX_PARTITIONS, math.ceil(input_bytes(args.inputs) / PARTITION_BYTES))
@@ -401,7 +415,9 @@ def map_resources(
     resources: Sequence[Mapping[str, Any]], options: MapOptions, rules: Rules
 ) -> tuple[list[tuple[list[Any], Mapping[str, Any]]], Outcome]:
     """The output records of ``resources`` (each with its sort key), in output order, and the counts."""
-    settings = EpisodeSettings(patient_identifier_systems=options.patient_identifier_systems)
+    settings = options.episode_settings or EpisodeSettings(
+        patient_identifier_systems=options.patient_identifier_systems
+    )
     episodes = map_episodes(
         resources, ehr=options.ehr, as_of=options.as_of, rules=rules, settings=settings,
         timezone=options.timezone, explain=options.explain,

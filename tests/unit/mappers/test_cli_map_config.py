@@ -89,3 +89,30 @@ def test_a_config_with_one_ehr_needs_no_ehr_flag(
     assert code == 0, err
     assert [r["ehr"] for r in records] == ["north"]
     assert records[0]["patient"]["identifier"] == [{"system": OTHER, "value": "O1"}]
+
+
+@pytest.mark.parametrize("split", [[], ["--partitions", "2", "--workers", "1"]])
+def test_the_configured_ehrs_episode_settings_and_rules_file_are_used(
+    capsys: pytest.CaptureFixture[str], inputs: Path, tmp_path: Path, split: list[str]
+) -> None:
+    rules = tmp_path / "south-rules.toml"
+    rules.write_text('version = "south-7"\n', encoding="utf-8")
+    path = tmp_path / "episodes.toml"
+    path.write_text(
+        f"""
+[episode]
+iop_revenue_code = "0907"
+
+[[ehr]]
+name = "south"
+base_url = "https://ehr.example.org/fhir"
+
+[ehr.episode]
+rules = "{rules}"
+"""
+    )
+    code, records, err = run(capsys, str(inputs), "--config", str(path), *split)
+
+    assert code == 0, err
+    assert [r["billing"]["revenue_code"] for r in records] == ["0907"]
+    assert {r["rules_version"] for r in records} == {"2026.12.1+south-7"}

@@ -344,9 +344,20 @@ def task_after_discharge(task: Mapping[str, Any], *, reason: str) -> dict[str, A
 
 
 def provenance(
-    target_reference: str, *, recorded: str, created: bool, security: Sequence[Mapping[str, Any]] = ()
+    target_reference: str,
+    *,
+    recorded: str,
+    created: bool,
+    security: Sequence[Mapping[str, Any]] = (),
+    source: tuple[str, str] | None = None,
+    agent: str = AGENT_NAME,
 ) -> dict[str, Any]:
-    """A Provenance for one write: this service as transmitter, CREATE or UPDATE."""
+    """A Provenance for one write: this service (a Device named ``agent``) as transmitter, CREATE or
+    UPDATE, of ``target_reference`` (versioned where the server told us the version).
+
+    ``source`` is the ``(system, value)`` identifier of what caused the write (the event id, or the
+    episode id for the cycle's EpisodeOfCare): an id of ours, never PHI.
+    """
     operation = "CREATE" if created else "UPDATE"
     resource: dict[str, Any] = {
         "resourceType": "Provenance",
@@ -356,8 +367,19 @@ def provenance(
         "agent": [
             {
                 "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "transmitter"}]},
-                "who": {"display": AGENT_NAME},
+                "who": {"type": "Device", "display": agent},
             }
         ],
     }
+    if source is not None:
+        system, value = source
+        resource["entity"] = [{"role": "source", "what": {"identifier": _identifier(system, value)}}]
     return _with_meta(resource, security)
+
+
+def versioned(reference: str, version: str | None) -> str:
+    """``Type/id/_history/v`` when the server gave a version (an ETag ``W/"v"`` or a bare ``v``)."""
+    if not version:
+        return reference
+    bare = version.removeprefix("W/").strip('"')
+    return f"{reference}/_history/{bare}" if bare else reference

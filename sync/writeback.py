@@ -27,6 +27,7 @@ dead-letters them).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -105,6 +106,24 @@ def _version_of(response: httpx.Response, body: Mapping[str, Any]) -> str | None
     return f'W/"{version}"' if version else None
 
 
+def written_version(response: httpx.Response) -> str | None:
+    """The version a write made, from its ETag, its body's ``meta.versionId`` or a ``_history`` Location."""
+    etag = response.headers.get("ETag")
+    if etag:
+        return str(etag)
+    try:
+        body = response.json() if response.content else None
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and (body.get("meta") or {}).get("versionId"):
+        return str(body["meta"]["versionId"])
+    location = response.headers.get("Location") or response.headers.get("Content-Location") or ""
+    parts = location.split("/")
+    if "_history" in parts[:-1]:
+        return parts[parts.index("_history") + 1] or None
+    return None
+
+
 def _id_from(response: httpx.Response, resource_type: str) -> str:
     """The server id of a resource we created, from the body or the Location header."""
     try:
@@ -137,12 +156,18 @@ class WriteBack:
         ehr: str,
         targets: Targets | None = None,
         clock: Callable[[], str] = _now,
+        agent: str = fhir_writes.AGENT_NAME,
     ) -> None:
         self.client = client
         self.state = state
         self.ehr = ehr
         self.targets = targets if targets is not None else Targets.everything(ehr=ehr)
         self.clock = clock
+        self.agent = agent
+        #: Provenance of writes that landed while their Provenance did not (a temporary failure), by
+        #: event id: sent first when the event is retried, whose writes are then no-ops.
+        self._unproven: dict[str, list[dict[str, Any]]] = {}
+        self._unproven_lock = threading.Lock()
 
     # -- entry points -----------------------------------------------------------------------------
 
@@ -175,6 +200,7 @@ class WriteBack:
             raise PermanentEventError(f"event {event_id} is for EHR {event.get('ehr')!r}, not {self.ehr!r}")
         episode = self._episode(str(event["episode_id"]))
         self._check_patient(event, episode.record)
+        self._send_unproven(event_id)
         result = write(event, episode)
         self.state.record_event(
             event_id,
@@ -285,7 +311,13 @@ class WriteBack:
         return None
 
     def _create(
-        self, resource: dict[str, Any], system: str, value: str, security: list[dict[str, Any]]
+        self,
+        resource: dict[str, Any],
+        system: str,
+        value: str,
+        security: list[dict[str, Any]],
+        *,
+        event_id: str,
     ) -> tuple[str, bool]:
         """Create once; returns (id, created). False: an earlier try already wrote it (found, not made).
 
@@ -305,7 +337,8 @@ class WriteBack:
         resource_id = _id_from(response, resource_type)
         created = response.status_code == 201 or not conditional
         if created:
-            self._provenance(f"{resource_type}/{resource_id}", created=True, security=security)
+            target = fhir_writes.versioned(f"{resource_type}/{resource_id}", written_version(response))
+            self._provenance(target, created=True, security=security, event_id=event_id)
         return resource_id, created
 
     def _change_method(self, resource_type: str) -> str:
@@ -343,7 +376,7 @@ class WriteBack:
                 # Under If-Match a resent patch that was applied meets a version conflict, never a double.
                 kwargs = {"content": orjson.dumps(operations), "idempotent": bool(version)}
             try:
-                self.client.request(method, reference, headers=headers, **kwargs)
+                response = self.client.request(method, reference, headers=headers, **kwargs)
             except EhrError as exc:
                 if exc.status in CONFLICT_STATUSES:
                     log.info("version_conflict", reference=reference, status=exc.status)
@@ -351,26 +384,59 @@ class WriteBack:
                 if exc.status in PERMANENT_STATUSES:
                     raise PermanentEventError(f"EHR refused {method} {reference}: {exc}") from exc
                 raise
-            self._provenance(reference, created=False, security=security)
+            target = fhir_writes.versioned(reference, written_version(response))
+            self._provenance(target, created=False, security=security, event_id=event_id)
             return True
         raise EhrError(
             f"{method} {reference}: still a version conflict after {MAX_CONFLICT_RETRIES} tries",
             retriable=True,
         )
 
-    def _provenance(self, reference: str, *, created: bool, security: list[dict[str, Any]]) -> None:
+    def _provenance(
+        self, target: str, *, created: bool, security: list[dict[str, Any]], event_id: str
+    ) -> None:
+        """POST the Provenance of a write that landed. On a temporary failure the Provenance is kept and
+        the error raised: the event is retried, its Provenance sent first (``_send_unproven``) and its
+        writes, already on the server, found unchanged instead of made twice."""
         if not self.targets.enabled(Purpose.PROVENANCE):
             return
         resource = fhir_writes.provenance(
-            reference, recorded=self.clock(), created=created, security=security
+            target,
+            recorded=self.clock(),
+            created=created,
+            security=security,
+            source=(EVENT_ID_SYSTEM, event_id),
+            agent=self.agent,
         )
+        try:
+            self._post_provenance(resource)
+        except EhrError:
+            with self._unproven_lock:
+                self._unproven.setdefault(event_id, []).append(resource)
+            raise
+
+    def _post_provenance(self, resource: dict[str, Any]) -> None:
         try:
             self.client.request("POST", "Provenance", json=resource)
         except EhrError as exc:
             if exc.status not in PERMANENT_STATUSES:
                 raise
             # The server does not take Provenance for this resource: the write itself stands.
-            log.warning("provenance_refused", reference=reference.split("/")[0], status=exc.status)
+            target = str(resource["target"][0]["reference"])
+            log.warning("provenance_refused", reference=target.split("/")[0], status=exc.status)
+
+    def _send_unproven(self, key: str) -> None:
+        """Send the Provenance an earlier try of this event could not (kept until each is sent)."""
+        with self._unproven_lock:
+            pending = self._unproven.pop(key, [])
+        while pending:
+            try:
+                self._post_provenance(pending[0])
+            except EhrError:
+                with self._unproven_lock:
+                    self._unproven.setdefault(key, [])[:0] = pending
+                raise
+            pending.pop(0)
 
     # -- attendance -------------------------------------------------------------------------------
 
@@ -425,7 +491,9 @@ class WriteBack:
             self._update(f"{known.resource_type}/{known.resource_id}", fhir_writes.voided, security, **owner)
             known = None
         if known is None or known.resource_type == "none":
-            resource_id, created = self._create(resource, SESSION_ID_SYSTEM, session_id, security)
+            resource_id, created = self._create(
+                resource, SESSION_ID_SYSTEM, session_id, security, event_id=owner["event_id"]
+            )
             outcome = Outcome.CREATED
             if not created:  # written by an earlier try (or found): make it match this event
                 changed = self._update(
@@ -523,7 +591,8 @@ class WriteBack:
         )
         if document["resourceType"] != document_type:
             raise PermanentEventError(f"EHR {self.ehr!r}: no discharge builder for {document_type}")
-        document_id, _ = self._create(document, EVENT_ID_SYSTEM, str(event["event_id"]), security)
+        event_id = str(event["event_id"])
+        document_id, _ = self._create(document, EVENT_ID_SYSTEM, event_id, security, event_id=event_id)
         references.append(f"DocumentReference/{document_id}")
 
         reason = str(discharge.get("reason", "other"))

@@ -28,7 +28,13 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, EXIT_REASON_SYSTEM, SESSION_ID_SYSTEM
+from schemas.identifiers import (
+    EPISODE_ID_SYSTEM,
+    EVENT_ID_SYSTEM,
+    EXIT_REASON_SYSTEM,
+    SESSION_ID_SYSTEM,
+    resource_path,
+)
 
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
@@ -72,7 +78,7 @@ def _identifier(system: str, value: str) -> dict[str, str]:
 def episode_reference(episode_id: str, fhir_id: str | None) -> dict[str, Any]:
     """A reference to the episode's EpisodeOfCare: literal when we know its server id, else logical."""
     if fhir_id:
-        return {"reference": f"EpisodeOfCare/{fhir_id}"}
+        return {"reference": resource_path("EpisodeOfCare", fhir_id)}
     return {"identifier": _identifier(EPISODE_ID_SYSTEM, episode_id)}
 
 
@@ -328,7 +334,7 @@ def discharge_document(
         "context": {"period": _period(episode_start, str(discharge["date"]))},
     }
     if episode_fhir_id:
-        document["context"]["related"] = [{"reference": f"EpisodeOfCare/{episode_fhir_id}"}]
+        document["context"]["related"] = [{"reference": resource_path("EpisodeOfCare", episode_fhir_id)}]
     return _with_meta(document, security)
 
 

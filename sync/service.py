@@ -44,7 +44,7 @@ from mappers import (
     map_referrals,
     review_after,
 )
-from schemas.identifiers import EPISODE_ID_SYSTEM, token
+from schemas.identifiers import EPISODE_ID_SYSTEM, is_fhir_id, resource_path, token
 from schemas.topics import Topics
 from sync import fhir_writes, writeback
 from sync.capabilities import discover_targets
@@ -282,6 +282,15 @@ class Service:
                 continue
             body = response.json() if response.content else {}
             fhir_id = body.get("id") if isinstance(body, Mapping) else None
+            if fhir_id is not None and not is_fhir_id(fhir_id):
+                # Never kept: write-backs would put it in a URL path (the value itself is not logged).
+                log.warning(
+                    "episode_of_care_invalid_id",
+                    ehr=ehr.name,
+                    episode_id=item.record_id,
+                    length=len(str(fhir_id)),
+                )
+                continue
             if fhir_id:
                 self.state.set_episode_fhir_id(ehr.name, item.record_id, str(fhir_id))
                 self._unproven.setdefault(ehr.name, []).append(
@@ -296,7 +305,9 @@ class Service:
         record = item.record
         security = [dict(s) for s in record.get("security") or []] if record.get("part2") else []
         return fhir_writes.provenance(
-            fhir_writes.versioned(f"EpisodeOfCare/{fhir_id}", writeback.written_version(response)),
+            fhir_writes.versioned(
+                resource_path("EpisodeOfCare", fhir_id), writeback.written_version(response)
+            ),
             recorded=datetime.now(UTC).isoformat(timespec="seconds"),
             created=response.status_code == 201,
             security=security,

@@ -39,7 +39,16 @@ import orjson
 import structlog
 
 from connectors.errors import EhrError
-from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, SESSION_ID_SYSTEM, session_key, token
+from schemas.identifiers import (
+    EPISODE_ID_SYSTEM,
+    EVENT_ID_SYSTEM,
+    SESSION_ID_SYSTEM,
+    InvalidIdError,
+    checked_id,
+    resource_path,
+    session_key,
+    token,
+)
 from sync import fhir_writes
 from sync.capabilities import JSON_PATCH, Purpose, Targets
 from sync.errors import PermanentEventError
@@ -131,13 +140,13 @@ def _id_from(response: httpx.Response, resource_type: str) -> str:
     except ValueError:
         body = None
     if isinstance(body, dict) and body.get("resourceType") == resource_type and body.get("id"):
-        return str(body["id"])
+        return checked_id(resource_type, body["id"])
     location = response.headers.get("Location") or response.headers.get("Content-Location") or ""
     parts = location.split("/")
     if resource_type in parts:
         index = parts.index(resource_type)
         if index + 1 < len(parts):
-            return parts[index + 1]
+            return checked_id(resource_type, parts[index + 1])
     raise EhrError(f"created {resource_type} but the server returned no id", status=response.status_code)
 
 
@@ -201,7 +210,10 @@ class WriteBack:
         episode = self._episode(str(event["episode_id"]))
         self._check_patient(event, episode.record)
         self._send_unproven(event_id)
-        result = write(event, episode)
+        try:
+            result = write(event, episode)
+        except InvalidIdError as exc:  # an id that must not reach a URL path: never retried
+            raise PermanentEventError(f"event {event_id}: {exc}; nothing more written") from exc
         self.state.record_event(
             event_id,
             topic=topic,
@@ -332,12 +344,14 @@ class WriteBack:
         else:
             found = self._lookup(resource_type, system, value, resource)
             if found is not None:
-                return str(found["id"]), False
+                return checked_id(resource_type, found.get("id")), False
         response = self._call("POST", resource_type, json=resource, headers=headers, idempotent=conditional)
         resource_id = _id_from(response, resource_type)
         created = response.status_code == 201 or not conditional
         if created:
-            target = fhir_writes.versioned(f"{resource_type}/{resource_id}", written_version(response))
+            target = fhir_writes.versioned(
+                resource_path(resource_type, resource_id), written_version(response)
+            )
             self._provenance(target, created=True, security=security, event_id=event_id)
         return resource_id, created
 
@@ -478,7 +492,7 @@ class WriteBack:
         owner = {"patient": str(entry.record["patient"]["reference"]), "event_id": str(event["event_id"])}
         known = self.state.session_resource(self.ehr, session_id)
         if known is not None and _instant(known.occurred_at) >= _instant(occurred_at):
-            return WriteBackResult(Outcome.STALE, [f"{known.resource_type}/{known.resource_id}"])
+            return WriteBackResult(Outcome.STALE, [resource_path(known.resource_type, known.resource_id)])
         security = self._security(entry.record)
 
         if status == "cancelled":
@@ -488,7 +502,9 @@ class WriteBack:
         resource = self._session_resource(resource_type, event, entry, security)
         if known is not None and known.resource_type not in (resource_type, "none"):
             # attended <-> absent: the old record of the session is voided, the new one written.
-            self._update(f"{known.resource_type}/{known.resource_id}", fhir_writes.voided, security, **owner)
+            self._update(
+                resource_path(known.resource_type, known.resource_id), fhir_writes.voided, security, **owner
+            )
             known = None
         if known is None or known.resource_type == "none":
             resource_id, created = self._create(
@@ -497,18 +513,18 @@ class WriteBack:
             outcome = Outcome.CREATED
             if not created:  # written by an earlier try (or found): make it match this event
                 changed = self._update(
-                    f"{resource_type}/{resource_id}", _replace_with(resource), security, **owner
+                    resource_path(resource_type, resource_id), _replace_with(resource), security, **owner
                 )
                 outcome = Outcome.UPDATED if changed else Outcome.UNCHANGED
         else:
             resource_id = known.resource_id
             changed = self._update(
-                f"{resource_type}/{resource_id}", _replace_with(resource), security, **owner
+                resource_path(resource_type, resource_id), _replace_with(resource), security, **owner
             )
             outcome = Outcome.UPDATED if changed else Outcome.UNCHANGED
         written = SessionResource(resource_type, resource_id, occurred_at, status)
         return WriteBackResult(
-            outcome, [f"{resource_type}/{resource_id}"], SessionWrite(self.ehr, session_id, written)
+            outcome, [resource_path(resource_type, resource_id)], SessionWrite(self.ehr, session_id, written)
         )
 
     def _void_session(
@@ -523,13 +539,13 @@ class WriteBack:
         patient, event_id = str(entry.record["patient"]["reference"]), str(event["event_id"])
         references: list[str] = []
         if known is not None and known.resource_type != "none":
-            references.append(f"{known.resource_type}/{known.resource_id}")
+            references.append(resource_path(known.resource_type, known.resource_id))
         elif known is None:  # an earlier try may have written it before the crash: ask the server
             for resource_type in self._session_types():
                 like = self._session_resource(resource_type, _as_attended(event), entry, security)
                 found = self._lookup(resource_type, SESSION_ID_SYSTEM, session_id, like)
                 if found is not None:
-                    reference = f"{resource_type}/{found['id']}"
+                    reference = resource_path(resource_type, found["id"])
                     _check_owner(found, reference, patient, event_id)  # all checked before the first write
                     references.append(reference)
         if not references:
@@ -574,13 +590,13 @@ class WriteBack:
         if eoc_id is not None:
             end_date = str(discharge["date"])
             self._update(
-                f"EpisodeOfCare/{eoc_id}",
+                resource_path("EpisodeOfCare", eoc_id),
                 lambda current: fhir_writes.finished_episode_of_care(current, end_date=end_date),
                 security,
                 patient=patient,
                 event_id=str(event["event_id"]),
             )
-            references.append(f"EpisodeOfCare/{eoc_id}")
+            references.append(resource_path("EpisodeOfCare", eoc_id))
 
         document = fhir_writes.discharge_document(
             event,
@@ -593,7 +609,7 @@ class WriteBack:
             raise PermanentEventError(f"EHR {self.ehr!r}: no discharge builder for {document_type}")
         event_id = str(event["event_id"])
         document_id, _ = self._create(document, EVENT_ID_SYSTEM, event_id, security, event_id=event_id)
-        references.append(f"DocumentReference/{document_id}")
+        references.append(resource_path("DocumentReference", document_id))
 
         reason = str(discharge.get("reason", "other"))
 
@@ -602,9 +618,13 @@ class WriteBack:
 
         for task_id in tasks:
             self._update(
-                f"Task/{task_id}", close_task, security, patient=patient, event_id=str(event["event_id"])
+                resource_path("Task", task_id),
+                close_task,
+                security,
+                patient=patient,
+                event_id=str(event["event_id"]),
             )
-            references.append(f"Task/{task_id}")
+            references.append(resource_path("Task", task_id))
         return WriteBackResult(Outcome.DISCHARGED, references)
 
     def _episode_of_care_id(self, episode_id: str, known: str | None) -> str | None:
@@ -614,7 +634,7 @@ class WriteBack:
         eoc_id = known
         if eoc_id is None and self.targets.access("EpisodeOfCare").searchable_by("identifier"):
             found = self._find("EpisodeOfCare", EPISODE_ID_SYSTEM, episode_id)
-            eoc_id = str(found["id"]) if found else None
+            eoc_id = checked_id("EpisodeOfCare", found.get("id")) if found else None
             if eoc_id:
                 self.state.set_episode_fhir_id(self.ehr, episode_id, eoc_id)
         return eoc_id
@@ -629,7 +649,7 @@ class WriteBack:
             raise PermanentEventError(f"EHR {self.ehr!r} cannot search Task by focus")
         response = self._call("GET", "Task", params={"focus": referral})
         return [
-            str(entry["resource"]["id"])
+            checked_id("Task", entry["resource"].get("id"))
             for entry in response.json().get("entry") or []
             if (entry.get("resource") or {}).get("resourceType") == "Task"
         ]

@@ -49,20 +49,36 @@ def token(system: str, value: str) -> str:
 _FHIR_ID: Final = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
+#: What a server's id may be, strict FHIR aside, and still be one path segment: RFC 3986 unreserved
+#: characters (Oracle sends ``_``; pulls tolerate that), never ``.`` or ``..`` alone.
+_PATH_SEGMENT: Final = re.compile(r"[A-Za-z0-9\-._~]+")
+
+
+def bad_id_reason(value: object) -> str:
+    """Why ``value`` is refused as an id, by its length (or type) only: the value itself may be PHI."""
+    if not isinstance(value, str):
+        return f"invalid id (a {type(value).__name__}, not a string)"
+    return f"invalid id ({len(value)} characters)"
+
+
 class InvalidIdError(ValueError):
     """An id that cannot be a FHIR id, so must never reach a URL path. The message names the resource
-    type and the length only: the value may be anything, PHI included."""
+    type and the length only (``bad_id_reason``)."""
 
     def __init__(self, resource_type: str, value: object) -> None:
-        length = len(value) if isinstance(value, str) else 0
-        kind = "" if isinstance(value, str) else f" (a {type(value).__name__}, not a string)"
-        super().__init__(f"invalid {resource_type} id ({length} characters){kind}")
+        super().__init__(bad_id_reason(value).replace("invalid id", f"invalid {resource_type} id", 1))
         self.resource_type = resource_type
 
 
 def is_fhir_id(value: object) -> bool:
     """True for a valid FHIR id that is not ``.`` or ``..``."""
     return isinstance(value, str) and _FHIR_ID.fullmatch(value) is not None and value.strip(".") != ""
+
+
+def is_path_safe_id(value: object) -> bool:
+    """True for an id that is one URL path segment as it stands (``is_fhir_id``, or a vendor's id with
+    ``_``/``~`` or over 64 characters); what a pull keeps, under its ``id-format`` tolerance."""
+    return isinstance(value, str) and _PATH_SEGMENT.fullmatch(value) is not None and value.strip(".") != ""
 
 
 def checked_id(resource_type: str, value: object) -> str:

@@ -37,7 +37,7 @@ def test_a_fhir_id_goes_into_the_path(value: str) -> None:
 
 
 def test_a_non_string_id_is_refused() -> None:
-    with pytest.raises(InvalidIdError, match="invalid Task id"):
+    with pytest.raises(InvalidIdError, match="invalid Task id \\(a int, not a string\\)"):
         resource_path("Task", 12)
 
 

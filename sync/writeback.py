@@ -344,16 +344,37 @@ class WriteBack:
         else:
             found = self._lookup(resource_type, system, value, resource)
             if found is not None:
-                return checked_id(resource_type, found.get("id")), False
+                resource_id = checked_id(resource_type, found.get("id"))
+                if system == EVENT_ID_SYSTEM and value == event_id:
+                    self._provenance_if_missing(resource_path(resource_type, resource_id), security, event_id)
+                return resource_id, False
         response = self._call("POST", resource_type, json=resource, headers=headers, idempotent=conditional)
         resource_id = _id_from(response, resource_type)
         created = response.status_code == 201 or not conditional
+        target = fhir_writes.versioned(resource_path(resource_type, resource_id), written_version(response))
         if created:
-            target = fhir_writes.versioned(
-                resource_path(resource_type, resource_id), written_version(response)
-            )
             self._provenance(target, created=True, security=security, event_id=event_id)
+        elif system == EVENT_ID_SYSTEM and value == event_id:
+            self._provenance_if_missing(resource_path(resource_type, resource_id), security, event_id)
         return resource_id, created
+
+    def _provenance_if_missing(self, reference: str, security: list[dict[str, Any]], event_id: str) -> None:
+        """The create found a resource keyed by this very event id (the discharge summary): an earlier try
+        made it and may have died before its Provenance. Write the CREATE Provenance unless the server
+        already holds one naming this event; where Provenance cannot be searched by target, write none
+        rather than a second one. (A session's resource is keyed by the session, which several events
+        share: found, it gets no Provenance in this event's name.)"""
+        if not self.targets.enabled(Purpose.PROVENANCE):
+            return
+        if not self.targets.access("Provenance").searchable_by("target"):
+            return
+        bundle = self._call("GET", "Provenance", params={"target": reference}).json()
+        for entry in bundle.get("entry") or []:
+            for entity in (entry.get("resource") or {}).get("entity") or []:
+                identifier = (entity.get("what") or {}).get("identifier") or {}
+                if identifier.get("system") == EVENT_ID_SYSTEM and identifier.get("value") == event_id:
+                    return
+        self._provenance(reference, created=True, security=security, event_id=event_id)
 
     def _change_method(self, resource_type: str) -> str:
         method = self.targets.access(resource_type).change_method

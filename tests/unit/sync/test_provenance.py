@@ -21,7 +21,7 @@ from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM
 from sync.config import ServiceConfig, Settings, StoreConfig
 from sync.service import Service
 from sync.state import Staged, SyncState
-from sync.writeback import Outcome, WriteBack
+from sync.writeback import Outcome, Targets, WriteBack
 from tests.unit.sync.test_writeback import BASE, EPISODE_ID, _attendance, _episode, _publish
 
 RECORDED = "2026-03-02T18:00:05+00:00"
@@ -236,3 +236,65 @@ def test_the_cycles_episode_of_care_put_sends_its_provenance(httpx_mock: HTTPXMo
     assert sent["activity"]["coding"][0]["code"] == "CREATE"
     assert _source(sent) == {"system": EPISODE_ID_SYSTEM, "value": EPISODE_ID}
     assert sent["agent"][0]["who"]["display"] == "iop-bridge"
+
+
+def _discharge_event() -> dict[str, Any]:
+    return {
+        "event_id": "evt-d",
+        "occurred_at": "2026-03-20T17:00:00+00:00",
+        "ehr": "general",
+        "episode_id": EPISODE_ID,
+        "patient": {"reference": "Patient/p1"},
+        "discharge": {"date": "2026-03-20", "reason": "completed"},
+    }
+
+
+@pytest.mark.parametrize(("already", "written"), [([], 1), (["evt-d"], 0), (["evt-other"], 1)])
+def test_a_summary_an_earlier_try_made_gets_its_provenance_once(
+    httpx_mock: HTTPXMock, tmp_path: Path, already: list[str], written: int
+) -> None:
+    """The process died after the summary was created and before its Provenance: the retry, in a new
+    process, finds the summary by its event id and writes the Provenance only if the server has none."""
+    state = SyncState(create_engine(f"sqlite:///{tmp_path / 's.db'}"))
+    _publish(state, _episode())
+    client = EhrClient(EhrConfig(name="general", base_url=BASE), sleep=lambda _s: None)
+    targets = Targets.everything(ehr="general")
+    writeback = WriteBack(client, state, ehr="general", targets=targets, clock=lambda: RECORDED)
+    httpx_mock.add_response(
+        method="GET",
+        url=f"{BASE}/EpisodeOfCare?identifier={quote(EPISODE_ID_SYSTEM + '|' + EPISODE_ID, safe='')}",
+        json={"resourceType": "Bundle"},
+    )
+    httpx_mock.add_response(
+        method="POST",
+        url=f"{BASE}/DocumentReference",
+        status_code=200,  # found by the conditional create
+        json={"resourceType": "DocumentReference", "id": "doc-1", "subject": {"reference": "Patient/p1"}},
+    )
+    held = [
+        {
+            "resource": {
+                "resourceType": "Provenance",
+                "entity": [
+                    {"role": "source", "what": {"identifier": {"system": EVENT_ID_SYSTEM, "value": v}}}
+                ],
+            }
+        }
+        for v in already
+    ]
+    httpx_mock.add_response(
+        method="GET",
+        url=f"{BASE}/Provenance?target={quote('DocumentReference/doc-1', safe='')}",
+        json={"resourceType": "Bundle", "entry": held},
+    )
+    if written:
+        httpx_mock.add_response(method="POST", url=f"{BASE}/Provenance", status_code=201)
+
+    writeback.discharge(_discharge_event(), topic="iop.discharges.v1")
+
+    provenances = _provenances(httpx_mock)
+    assert len(provenances) == written
+    for provenance in provenances:
+        assert provenance["target"] == [{"reference": "DocumentReference/doc-1"}]
+        assert provenance["activity"]["coding"][0]["code"] == "CREATE"
+        assert _source(provenance) == {"system": EVENT_ID_SYSTEM, "value": "evt-d"}

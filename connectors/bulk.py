@@ -38,6 +38,7 @@ from connectors.http import (
     parse_retry_after,
 )
 from connectors.private import make_private_dir, open_private
+from schemas.identifiers import resource_path
 
 __all__ = ["BulkResult", "LineTooLong", "bulk_export"]
 
@@ -83,7 +84,7 @@ def bulk_export(
     before every status poll and every download: True cancels the export (``BulkExportError``, job
     deleted), so a caller that gave up does not wait for a long export to finish.
     """
-    kickoff = f"Group/{group_id}/$export" if group_id else "$export"
+    kickoff = f"{resource_path('Group', group_id)}/$export" if group_id else "$export"
     params = [("_type", ",".join(resource_types))]
     if since:
         params.append(("_since", since))

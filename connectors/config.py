@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from schemas.identifiers import checked_id
 from schemas.patient_identifiers import DEFAULT_PATIENT_IDENTIFIER_SYSTEMS, check_entries
 
 DEFAULT_RESOURCE_TYPES: tuple[str, ...] = (
@@ -95,6 +96,11 @@ class PanelConfig(_Strict):
     patients_file: str | None = Field(default=None, description="text file, one patient id per line")
     concurrency: int = Field(default=4, ge=1, le=64)
 
+    @field_validator("group_id")
+    @classmethod
+    def _group_id(cls, value: str | None) -> str | None:
+        return None if value is None else checked_id("Group", value)
+
 
 class EhrConfig(_Strict):
     """One ``[[ehr]]`` table: an EHR connection."""
@@ -144,6 +150,11 @@ class EhrConfig(_Strict):
         default=DEFAULT_PATIENT_IDENTIFIER_SYSTEMS,
         description="Patient identifiers records carry: system URIs or 'type-system|code' (default MR type)",
     )
+
+    @field_validator("bulk_group_id")
+    @classmethod
+    def _bulk_group_id(cls, value: str | None) -> str | None:
+        return None if value is None else checked_id("Group", value)
 
     @field_validator("patient_identifier_systems", mode="before")
     @classmethod

@@ -14,6 +14,7 @@ import structlog
 from connectors.config import PanelConfig
 from connectors.errors import EhrError
 from connectors.http import EhrClient
+from schemas.identifiers import is_path_safe_id, resource_path
 
 __all__ = ["load_panel", "read_patient_file"]
 
@@ -47,14 +48,14 @@ def read_patient_file(path: Path) -> list[str]:
         if not line:
             continue
         match = _PATIENT_ID.match(line)
-        if match is None:
+        if match is None or not is_path_safe_id(match.group(1)):
             raise ValueError(f"{path}, line {number}: not a patient id")
         ids.append(match.group(1))
     return ids
 
 
 def _group_members(client: EhrClient, group_id: str) -> list[str]:
-    group = client.get_json(f"Group/{group_id}")
+    group = client.get_json(resource_path("Group", group_id))
     if group.get("resourceType") != "Group":
         raise EhrError(
             f"{client.ehr.name}: Group/{group_id} is not a Group (got {group.get('resourceType')!r})",
@@ -72,7 +73,7 @@ def _group_members(client: EhrClient, group_id: str) -> list[str]:
             skipped += 1
             continue
         head, _, tail = reference.strip().rstrip("/").rpartition("/")
-        if not head.endswith("Patient") or not tail:
+        if not head.endswith("Patient") or not is_path_safe_id(tail):
             skipped += 1
             continue
         ids.append(tail)

@@ -28,6 +28,8 @@ from typing import Any
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
+from schemas.identifiers import bad_id_reason, is_path_safe_id
+
 __all__ = ["Checked", "check_resource"]
 
 _ID_MAX = 64
@@ -81,6 +83,9 @@ def check_resource(raw: object, *, tolerate: frozenset[str]) -> Checked:
         model = get_fhir_model_class(resource_type)
     except (ValueError, KeyError, AttributeError, ImportError):
         return Checked(None, error=f"unknown resourceType {resource_type[:64]!r}")
+    if "id" in raw and not is_path_safe_id(raw["id"]):
+        # Never tolerated: an id like ``..`` or ``p1?x`` would reach a URL path (the value may be PHI).
+        return Checked(None, error=f"{resource_type}: id: {bad_id_reason(raw['id'])}")
     label = _label(raw)
     warnings: list[str] = []
     kept: dict[str, Any] = raw

@@ -26,6 +26,14 @@ is permanent, with a reason naming the EHR and the missing interaction. An optio
 written. How each resource is kept idempotent follows from the same statement: ``If-None-Exist`` where
 ``conditionalCreate`` is true, else a search by our identifier before the create (§6.16), else a search
 by patient and date filtered by our identifier.
+
+Provenance goes *after* its write, as its own POST, not in one transaction Bundle with the resource: of
+the recorded servers only HAPI offers ``transaction`` (Oracle: ``batch``, not atomic; Epic takes no
+Provenance), a JSON Patch (Oracle's only way to change an Encounter) cannot go in a Bundle, and on HAPI a
+conditional create in a transaction that matches the resource an earlier try wrote still creates the
+Bundle's Provenance, once per try. Sent after, the Provenance targets the exact version the write made;
+one that fails is kept and sent first when the event is retried, while the write itself is then found
+already done (``sync.writeback``), so a resource is never written twice for its Provenance.
 """
 
 from __future__ import annotations

@@ -95,6 +95,12 @@ class ServiceConfig(_Section):
     retry_max_seconds: float = Field(
         default=3600.0, ge=0, description="seconds since an event first failed before it is dead-lettered"
     )
+    provenance_agent: str = Field(
+        default="iop-bridge",
+        min_length=1,
+        max_length=200,
+        description="Provenance.agent.who.display (a Device) on every resource written to an EHR",
+    )
 
 
 class StoreURLError(ConfigError):

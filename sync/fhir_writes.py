@@ -28,7 +28,13 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, EXIT_REASON_SYSTEM, SESSION_ID_SYSTEM
+from schemas.identifiers import (
+    EPISODE_ID_SYSTEM,
+    EVENT_ID_SYSTEM,
+    EXIT_REASON_SYSTEM,
+    SESSION_ID_SYSTEM,
+    resource_path,
+)
 
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
@@ -72,7 +78,7 @@ def _identifier(system: str, value: str) -> dict[str, str]:
 def episode_reference(episode_id: str, fhir_id: str | None) -> dict[str, Any]:
     """A reference to the episode's EpisodeOfCare: literal when we know its server id, else logical."""
     if fhir_id:
-        return {"reference": f"EpisodeOfCare/{fhir_id}"}
+        return {"reference": resource_path("EpisodeOfCare", fhir_id)}
     return {"identifier": _identifier(EPISODE_ID_SYSTEM, episode_id)}
 
 
@@ -328,7 +334,7 @@ def discharge_document(
         "context": {"period": _period(episode_start, str(discharge["date"]))},
     }
     if episode_fhir_id:
-        document["context"]["related"] = [{"reference": f"EpisodeOfCare/{episode_fhir_id}"}]
+        document["context"]["related"] = [{"reference": resource_path("EpisodeOfCare", episode_fhir_id)}]
     return _with_meta(document, security)
 
 
@@ -344,9 +350,20 @@ def task_after_discharge(task: Mapping[str, Any], *, reason: str) -> dict[str, A
 
 
 def provenance(
-    target_reference: str, *, recorded: str, created: bool, security: Sequence[Mapping[str, Any]] = ()
+    target_reference: str,
+    *,
+    recorded: str,
+    created: bool,
+    security: Sequence[Mapping[str, Any]] = (),
+    source: tuple[str, str] | None = None,
+    agent: str = AGENT_NAME,
 ) -> dict[str, Any]:
-    """A Provenance for one write: this service as transmitter, CREATE or UPDATE."""
+    """A Provenance for one write: this service (a Device named ``agent``) as transmitter, CREATE or
+    UPDATE, of ``target_reference`` (versioned where the server told us the version).
+
+    ``source`` is the ``(system, value)`` identifier of what caused the write (the event id, or the
+    episode id for the cycle's EpisodeOfCare): an id of ours, never PHI.
+    """
     operation = "CREATE" if created else "UPDATE"
     resource: dict[str, Any] = {
         "resourceType": "Provenance",
@@ -356,8 +373,19 @@ def provenance(
         "agent": [
             {
                 "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "transmitter"}]},
-                "who": {"display": AGENT_NAME},
+                "who": {"type": "Device", "display": agent},
             }
         ],
     }
+    if source is not None:
+        system, value = source
+        resource["entity"] = [{"role": "source", "what": {"identifier": _identifier(system, value)}}]
     return _with_meta(resource, security)
+
+
+def versioned(reference: str, version: str | None) -> str:
+    """``Type/id/_history/v`` when the server gave a version (an ETag ``W/"v"`` or a bare ``v``)."""
+    if not version:
+        return reference
+    bare = version.removeprefix("W/").strip('"')
+    return f"{reference}/_history/{bare}" if bare else reference

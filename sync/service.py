@@ -42,9 +42,9 @@ from mappers import (
     map_referrals,
     review_after,
 )
-from schemas.identifiers import EPISODE_ID_SYSTEM, token
+from schemas.identifiers import EPISODE_ID_SYSTEM, is_fhir_id, resource_path, token
 from schemas.topics import Topics
-from sync import event_authority, writeback
+from sync import event_authority, fhir_writes, writeback
 from sync.capabilities import discover_targets
 from sync.config import Settings, open_store
 from sync.episode_config import settings_fingerprint
@@ -135,6 +135,9 @@ class Service:
         self._writeback_clients: list[EhrClient] = []
         self._lock = threading.Lock()
         self._writeback_lock = threading.Lock()  # the consumer's workers build a WriteBack only once
+        #: Provenance of EpisodeOfCare writes that landed while their Provenance did not, by EHR: sent
+        #: first in the next cycle (the EpisodeOfCare itself is not written again for it).
+        self._unproven: dict[str, list[dict[str, Any]]] = {}
 
     # -- resources ------------------------------------------------------------------------------------
 
@@ -280,6 +283,7 @@ class Service:
     def _write_episodes_of_care(self, ehr: EhrConfig, changed: Iterable[Staged]) -> int:
         """Conditional update of each changed episode's EpisodeOfCare; returns how many were written."""
         client = self.client(ehr)
+        self._send_unproven(ehr.name, client)
         written = 0
         for item in changed:
             if item.kind != "episode":
@@ -304,10 +308,54 @@ class Service:
                 continue
             body = response.json() if response.content else {}
             fhir_id = body.get("id") if isinstance(body, Mapping) else None
+            if fhir_id is not None and not is_fhir_id(fhir_id):
+                # Never kept: write-backs would put it in a URL path (the value itself is not logged).
+                log.warning(
+                    "episode_of_care_invalid_id",
+                    ehr=ehr.name,
+                    episode_id=item.record_id,
+                    length=len(str(fhir_id)),
+                )
+                continue
             if fhir_id:
                 self.state.set_episode_fhir_id(ehr.name, item.record_id, str(fhir_id))
+                self._unproven.setdefault(ehr.name, []).append(
+                    self._episode_provenance(item, str(fhir_id), response)
+                )
+                self._send_unproven(ehr.name, client)
             written += 1
         return written
+
+    def _episode_provenance(self, item: Staged, fhir_id: str, response: Any) -> dict[str, Any]:
+        """The Provenance of one EpisodeOfCare write: its source is the episode id (an id of ours)."""
+        record = item.record
+        security = [dict(s) for s in record.get("security") or []] if record.get("part2") else []
+        return fhir_writes.provenance(
+            fhir_writes.versioned(
+                resource_path("EpisodeOfCare", fhir_id), writeback.written_version(response)
+            ),
+            recorded=datetime.now(UTC).isoformat(timespec="seconds"),
+            created=response.status_code == 201,
+            security=security,
+            source=(EPISODE_ID_SYSTEM, item.record_id),
+            agent=self.settings.service.provenance_agent,
+        )
+
+    def _send_unproven(self, ehr_name: str, client: EhrClient) -> None:
+        """POST the EpisodeOfCare Provenance not yet sent; a temporary failure keeps it for the next
+        cycle, a refusal (the server takes no Provenance) drops it with a warning. Never stops a cycle."""
+        pending = self._unproven.get(ehr_name, [])
+        while pending:
+            try:
+                client.request("POST", "Provenance", json=pending[0])
+            except EhrError as exc:
+                if exc.status not in writeback.PERMANENT_STATUSES:
+                    log.warning(
+                        "provenance_not_written", ehr=ehr_name, pending=len(pending), status=exc.status
+                    )
+                    return
+                log.warning("provenance_refused", ehr=ehr_name, reference="EpisodeOfCare", status=exc.status)
+            pending.pop(0)
 
     # -- write-back -----------------------------------------------------------------------------------
 
@@ -327,7 +375,11 @@ class Service:
                 # pauses the partition like any other).
                 targets = discover_targets(client)
                 self._writebacks[ehr_name] = writeback.WriteBack(
-                    client, self.state, ehr=ehr_name, targets=targets
+                    client,
+                    self.state,
+                    ehr=ehr_name,
+                    targets=targets,
+                    agent=self.settings.service.provenance_agent,
                 )
             return self._writebacks[ehr_name]
 

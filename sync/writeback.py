@@ -31,6 +31,7 @@ dead-letters them).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,7 +43,16 @@ import orjson
 import structlog
 
 from connectors.errors import EhrError
-from schemas.identifiers import EPISODE_ID_SYSTEM, EVENT_ID_SYSTEM, SESSION_ID_SYSTEM, session_key, token
+from schemas.identifiers import (
+    EPISODE_ID_SYSTEM,
+    EVENT_ID_SYSTEM,
+    SESSION_ID_SYSTEM,
+    InvalidIdError,
+    checked_id,
+    resource_path,
+    session_key,
+    token,
+)
 from sync import event_authority, fhir_writes
 from sync.capabilities import JSON_PATCH, Purpose, Targets
 from sync.errors import PermanentEventError
@@ -109,6 +119,24 @@ def _version_of(response: httpx.Response, body: Mapping[str, Any]) -> str | None
     return f'W/"{version}"' if version else None
 
 
+def written_version(response: httpx.Response) -> str | None:
+    """The version a write made, from its ETag, its body's ``meta.versionId`` or a ``_history`` Location."""
+    etag = response.headers.get("ETag")
+    if etag:
+        return str(etag)
+    try:
+        body = response.json() if response.content else None
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and (body.get("meta") or {}).get("versionId"):
+        return str(body["meta"]["versionId"])
+    location = response.headers.get("Location") or response.headers.get("Content-Location") or ""
+    parts = location.split("/")
+    if "_history" in parts[:-1]:
+        return parts[parts.index("_history") + 1] or None
+    return None
+
+
 def _id_from(response: httpx.Response, resource_type: str) -> str:
     """The server id of a resource we created, from the body or the Location header."""
     try:
@@ -116,13 +144,13 @@ def _id_from(response: httpx.Response, resource_type: str) -> str:
     except ValueError:
         body = None
     if isinstance(body, dict) and body.get("resourceType") == resource_type and body.get("id"):
-        return str(body["id"])
+        return checked_id(resource_type, body["id"])
     location = response.headers.get("Location") or response.headers.get("Content-Location") or ""
     parts = location.split("/")
     if resource_type in parts:
         index = parts.index(resource_type)
         if index + 1 < len(parts):
-            return parts[index + 1]
+            return checked_id(resource_type, parts[index + 1])
     raise EhrError(f"created {resource_type} but the server returned no id", status=response.status_code)
 
 
@@ -141,12 +169,18 @@ class WriteBack:
         ehr: str,
         targets: Targets | None = None,
         clock: Callable[[], str] = _now,
+        agent: str = fhir_writes.AGENT_NAME,
     ) -> None:
         self.client = client
         self.state = state
         self.ehr = ehr
         self.targets = targets if targets is not None else Targets.everything(ehr=ehr)
         self.clock = clock
+        self.agent = agent
+        #: Provenance of writes that landed while their Provenance did not (a temporary failure), by
+        #: event id: sent first when the event is retried, whose writes are then no-ops.
+        self._unproven: dict[str, list[dict[str, Any]]] = {}
+        self._unproven_lock = threading.Lock()
 
     # -- entry points -----------------------------------------------------------------------------
 
@@ -186,7 +220,11 @@ class WriteBack:
                 )
             log.info("event_duplicate", event_id=event_id, topic=topic)
             return WriteBackResult(Outcome.DUPLICATE)
-        result = write(event, episode)
+        self._send_unproven(event_id)
+        try:
+            result = write(event, episode)
+        except InvalidIdError as exc:  # an id that must not reach a URL path: never retried
+            raise PermanentEventError(f"event {event_id}: {exc}; nothing more written") from exc
         self.state.record_event(
             event_id,
             topic=topic,
@@ -287,7 +325,13 @@ class WriteBack:
         return None
 
     def _create(
-        self, resource: dict[str, Any], system: str, value: str, security: list[dict[str, Any]]
+        self,
+        resource: dict[str, Any],
+        system: str,
+        value: str,
+        security: list[dict[str, Any]],
+        *,
+        event_id: str,
     ) -> tuple[str, bool]:
         """Create once; returns (id, created). False: an earlier try already wrote it (found, not made).
 
@@ -302,13 +346,37 @@ class WriteBack:
         else:
             found = self._lookup(resource_type, system, value, resource)
             if found is not None:
-                return str(found["id"]), False
+                resource_id = checked_id(resource_type, found.get("id"))
+                if system == EVENT_ID_SYSTEM and value == event_id:
+                    self._provenance_if_missing(resource_path(resource_type, resource_id), security, event_id)
+                return resource_id, False
         response = self._call("POST", resource_type, json=resource, headers=headers, idempotent=conditional)
         resource_id = _id_from(response, resource_type)
         created = response.status_code == 201 or not conditional
+        target = fhir_writes.versioned(resource_path(resource_type, resource_id), written_version(response))
         if created:
-            self._provenance(f"{resource_type}/{resource_id}", created=True, security=security)
+            self._provenance(target, created=True, security=security, event_id=event_id)
+        elif system == EVENT_ID_SYSTEM and value == event_id:
+            self._provenance_if_missing(resource_path(resource_type, resource_id), security, event_id)
         return resource_id, created
+
+    def _provenance_if_missing(self, reference: str, security: list[dict[str, Any]], event_id: str) -> None:
+        """The create found a resource keyed by this very event id (the discharge summary): an earlier try
+        made it and may have died before its Provenance. Write the CREATE Provenance unless the server
+        already holds one naming this event; where Provenance cannot be searched by target, write none
+        rather than a second one. (A session's resource is keyed by the session, which several events
+        share: found, it gets no Provenance in this event's name.)"""
+        if not self.targets.enabled(Purpose.PROVENANCE):
+            return
+        if not self.targets.access("Provenance").searchable_by("target"):
+            return
+        bundle = self._call("GET", "Provenance", params={"target": reference}).json()
+        for entry in bundle.get("entry") or []:
+            for entity in (entry.get("resource") or {}).get("entity") or []:
+                identifier = (entity.get("what") or {}).get("identifier") or {}
+                if identifier.get("system") == EVENT_ID_SYSTEM and identifier.get("value") == event_id:
+                    return
+        self._provenance(reference, created=True, security=security, event_id=event_id)
 
     def _change_method(self, resource_type: str) -> str:
         method = self.targets.access(resource_type).change_method
@@ -345,7 +413,7 @@ class WriteBack:
                 # Under If-Match a resent patch that was applied meets a version conflict, never a double.
                 kwargs = {"content": orjson.dumps(operations), "idempotent": bool(version)}
             try:
-                self.client.request(method, reference, headers=headers, **kwargs)
+                response = self.client.request(method, reference, headers=headers, **kwargs)
             except EhrError as exc:
                 if exc.status in CONFLICT_STATUSES:
                     log.info("version_conflict", reference=reference, status=exc.status)
@@ -353,26 +421,59 @@ class WriteBack:
                 if exc.status in PERMANENT_STATUSES:
                     raise PermanentEventError(f"EHR refused {method} {reference}: {exc}") from exc
                 raise
-            self._provenance(reference, created=False, security=security)
+            target = fhir_writes.versioned(reference, written_version(response))
+            self._provenance(target, created=False, security=security, event_id=event_id)
             return True
         raise EhrError(
             f"{method} {reference}: still a version conflict after {MAX_CONFLICT_RETRIES} tries",
             retriable=True,
         )
 
-    def _provenance(self, reference: str, *, created: bool, security: list[dict[str, Any]]) -> None:
+    def _provenance(
+        self, target: str, *, created: bool, security: list[dict[str, Any]], event_id: str
+    ) -> None:
+        """POST the Provenance of a write that landed. On a temporary failure the Provenance is kept and
+        the error raised: the event is retried, its Provenance sent first (``_send_unproven``) and its
+        writes, already on the server, found unchanged instead of made twice."""
         if not self.targets.enabled(Purpose.PROVENANCE):
             return
         resource = fhir_writes.provenance(
-            reference, recorded=self.clock(), created=created, security=security
+            target,
+            recorded=self.clock(),
+            created=created,
+            security=security,
+            source=(EVENT_ID_SYSTEM, event_id),
+            agent=self.agent,
         )
+        try:
+            self._post_provenance(resource)
+        except EhrError:
+            with self._unproven_lock:
+                self._unproven.setdefault(event_id, []).append(resource)
+            raise
+
+    def _post_provenance(self, resource: dict[str, Any]) -> None:
         try:
             self.client.request("POST", "Provenance", json=resource)
         except EhrError as exc:
             if exc.status not in PERMANENT_STATUSES:
                 raise
             # The server does not take Provenance for this resource: the write itself stands.
-            log.warning("provenance_refused", reference=reference.split("/")[0], status=exc.status)
+            target = str(resource["target"][0]["reference"])
+            log.warning("provenance_refused", reference=target.split("/")[0], status=exc.status)
+
+    def _send_unproven(self, key: str) -> None:
+        """Send the Provenance an earlier try of this event could not (kept until each is sent)."""
+        with self._unproven_lock:
+            pending = self._unproven.pop(key, [])
+        while pending:
+            try:
+                self._post_provenance(pending[0])
+            except EhrError:
+                with self._unproven_lock:
+                    self._unproven.setdefault(key, [])[:0] = pending
+                raise
+            pending.pop(0)
 
     # -- attendance -------------------------------------------------------------------------------
 
@@ -414,7 +515,7 @@ class WriteBack:
         owner = {"patient": str(entry.record["patient"]["reference"]), "event_id": str(event["event_id"])}
         known = self.state.session_resource(self.ehr, session_id)
         if known is not None and _instant(known.occurred_at) >= _instant(occurred_at):
-            return WriteBackResult(Outcome.STALE, [f"{known.resource_type}/{known.resource_id}"])
+            return WriteBackResult(Outcome.STALE, [resource_path(known.resource_type, known.resource_id)])
         security = self._security(entry.record)
 
         if status == "cancelled":
@@ -424,25 +525,29 @@ class WriteBack:
         resource = self._session_resource(resource_type, event, entry, security)
         if known is not None and known.resource_type not in (resource_type, "none"):
             # attended <-> absent: the old record of the session is voided, the new one written.
-            self._update(f"{known.resource_type}/{known.resource_id}", fhir_writes.voided, security, **owner)
+            self._update(
+                resource_path(known.resource_type, known.resource_id), fhir_writes.voided, security, **owner
+            )
             known = None
         if known is None or known.resource_type == "none":
-            resource_id, created = self._create(resource, SESSION_ID_SYSTEM, session_id, security)
+            resource_id, created = self._create(
+                resource, SESSION_ID_SYSTEM, session_id, security, event_id=owner["event_id"]
+            )
             outcome = Outcome.CREATED
             if not created:  # written by an earlier try (or found): make it match this event
                 changed = self._update(
-                    f"{resource_type}/{resource_id}", _replace_with(resource), security, **owner
+                    resource_path(resource_type, resource_id), _replace_with(resource), security, **owner
                 )
                 outcome = Outcome.UPDATED if changed else Outcome.UNCHANGED
         else:
             resource_id = known.resource_id
             changed = self._update(
-                f"{resource_type}/{resource_id}", _replace_with(resource), security, **owner
+                resource_path(resource_type, resource_id), _replace_with(resource), security, **owner
             )
             outcome = Outcome.UPDATED if changed else Outcome.UNCHANGED
         written = SessionResource(resource_type, resource_id, occurred_at, status)
         return WriteBackResult(
-            outcome, [f"{resource_type}/{resource_id}"], SessionWrite(self.ehr, session_id, written)
+            outcome, [resource_path(resource_type, resource_id)], SessionWrite(self.ehr, session_id, written)
         )
 
     def _void_session(
@@ -457,13 +562,13 @@ class WriteBack:
         patient, event_id = str(entry.record["patient"]["reference"]), str(event["event_id"])
         references: list[str] = []
         if known is not None and known.resource_type != "none":
-            references.append(f"{known.resource_type}/{known.resource_id}")
+            references.append(resource_path(known.resource_type, known.resource_id))
         elif known is None:  # an earlier try may have written it before the crash: ask the server
             for resource_type in self._session_types():
                 like = self._session_resource(resource_type, _as_attended(event), entry, security)
                 found = self._lookup(resource_type, SESSION_ID_SYSTEM, session_id, like)
                 if found is not None:
-                    reference = f"{resource_type}/{found['id']}"
+                    reference = resource_path(resource_type, found["id"])
                     _check_owner(found, reference, patient, event_id)  # all checked before the first write
                     references.append(reference)
         if not references:
@@ -508,13 +613,13 @@ class WriteBack:
         if eoc_id is not None:
             end_date = str(discharge["date"])
             self._update(
-                f"EpisodeOfCare/{eoc_id}",
+                resource_path("EpisodeOfCare", eoc_id),
                 lambda current: fhir_writes.finished_episode_of_care(current, end_date=end_date),
                 security,
                 patient=patient,
                 event_id=str(event["event_id"]),
             )
-            references.append(f"EpisodeOfCare/{eoc_id}")
+            references.append(resource_path("EpisodeOfCare", eoc_id))
 
         document = fhir_writes.discharge_document(
             event,
@@ -525,8 +630,9 @@ class WriteBack:
         )
         if document["resourceType"] != document_type:
             raise PermanentEventError(f"EHR {self.ehr!r}: no discharge builder for {document_type}")
-        document_id, _ = self._create(document, EVENT_ID_SYSTEM, str(event["event_id"]), security)
-        references.append(f"DocumentReference/{document_id}")
+        event_id = str(event["event_id"])
+        document_id, _ = self._create(document, EVENT_ID_SYSTEM, event_id, security, event_id=event_id)
+        references.append(resource_path("DocumentReference", document_id))
 
         reason = str(discharge.get("reason", "other"))
 
@@ -535,9 +641,13 @@ class WriteBack:
 
         for task_id in tasks:
             self._update(
-                f"Task/{task_id}", close_task, security, patient=patient, event_id=str(event["event_id"])
+                resource_path("Task", task_id),
+                close_task,
+                security,
+                patient=patient,
+                event_id=str(event["event_id"]),
             )
-            references.append(f"Task/{task_id}")
+            references.append(resource_path("Task", task_id))
         return WriteBackResult(Outcome.DISCHARGED, references)
 
     def _episode_of_care_id(self, episode_id: str, known: str | None) -> str | None:
@@ -547,7 +657,7 @@ class WriteBack:
         eoc_id = known
         if eoc_id is None and self.targets.access("EpisodeOfCare").searchable_by("identifier"):
             found = self._find("EpisodeOfCare", EPISODE_ID_SYSTEM, episode_id)
-            eoc_id = str(found["id"]) if found else None
+            eoc_id = checked_id("EpisodeOfCare", found.get("id")) if found else None
             if eoc_id:
                 self.state.set_episode_fhir_id(self.ehr, episode_id, eoc_id)
         return eoc_id
@@ -562,7 +672,7 @@ class WriteBack:
             raise PermanentEventError(f"EHR {self.ehr!r} cannot search Task by focus")
         response = self._call("GET", "Task", params={"focus": referral})
         return [
-            str(entry["resource"]["id"])
+            checked_id("Task", entry["resource"].get("id"))
             for entry in response.json().get("entry") or []
             if (entry.get("resource") or {}).get("resourceType") == "Task"
         ]

@@ -527,3 +527,39 @@ def test_sigterm_stops_the_service_cleanly(stack: Stack) -> None:
         if service.poll() is None:
             service.kill()
             service.wait()
+
+
+def _provenance_of(fhir: httpx.Client, reference: str) -> list[dict[str, Any]]:
+    bundle = fhir.get("Provenance", params={"target": reference}).json()
+    return [e["resource"] for e in bundle.get("entry", [])]
+
+
+def test_hapi_holds_a_provenance_for_the_episode_of_care_and_the_encounter(
+    stack: Stack, published: dict[str, dict[str, Any]]
+) -> None:
+    active = published["pt-active-iop/iop/1"]
+    (episode_of_care,) = _count(stack.fhir, "EpisodeOfCare", EPISODE_ID_SYSTEM, active["episode_id"])
+    (by_cycle, *_) = _provenance_of(stack.fhir, f"EpisodeOfCare/{episode_of_care['id']}")
+    # We send the version the PUT made; HAPI strips versions from stored references by default.
+    assert (
+        by_cycle["target"][0]["reference"].split("/_history/")[0] == f"EpisodeOfCare/{episode_of_care['id']}"
+    )
+    assert by_cycle["entity"][0]["what"]["identifier"] == {
+        "system": EPISODE_ID_SYSTEM,
+        "value": active["episode_id"],
+    }
+    assert by_cycle["agent"][0]["who"]["display"] == "iop-bridge"
+
+    session = unique_id("S")
+    event = _attendance(active, session)
+    _produce(stack, [(stack.topics.attendance, event)])
+    with Service(stack.settings, as_of=AS_OF, retry_pause_s=1) as service:
+        service.drain_writebacks(max_seconds=120)
+    (encounter,) = _count(stack.fhir, "Encounter", SESSION_ID_SYSTEM, session)
+    (by_event,) = _provenance_of(stack.fhir, f"Encounter/{encounter['id']}")
+    assert by_event["target"][0]["reference"].split("/_history/")[0] == f"Encounter/{encounter['id']}"
+    assert by_event["activity"]["coding"][0]["code"] == "CREATE"
+    assert by_event["entity"][0]["what"]["identifier"] == {
+        "system": EVENT_ID_SYSTEM,
+        "value": event["event_id"],
+    }

@@ -169,3 +169,17 @@ def test_bulk_export_sample_passes_strict_validation(strict: frozenset[str]) -> 
                 assert result.resource is not None
                 checked += 1
     assert checked > 150
+
+
+@pytest.mark.parametrize("bad", ["..", ".", "enc/1", "enc-1?x=1", "enc-1#f", "a,b", "Jane Doe", "%2e%2e"])
+@pytest.mark.parametrize("vendor", ["generic", "oracle"])
+def test_an_id_that_cannot_be_a_path_segment_is_rejected_even_where_id_format_is_tolerated(
+    bad: str, vendor: str
+) -> None:
+    tolerate = profile_for(
+        EhrConfig(name="x", base_url="https://ehr.example.org/fhir", vendor=vendor)
+    ).tolerated_deviations
+    checked = check_resource({**ENCOUNTER, "id": bad}, tolerate=tolerate)
+
+    assert not checked.ok
+    assert checked.error == f"Encounter: id: invalid id ({len(bad)} characters)"

@@ -135,8 +135,13 @@ def test_attended_session_creates_one_encounter_and_its_provenance(
     assert encounter["status"] == "finished"
     assert encounter["subject"] == {"reference": "Patient/p1"}
     assert encounter["episodeOfCare"] == [{"identifier": {"system": EPISODE_ID_SYSTEM, "value": EPISODE_ID}}]
-    assert provenance["target"] == [{"reference": "Encounter/enc-1"}]
+    assert provenance["target"] == [{"reference": "Encounter/enc-1/_history/1"}]  # the version written
     assert provenance["recorded"] == "2026-03-02T18:00:05+00:00"
+    assert provenance["activity"]["coding"][0]["code"] == "CREATE"
+    assert provenance["agent"][0]["who"] == {"type": "Device", "display": "iop-bridge"}
+    assert provenance["entity"] == [
+        {"role": "source", "what": {"identifier": {"system": EVENT_ID_SYSTEM, "value": "evt-1"}}}
+    ]
 
     # the same event again (redelivery) writes nothing: pytest-httpx fails on any unexpected request
     again = writeback.attendance(_attendance(), topic="iop.attendance.v1")

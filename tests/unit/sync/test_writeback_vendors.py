@@ -335,7 +335,7 @@ def test_oracle_attended_session_creates_an_encounter_after_an_identifier_search
     assert _calls(httpx_mock) == ["GET Encounter", "POST Encounter", "POST Provenance"]
     assert "If-None-Exist" not in httpx_mock.get_requests()[1].headers
     assert _body(httpx_mock.get_requests()[1])["status"] == "finished"
-    assert _body(httpx_mock.get_requests()[2])["target"] == [{"reference": "Encounter/97953477"}]
+    assert _body(httpx_mock.get_requests()[2])["target"] == [{"reference": "Encounter/97953477/_history/1"}]
 
 
 def test_oracle_absent_session_creates_a_noshow_appointment_after_a_patient_and_day_search(

@@ -135,6 +135,12 @@ class EhrConfig(_Strict):
         ge=1024,
         description="longest NDJSON line (one resource) accepted from a $export file",
     )
+    max_page_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024,
+        description="largest response body (a search page, a manifest, decompressed) read from the EHR; "
+        "a larger one is refused, never buffered",
+    )
     log_server_text: bool = Field(
         default=False,
         description="put the server's free text (OperationOutcome diagnostics, error bodies) into logs "

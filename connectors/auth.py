@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -27,7 +28,7 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from connectors.config import EhrConfig
+from connectors.config import EhrConfig, is_loopback_url
 from connectors.errors import AuthError, TemporaryEhrError
 
 __all__ = ["Authenticator", "BearerAuth", "NoAuth", "SmartBackendAuth", "authenticator_for"]
@@ -91,6 +92,7 @@ class SmartBackendAuth:
         http: httpx.Client,
         scopes: str,
         token_url: str | None = None,
+        allow_insecure_http: bool = False,
         kid: str | None = None,
         alg: str | None = None,
         clock: Callable[[], float] = time.time,
@@ -100,6 +102,7 @@ class SmartBackendAuth:
         self.token_url = token_url
         self.scopes = scopes
         self._base_url = base_url.rstrip("/")
+        self._allow_insecure_http = allow_insecure_http
         self._http = http
         self._clock = clock
         self._key, self.alg = _load_key(private_key_pem, alg, ehr_name)
@@ -184,8 +187,34 @@ class SmartBackendAuth:
                 f"{self.ehr_name}: no token_endpoint in {url} (HTTP {response.status_code}); "
                 "configure auth.token_url"
             )
-        log.info("ehr_token_endpoint_discovered", ehr=self.ehr_name)
+        refusal = token_endpoint_refusal(endpoint, self._base_url, self._allow_insecure_http)
+        if refusal is not None:
+            raise AuthError(f"{self.ehr_name}: {url}: token_endpoint refused: {refusal}")
+        log.info("ehr_token_endpoint_discovered", ehr=self.ehr_name, host=urlsplit(endpoint).hostname)
         return endpoint
+
+
+def token_endpoint_refusal(endpoint: str, base_url: str, allow_insecure_http: bool) -> str | None:
+    """Why a token endpoint named by ``.well-known/smart-configuration`` must not be used (None: usable).
+
+    It must be an absolute http(s) URL. On the EHR's own origin the base URL's rule holds (https, or
+    http:// on loopback or with ``allow_insecure_http``); on another origin (an authorization server
+    of its own, as Epic and Oracle run) only https, or loopback. What goes there is the signed client
+    assertion, never the access token, and the assertion's ``aud`` is that endpoint, so it cannot be
+    replayed to the real one; the scheme rule keeps it off the wire in clear.
+    """
+    parts = urlsplit(endpoint)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return "not an absolute http(s) URL"
+    if scheme == "https" or is_loopback_url(endpoint):
+        return None
+    base = urlsplit(base_url)
+    same_origin = (base.scheme.lower(), base.netloc.lower()) == (scheme, parts.netloc.lower())
+    if same_origin and allow_insecure_http:
+        return None
+    where = "the EHR's origin" if same_origin else "another origin"
+    return f"{parts.hostname} ({where}) is not https"
 
 
 _SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -265,6 +294,7 @@ def authenticator_for(
             http=http,
             scopes=auth.scopes,
             token_url=auth.token_url,
+            allow_insecure_http=ehr.allow_insecure_http,
             kid=auth.kid,
             alg=auth.alg,
             clock=clock,

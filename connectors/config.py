@@ -189,6 +189,14 @@ class EhrConfig(_Strict):
                 f"base_url {self.base_url!r} is plain http:// on a non-loopback host: use https, "
                 "or set allow_insecure_http = true for a test server"
             )
+        token_url = self.auth.token_url
+        if token_url is not None and not token_url.startswith("https://"):
+            cleartext_allowed = self.allow_insecure_http or is_loopback_url(token_url)
+            if not (token_url.startswith("http://") and cleartext_allowed):
+                raise ValueError(
+                    f"auth.token_url {token_url!r} must be https (plain http:// only on loopback or "
+                    "with allow_insecure_http = true)"
+                )
         return self
 
     @field_validator("timezone")

@@ -10,7 +10,7 @@ import pytest
 
 from schemas.contracts import errors, load_schema
 
-BOUNDED = ("attendance", "discharge")
+BOUNDED = ("attendance", "discharge", "deadletter")
 
 
 def _nodes(node: Any, where: str = "") -> Iterator[tuple[str, dict[str, Any]]]:

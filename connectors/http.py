@@ -323,7 +323,7 @@ class EhrClient:
                     self.auth.invalidate()
                     continue
                 if not response.is_success:
-                    response.read()
+                    self._read_capped(method, target, response)  # an error body: cut at the cap
                     self._raise_for_status(method, target, response)
                 yield response
                 return

@@ -414,3 +414,17 @@ def test_an_error_body_over_the_cap_keeps_its_status_class(
     ):
         client.get_json("Encounter")
     assert caught.value.status == 403
+
+
+def test_a_streamed_download_error_body_is_cut_at_the_cap(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/files/1.ndjson", status_code=404, content=b"x" * 20_000)
+    with (
+        _client(make_ehr(max_page_bytes=4096), sleeps) as client,
+        pytest.raises(EhrError, match=r"HTTP 404") as caught,
+        client.stream("GET", "files/1.ndjson"),
+    ):
+        pass
+    assert caught.value.response is not None
+    assert len(caught.value.response.content) == 4096

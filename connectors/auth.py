@@ -43,6 +43,8 @@ RENEW_MARGIN = 60.0
 # Used when a token response omits expires_in (SMART recommends tokens of at most 300 s).
 DEFAULT_EXPIRES_IN = 300.0
 _TEMPORARY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# A token or discovery answer is a few kB; a larger one is refused, never buffered.
+ANSWER_MAX = 1024 * 1024
 
 
 class Authenticator(Protocol):
@@ -149,7 +151,10 @@ class SmartBackendAuth:
             "client_assertion": self.client_assertion(),
         }
         started = self._clock()
-        response = self._http.post(token_url, data=form, headers={"Accept": "application/json"})
+        request = self._http.build_request(
+            "POST", token_url, data=form, headers={"Accept": "application/json"}
+        )
+        response = self._send_capped(request, "token endpoint")
         body = _json_object(response)
         if response.status_code in _TEMPORARY_STATUSES:
             raise TemporaryEhrError(
@@ -166,6 +171,21 @@ class SmartBackendAuth:
         self._renew_at = started + expires_in - min(RENEW_MARGIN, expires_in / 5)
         log.info("ehr_token_issued", ehr=self.ehr_name, expires_in=expires_in, scope=body.get("scope"))
 
+    def _send_capped(self, request: httpx.Request, what: str) -> httpx.Response:
+        """Send ``request`` and read at most ``ANSWER_MAX`` bytes of its answer (decompressed)."""
+        response = self._http.send(request, stream=True)
+        try:
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > ANSWER_MAX:
+                    raise AuthError(f"{self.ehr_name}: {what} answer is over {ANSWER_MAX} bytes: refused")
+            # No public httpx way to give a streamed response the body read: set what read() sets.
+            response._content = bytes(body)
+        finally:
+            response.close()
+        return response
+
     def _token_endpoint(self) -> str:
         if self.token_url is None:
             self.token_url = self._discover()
@@ -173,7 +193,8 @@ class SmartBackendAuth:
 
     def _discover(self) -> str:
         url = f"{self._base_url}/.well-known/smart-configuration"
-        response = self._http.get(url, headers={"Accept": "application/json"})
+        request = self._http.build_request("GET", url, headers={"Accept": "application/json"})
+        response = self._send_capped(request, "SMART discovery")
         if response.status_code in _TEMPORARY_STATUSES:
             raise TemporaryEhrError(
                 f"{self.ehr_name}: SMART discovery answered {response.status_code}",

@@ -308,3 +308,25 @@ def test_a_discovered_token_endpoint_that_is_not_an_absolute_url_is_refused(
     with httpx.Client() as http, pytest.raises(AuthError, match=r"token_endpoint"):
         authenticator_for(_smart(make_ehr, rsa_key), http, clock=clock).auth_headers()
     assert [r.method for r in httpx_mock.get_requests()] == ["GET"]
+
+
+@pytest.mark.parametrize("where", ["discovery", "token"])
+def test_an_oversized_answer_from_discovery_or_the_token_endpoint_is_refused(
+    httpx_mock: HTTPXMock,
+    make_ehr: Callable[..., EhrConfig],
+    rsa_key: rsa.RSAPrivateKey,
+    clock: FakeClock,
+    where: str,
+) -> None:
+    padding = "x" * (2 << 20)
+    discovery: dict[str, Any] = {"token_endpoint": TOKEN_URL}
+    if where == "discovery":
+        discovery["padding"] = padding
+    httpx_mock.add_response(url=f"{BASE}/.well-known/smart-configuration", json=discovery)
+    if where == "token":
+        httpx_mock.add_response(method="POST", url=TOKEN_URL, json={"access_token": "t", "padding": padding})
+    with (
+        httpx.Client() as http,
+        pytest.raises(AuthError, match=r"(discovery|token endpoint) answer is over 1048576 bytes"),
+    ):
+        authenticator_for(_smart(make_ehr, rsa_key), http, clock=clock).auth_headers()

@@ -111,3 +111,22 @@ def test_partitioning_applies_the_same_caps(tmp_path: Path) -> None:
     assert [(r.line, r.reason) for r in parts.rejects] == [
         (2, f"line 2 is {len(big)} bytes, over max_line_bytes (2048)")
     ]
+
+
+@pytest.mark.parametrize("partitions", ["1", "2"])
+def test_map_takes_the_caps_from_its_flags_in_either_mode(tmp_path: Path, partitions: str) -> None:
+    import contextlib
+    import io
+
+    from sync.cli import main
+
+    path = tmp_path / "e.ndjson"
+    big = orjson.dumps(_encounter("big", note="x" * 5000))
+    patient = {"resourceType": "Patient", "id": "p1"}
+    path.write_bytes(orjson.dumps(patient) + b"\n" + big + b"\n")
+    out = tmp_path / "out.ndjson"
+    argv = ["map", str(path), "--out", str(out), "--max-line-bytes", "2048"]
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main([*argv, "--partitions", partitions, "--workers", "1"]) == 0
+    rejects = [orjson.loads(line) for line in Path(f"{out}.rejects.ndjson").read_bytes().splitlines()]
+    assert [r["reason"] for r in rejects] == [f"line 2 is {len(big)} bytes, over max_line_bytes (2048)"]

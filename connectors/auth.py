@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -27,7 +28,7 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from connectors.config import EhrConfig
+from connectors.config import EhrConfig, is_loopback_url
 from connectors.errors import AuthError, TemporaryEhrError
 
 __all__ = ["Authenticator", "BearerAuth", "NoAuth", "SmartBackendAuth", "authenticator_for"]
@@ -42,6 +43,8 @@ RENEW_MARGIN = 60.0
 # Used when a token response omits expires_in (SMART recommends tokens of at most 300 s).
 DEFAULT_EXPIRES_IN = 300.0
 _TEMPORARY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# A token or discovery answer is a few kB; a larger one is refused, never buffered.
+ANSWER_MAX = 1024 * 1024
 
 
 class Authenticator(Protocol):
@@ -91,6 +94,7 @@ class SmartBackendAuth:
         http: httpx.Client,
         scopes: str,
         token_url: str | None = None,
+        allow_insecure_http: bool = False,
         kid: str | None = None,
         alg: str | None = None,
         clock: Callable[[], float] = time.time,
@@ -100,6 +104,7 @@ class SmartBackendAuth:
         self.token_url = token_url
         self.scopes = scopes
         self._base_url = base_url.rstrip("/")
+        self._allow_insecure_http = allow_insecure_http
         self._http = http
         self._clock = clock
         self._key, self.alg = _load_key(private_key_pem, alg, ehr_name)
@@ -146,7 +151,10 @@ class SmartBackendAuth:
             "client_assertion": self.client_assertion(),
         }
         started = self._clock()
-        response = self._http.post(token_url, data=form, headers={"Accept": "application/json"})
+        request = self._http.build_request(
+            "POST", token_url, data=form, headers={"Accept": "application/json"}
+        )
+        response = self._send_capped(request, "token endpoint")
         body = _json_object(response)
         if response.status_code in _TEMPORARY_STATUSES:
             raise TemporaryEhrError(
@@ -163,6 +171,21 @@ class SmartBackendAuth:
         self._renew_at = started + expires_in - min(RENEW_MARGIN, expires_in / 5)
         log.info("ehr_token_issued", ehr=self.ehr_name, expires_in=expires_in, scope=body.get("scope"))
 
+    def _send_capped(self, request: httpx.Request, what: str) -> httpx.Response:
+        """Send ``request`` and read at most ``ANSWER_MAX`` bytes of its answer (decompressed)."""
+        response = self._http.send(request, stream=True)
+        try:
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > ANSWER_MAX:
+                    raise AuthError(f"{self.ehr_name}: {what} answer is over {ANSWER_MAX} bytes: refused")
+            # No public httpx way to give a streamed response the body read: set what read() sets.
+            response._content = bytes(body)
+        finally:
+            response.close()
+        return response
+
     def _token_endpoint(self) -> str:
         if self.token_url is None:
             self.token_url = self._discover()
@@ -170,7 +193,8 @@ class SmartBackendAuth:
 
     def _discover(self) -> str:
         url = f"{self._base_url}/.well-known/smart-configuration"
-        response = self._http.get(url, headers={"Accept": "application/json"})
+        request = self._http.build_request("GET", url, headers={"Accept": "application/json"})
+        response = self._send_capped(request, "SMART discovery")
         if response.status_code in _TEMPORARY_STATUSES:
             raise TemporaryEhrError(
                 f"{self.ehr_name}: SMART discovery answered {response.status_code}",
@@ -184,8 +208,34 @@ class SmartBackendAuth:
                 f"{self.ehr_name}: no token_endpoint in {url} (HTTP {response.status_code}); "
                 "configure auth.token_url"
             )
-        log.info("ehr_token_endpoint_discovered", ehr=self.ehr_name)
+        refusal = token_endpoint_refusal(endpoint, self._base_url, self._allow_insecure_http)
+        if refusal is not None:
+            raise AuthError(f"{self.ehr_name}: {url}: token_endpoint refused: {refusal}")
+        log.info("ehr_token_endpoint_discovered", ehr=self.ehr_name, host=urlsplit(endpoint).hostname)
         return endpoint
+
+
+def token_endpoint_refusal(endpoint: str, base_url: str, allow_insecure_http: bool) -> str | None:
+    """Why a token endpoint named by ``.well-known/smart-configuration`` must not be used (None: usable).
+
+    It must be an absolute http(s) URL. On the EHR's own origin the base URL's rule holds (https, or
+    http:// on loopback or with ``allow_insecure_http``); on another origin (an authorization server
+    of its own, as Epic and Oracle run) only https, or loopback. What goes there is the signed client
+    assertion, never the access token, and the assertion's ``aud`` is that endpoint, so it cannot be
+    replayed to the real one; the scheme rule keeps it off the wire in clear.
+    """
+    parts = urlsplit(endpoint)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return "not an absolute http(s) URL"
+    if scheme == "https" or is_loopback_url(endpoint):
+        return None
+    base = urlsplit(base_url)
+    same_origin = (base.scheme.lower(), base.netloc.lower()) == (scheme, parts.netloc.lower())
+    if same_origin and allow_insecure_http:
+        return None
+    where = "the EHR's origin" if same_origin else "another origin"
+    return f"{parts.hostname} ({where}) is not https"
 
 
 _SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -265,6 +315,7 @@ def authenticator_for(
             http=http,
             scopes=auth.scopes,
             token_url=auth.token_url,
+            allow_insecure_http=ehr.allow_insecure_http,
             kid=auth.kid,
             alg=auth.alg,
             clock=clock,

@@ -40,7 +40,7 @@ from connectors.http import (
 from connectors.private import make_private_dir, open_private
 from schemas.identifiers import resource_path
 
-__all__ = ["BulkResult", "LineTooLong", "bulk_export"]
+__all__ = ["BulkResult", "OversizedLine", "bulk_export"]
 
 log = structlog.get_logger()
 
@@ -63,6 +63,7 @@ class BulkResult:
     request_url: str = ""
     lines: dict[str, int] = field(default_factory=dict)
     errors: int = 0  # OperationOutcome lines in the error files
+    oversized: list[OversizedLine] = field(default_factory=list)  # lines over max_line_bytes, skipped
 
 
 def bulk_export(
@@ -257,12 +258,7 @@ def _download_all(
         if should_stop is not None and should_stop():
             raise BulkExportError(f"{client.ehr.name}: $export cancelled", ehr=client.ehr.name)
         try:
-            written = _download(client, url, path, needs_token)
-        except LineTooLong as exc:
-            raise BulkExportError(
-                f"{client.ehr.name}: $export file {path.name} ({kind}) refused: {exc} (max_line_bytes)",
-                ehr=client.ehr.name,
-            ) from exc
+            copied = _download(client, url, path, needs_token)
         except EhrError as exc:
             raise BulkExportError(
                 f"{client.ehr.name}: $export file {path.name} ({kind}) could not be downloaded: {exc}",
@@ -270,7 +266,12 @@ def _download_all(
                 status=exc.status,
                 response=exc.response,
             ) from exc
-        if expected is not None and expected != written:
+        written = copied.written
+        for number, size in copied.oversized:
+            if path not in result.error_files:  # a server message lost is logged; data lost is a reject
+                result.oversized.append(OversizedLine(path.name, kind, number, size))  # append: atomic
+            log.warning("bulk_line_too_long", ehr=client.ehr.name, file=path.name, line=number, size=size)
+        if expected is not None and expected != written + len(copied.oversized):
             log.warning(
                 "bulk_count_mismatch", ehr=client.ehr.name, resource=kind, expected=expected, got=written
             )
@@ -314,7 +315,7 @@ def _item(client: EhrClient, item: object, needs_token: bool) -> tuple[str, str]
     return kind, item["url"]
 
 
-def _download(client: EhrClient, url: str, path: Path, needs_token: bool) -> int:
+def _download(client: EhrClient, url: str, path: Path, needs_token: bool) -> CopiedLines:
     """Stream one NDJSON file to ``path`` (via a ``.part`` file); the whole download is retried."""
     partial = path.with_name(path.name + ".part")
     try:
@@ -324,53 +325,93 @@ def _download(client: EhrClient, url: str, path: Path, needs_token: bool) -> int
                     client.stream("GET", url, headers={"Accept": _NDJSON}, authorize=needs_token) as response,
                     open_private(partial) as sink,
                 ):
-                    written = _copy_lines(response.iter_bytes(), sink, client.ehr.max_line_bytes)
+                    copied = _copy_lines(response.iter_bytes(), sink, client.ehr.max_line_bytes)
                 partial.replace(path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return written
+    return copied
 
 
-class LineTooLong(ValueError):
-    """An NDJSON line longer than the cap (``max_line_bytes``)."""
+@dataclass(frozen=True)
+class OversizedLine:
+    """An NDJSON line of an export file longer than ``max_line_bytes``: skipped, the rest of the file
+    kept. The pull records it as a reject naming the file, the line and its size (never its content)."""
+
+    file: str
+    resource_type: str
+    line: int
+    size: int
+
+    def reason(self, cap: int) -> str:
+        return (
+            f"line {self.line} of {self.file} ({self.resource_type}) is {self.size} bytes, "
+            f"over max_line_bytes ({cap})"
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {"resourceType": self.resource_type, "file": self.file, "line": self.line, "bytes": self.size}
 
 
-def _copy_lines(chunks: Iterator[bytes], sink: BinaryIO, max_line_bytes: int = 64 * 1024 * 1024) -> int:
-    """Write the non-blank lines of a byte stream, one at a time; returns how many.
+@dataclass
+class CopiedLines:
+    """What ``_copy_lines`` did: lines written, and ``(line number, size)`` of each line skipped."""
+
+    written: int = 0
+    oversized: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _copy_lines(
+    chunks: Iterator[bytes], sink: BinaryIO, max_line_bytes: int = 64 * 1024 * 1024
+) -> CopiedLines:
+    """Write the non-blank lines of a byte stream, one at a time.
 
     Splits on ``\\n`` only: JSON strings may hold U+2028 and other characters ``str.splitlines`` breaks on.
     Linear in the line's length (a long line is gathered in a bytearray, each chunk searched once) and
-    bounded: a line over ``max_line_bytes`` raises ``LineTooLong`` naming its number.
+    bounded: a line over ``max_line_bytes`` is dropped as soon as it passes the cap (nothing more of it
+    is held) and only counted to its end; its number and size go to ``oversized``.
     """
-    written = 0
+    copied = CopiedLines()
     number = 1  # of the line being gathered, blank lines counted
     pending = bytearray()
+    skipping = 0  # bytes of the current line seen so far, once it is over the cap (0: not skipping)
 
     def emit(line: bytes | bytearray) -> None:
-        nonlocal written
         if line.strip():
             sink.write(bytes(line).rstrip(b"\r") + b"\n")
-            written += 1
+            copied.written += 1
+
+    def end_line(tail: bytes | bytearray) -> None:
+        nonlocal skipping, number
+        if skipping:
+            copied.oversized.append((number, skipping + len(tail)))
+            skipping = 0
+        elif len(pending) + len(tail) > max_line_bytes:
+            copied.oversized.append((number, len(pending) + len(tail)))
+        elif pending:
+            pending.extend(tail)
+            emit(pending)
+        else:
+            emit(tail)
+        pending.clear()
+        number += 1
 
     for chunk in chunks:
         start = 0
         while (end := chunk.find(b"\n", start)) != -1:
-            if len(pending) + end - start > max_line_bytes:
-                raise LineTooLong(f"line {number} is over {max_line_bytes} bytes")
-            if pending:
-                pending += chunk[start:end]
-                emit(pending)
-                pending.clear()
-            else:
-                emit(chunk[start:end])
-            number += 1
+            end_line(chunk[start:end])
             start = end + 1
-        pending += chunk[start:]
-        if len(pending) > max_line_bytes:
-            raise LineTooLong(f"line {number} is over {max_line_bytes} bytes")
-    emit(pending)
-    return written
+        rest = chunk[start:]
+        if skipping:
+            skipping += len(rest)
+        elif len(pending) + len(rest) > max_line_bytes:
+            skipping = len(pending) + len(rest)
+            pending.clear()
+        else:
+            pending += rest
+    if skipping or pending:
+        end_line(b"")
+    return copied
 
 
 def _log_error_file(client: EhrClient, path: Path, limit: int = 20) -> None:

@@ -141,6 +141,12 @@ class EhrConfig(_Strict):
         ge=1024,
         description="longest NDJSON line (one resource) accepted from a $export file",
     )
+    max_page_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024,
+        description="largest response body (a search page, a manifest, decompressed) read from the EHR; "
+        "a larger one is refused, never buffered",
+    )
     log_server_text: bool = Field(
         default=False,
         description="put the server's free text (OperationOutcome diagnostics, error bodies) into logs "
@@ -194,6 +200,14 @@ class EhrConfig(_Strict):
                 f"base_url {self.base_url!r} is plain http:// on a non-loopback host: use https, "
                 "or set allow_insecure_http = true for a test server"
             )
+        token_url = self.auth.token_url
+        if token_url is not None and not token_url.startswith("https://"):
+            cleartext_allowed = self.allow_insecure_http or is_loopback_url(token_url)
+            if not (token_url.startswith("http://") and cleartext_allowed):
+                raise ValueError(
+                    f"auth.token_url {token_url!r} must be https (plain http:// only on loopback or "
+                    "with allow_insecure_http = true)"
+                )
         return self
 
     @field_validator("timezone")

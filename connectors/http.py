@@ -323,7 +323,7 @@ class EhrClient:
                     self.auth.invalidate()
                     continue
                 if not response.is_success:
-                    response.read()
+                    self._read_capped(method, target, response)  # an error body: cut at the cap
                     self._raise_for_status(method, target, response)
                 yield response
                 return
@@ -347,7 +347,7 @@ class EhrClient:
         for reauthorised in (False, True):
             self.count("requests")
             try:
-                response = self._http.request(
+                request = self._http.build_request(
                     method,
                     target,
                     params=_query(params),
@@ -355,6 +355,8 @@ class EhrClient:
                     json=json,
                     content=content,
                 )
+                response = self._http.send(request, stream=True)
+                self._read_capped(method, target, response)
             except _TEMPORARY_TRANSPORT as exc:
                 if _is_tls_failure(exc):
                     raise self._tls_error(method, target) from exc
@@ -370,6 +372,40 @@ class EhrClient:
                 return response
             self._raise_for_status(method, target, response, temporary, resendable)
         raise AssertionError("unreachable")
+
+    def _read_capped(self, method: str, target: str, response: httpx.Response) -> None:
+        """Read a streamed body, at most ``max_page_bytes`` of it (decompressed): a larger 2xx body is
+        refused as soon as it passes the cap (``Content-Length`` first), never buffered whole; a larger
+        error body is cut at the cap (only its status and OperationOutcome codes matter)."""
+        cap = self.ehr.max_page_bytes
+        try:
+            if response.is_success:
+                declared = response.headers.get("Content-Length", "")
+                if declared.isdigit() and int(declared) > cap and "Content-Encoding" not in response.headers:
+                    raise self._too_big(method, target, response, f"Content-Length {declared}")
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > cap:
+                    if response.is_success:
+                        raise self._too_big(method, target, response, f"more than {cap} bytes read")
+                    del body[cap:]
+                    break
+            # httpx has no public way to hand a response the body read from its stream: set what
+            # ``Response.read()`` would have set, so ``content``/``text``/``json()`` work as usual.
+            response._content = bytes(body)
+        finally:
+            response.close()
+
+    def _too_big(self, method: str, target: str, response: httpx.Response, seen: str) -> EhrError:
+        return EhrError(
+            f"{self.ehr.name}: {method} {_path(target)}: the response is over max_page_bytes "
+            f"({self.ehr.max_page_bytes} bytes; {seen}): refused (raise max_page_bytes, or lower "
+            "page_size for searches)",
+            ehr=self.ehr.name,
+            status=response.status_code,
+            retriable=False,
+        )
 
     def _headers(
         self, target: str, extra: Mapping[str, str] | None, authorize: bool | None

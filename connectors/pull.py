@@ -487,6 +487,10 @@ class _Run:
             result = outcome[0]
             self.summary.bulk_error_lines = result.errors
             self.validator.drain(block=True)
+            for line in result.oversized:  # skipped at download: each a reject naming file, line, size
+                reason = line.reason(self.ehr.max_line_bytes)
+                log.warning("resource_rejected", ehr=self.ehr.name, error=reason)
+                self.output.reject(line.to_dict(), reason)
             self._bulk_deletions(result)  # after the drain: the output holds every resource by now
         finally:
             stop.set()

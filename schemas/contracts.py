@@ -45,8 +45,14 @@ def _validator(name: str, version: int) -> Draft202012Validator:
     )
 
 
+_SIZES = {"maxLength": "characters", "maxItems": "items", "maxProperties": "properties"}
+
+
 def _describe(error: ValidationError) -> str:
     where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+    unit = _SIZES.get(str(error.validator))
+    if unit is not None and hasattr(error.instance, "__len__"):  # never echo an oversized value
+        return f"{where}: {len(error.instance)} {unit}, over {error.validator} {error.validator_value}"
     return f"{where}: {error.message}"
 
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
+import re
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +44,9 @@ from mappers.projection import ProjectionError, project, project_line
 from sync.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "InputError",
+    "InputLimits",
     "InputReject",
     "Loaded",
     "Partitions",
@@ -70,6 +74,25 @@ class InputError(ConfigError):
 
 
 @dataclass(frozen=True)
+class InputLimits:
+    """How much of an input is read at once (sizes in bytes, after decompression).
+
+    ``line_bytes``: the longest NDJSON line, and the largest Bundle entry of a streamed Bundle;
+    ``document_bytes``: the largest ``.json`` document (a gzipped one is never inflated further);
+    ``stream_bytes``: a Bundle larger than this (a document or an NDJSON line) is read entry by entry,
+    so its parsed form is never held whole (about 6-9 times its size in Python objects).
+    Anything over a cap is an ``InputReject`` naming the file, the line or entry, and the size.
+    """
+
+    line_bytes: int = 64 * 1024 * 1024
+    document_bytes: int = 512 * 1024 * 1024
+    stream_bytes: int = 16 * 1024 * 1024
+
+
+DEFAULT_LIMITS: Final = InputLimits()
+
+
+@dataclass(frozen=True)
 class InputReject:
     """Something in an input that is not a FHIR resource: where it is and why."""
 
@@ -93,14 +116,16 @@ class Loaded:
     read: int = 0
 
 
-def load_resources(paths: Iterable[Path | str], *, mode: ReadMode = "full") -> Loaded:
+def load_resources(
+    paths: Iterable[Path | str], *, mode: ReadMode = "full", limits: InputLimits = DEFAULT_LIMITS
+) -> Loaded:
     """Every resource of ``paths`` in one list (see the module docstring for the accepted inputs)."""
     loaded = Loaded()
     files = _files(paths)
     loaded.files = len(files)
     for path in files:
         source = str(path)
-        for resource, entry, number in _read_file_raw(path, loaded.rejects):
+        for resource, entry, number in _read_file_raw(path, loaded.rejects, limits):
             loaded.read += 1
             admitted = admit(resource, mode, source, number, loaded.rejects, entry=entry)
             if admitted is not None:
@@ -160,7 +185,9 @@ def input_bytes(paths: Iterable[Path | str]) -> int:
     return total
 
 
-def partition_resources(paths: Iterable[Path | str], folder: Path, parts: int) -> Partitions:
+def partition_resources(
+    paths: Iterable[Path | str], folder: Path, parts: int, *, limits: InputLimits = DEFAULT_LIMITS
+) -> Partitions:
     """Stream the inputs into ``parts`` files by patient (a stable hash of the patient id) plus one file
     of shared resources, under ``folder``; nothing is held in memory but one resource.
 
@@ -178,7 +205,7 @@ def partition_resources(paths: Iterable[Path | str], folder: Path, parts: int) -
     try:
         with open_private(out.shared, buffering=1 << 16) as shared:
             for index, path in enumerate(files):
-                for kind, patient, number, entry, body in _partition_items(path, out.rejects):
+                for kind, patient, number, entry, body in _partition_items(path, out.rejects, limits):
                     out.resources += 1
                     target = shared if patient is None else handles[zlib.crc32(patient.encode()) % parts]
                     target.write(b"%s\t%d\t%d\t%s\t" % (_header_kind(kind), index, number, entry))
@@ -191,14 +218,14 @@ def partition_resources(paths: Iterable[Path | str], folder: Path, parts: int) -
 
 
 def _partition_items(
-    path: Path, rejects: list[InputReject]
+    path: Path, rejects: list[InputReject], limits: InputLimits
 ) -> Iterator[tuple[str, str | None, int, bytes, bytes]]:
     """``(resourceType, patient id, line number, Bundle entry, JSON)`` of each resource of one input file.
 
     Every line is parsed exactly as ``load_resources`` parses it (``orjson``: the same depth limit, the
     same numbers refused, the same rejects), so the partitioned and in-process runs keep and reject the
     same resources; an escaped tab in a type stays escaped in the partition line (``_header_kind``)."""
-    for resource, entry, number in _read_file_raw(path, rejects):
+    for resource, entry, number in _read_file_raw(path, rejects, limits):
         # Written as parsed, not as read: 2**100 reaches the worker as the float orjson made of it.
         kind, patient, body = str(resource["resourceType"]), patient_key(resource), orjson.dumps(resource)
         yield kind, patient, number or 0, (entry or "").encode(), body
@@ -216,15 +243,15 @@ def _kind_of_header(field: bytes) -> str:
 
 
 def _read_file_raw(
-    path: Path, rejects: list[InputReject]
+    path: Path, rejects: list[InputReject], limits: InputLimits = DEFAULT_LIMITS
 ) -> Iterator[tuple[dict[str, Any], str | None, int | None]]:
     """``_read_file``'s resources, each with its position in a Bundle (None outside one) and its line
     number (NDJSON) or position (a JSON array of resources)."""
     if not path.name.lower().removesuffix(".gz").endswith(NDJSON_SUFFIXES):
-        yield from _read_document(path, rejects)
+        yield from _read_document(path, rejects, limits)
         return
     with _open(path) as handle:
-        yield from _read_lines_raw(handle, path, rejects)
+        yield from _read_lines_raw(handle, path, rejects, limits)
 
 
 def admit(
@@ -344,20 +371,39 @@ def _read_file(path: Path, rejects: list[InputReject]) -> Iterator[dict[str, Any
 
 
 def _read_document(
-    path: Path, rejects: list[InputReject]
+    path: Path, rejects: list[InputReject], limits: InputLimits = DEFAULT_LIMITS
 ) -> Iterator[tuple[dict[str, Any], str | None, int | None]]:
-    """The resources of a JSON file: one resource, a Bundle, an array of those (or NDJSON after all)."""
+    """The resources of a JSON file: one resource, a Bundle, an array of those (or NDJSON after all).
+
+    At most ``limits.document_bytes`` are read (decompressed: a gzip bomb stops there); a Bundle over
+    ``limits.stream_bytes`` is parsed entry by entry (``_streamed_bundle``)."""
+    cap = limits.document_bytes
     with _open(path) as handle:
         try:
-            data = handle.read()
+            data = handle.read(cap + 1)
         except (OSError, EOFError) as exc:
             raise InputError(f"cannot read input {path}: {exc}") from exc
+    if len(data) > cap:
+        packed = ", decompressed" if path.name.lower().endswith(".gz") else ""
+        rejects.append(
+            InputReject(str(path), None, f"the document is over max_document_bytes ({cap} bytes{packed})")
+        )
+        return
     data = data.removeprefix(_BOM)  # Windows tools write one; it is not part of the JSON
+    if len(data) > limits.stream_bytes:
+        text = _bundle_text(data)
+        spans = _entry_spans(text) if text is not None else None
+        if text is not None and spans is not None:
+            del data  # the text holds it now; the parsed Bundle is never held whole
+            for resource, entry in _streamed_entries(text, spans, str(path), None, rejects, limits):
+                yield resource, entry, None
+            return
+        del text
     try:
         document = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         if _looks_like_ndjson(data):
-            yield from _read_lines_raw(io.BytesIO(data), path, rejects)
+            yield from _read_lines_raw(io.BytesIO(data), path, rejects, limits)
             return
         rejects.append(InputReject(str(path), None, f"not valid JSON: {exc}"))
         return
@@ -392,29 +438,60 @@ def _is_bulk_manifest(document: Any) -> bool:
 
 
 def _read_lines_raw(
-    handle: IO[bytes], path: Path, rejects: list[InputReject]
+    handle: IO[bytes], path: Path, rejects: list[InputReject], limits: InputLimits = DEFAULT_LIMITS
 ) -> Iterator[tuple[dict[str, Any], str | None, int | None]]:
     """Each resource of an NDJSON stream, with its Bundle entry (a line may be a Bundle) and the
-    line's number; a bad line is a reject, never a crash. A UTF-8 BOM before the first line is skipped."""
+    line's number; a bad line is a reject, never a crash. A UTF-8 BOM before the first line is skipped.
+    A line over ``limits.line_bytes`` is a reject with its size, and is never held whole."""
     source = str(path)
     number = 0
+    cap = limits.line_bytes
     try:
-        for number, line in enumerate(handle, start=1):
+        for number, (line, size) in enumerate(_capped_lines(handle, cap), start=1):
+            if line is None:
+                rejects.append(
+                    InputReject(source, number, f"line {number} is {size} bytes, over max_line_bytes ({cap})")
+                )
+                continue
             if number == 1:
                 line = line.removeprefix(_BOM)
-            for resource, entry in _parsed_line(line, source, number, rejects):
+            for resource, entry in _parsed_line(line, source, number, rejects, limits):
                 yield resource, entry, number
     except (OSError, EOFError) as exc:  # a truncated gzip file, a disk error mid-file
         rejects.append(InputReject(source, number + 1, f"cannot read further: {exc}"))
 
 
+def _capped_lines(handle: IO[bytes], cap: int) -> Iterator[tuple[bytes | None, int]]:
+    """``(line, size)`` of each line of ``handle``; ``line`` is None for one over ``cap`` bytes (its
+    newline not counted), which is read past in pieces, never held."""
+    while line := handle.readline(cap + 1):
+        if len(line) <= cap or line.endswith(b"\n"):
+            yield line, len(line)
+            continue
+        size = len(line)
+        while (more := handle.readline(1 << 20)) and not more.endswith(b"\n"):
+            size += len(more)
+        size += len(more) - (1 if more else 0)
+        yield None, size
+
+
 def _parsed_line(
-    line: bytes, source: str, number: int, rejects: list[InputReject]
+    line: bytes,
+    source: str,
+    number: int,
+    rejects: list[InputReject],
+    limits: InputLimits = DEFAULT_LIMITS,
 ) -> Iterator[tuple[dict[str, Any], str | None]]:
     """The resource(s) of one NDJSON line: itself, a Bundle's entries (with their positions), or a
-    reject."""
+    reject. A Bundle line over ``limits.stream_bytes`` is parsed entry by entry."""
     if not line.strip():
         return
+    if len(line) > limits.stream_bytes:
+        text = _bundle_text(line)
+        spans = _entry_spans(text) if text is not None else None
+        if text is not None and spans is not None:
+            yield from _streamed_entries(text, spans, source, number, rejects, limits)
+            return
     try:
         item = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -450,17 +527,127 @@ def _resources_of(
         return
     for position, entry in enumerate(entries):
         label = str(position) if entry_of is None else f"{entry_of}.{position}"
-        if not isinstance(entry, Mapping):
-            rejects.append(InputReject(source, line, f"Bundle entry {label} is not an object"))
+        yield from _entry_resources(entry, label, source, line, rejects)
+
+
+def _entry_resources(
+    entry: Any, label: str, source: str, line: int | None, rejects: list[InputReject]
+) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """The resource(s) of one Bundle entry (at position ``label``), or a reject."""
+    if not isinstance(entry, Mapping):
+        rejects.append(InputReject(source, line, f"Bundle entry {label} is not an object"))
+        return
+    resource = entry.get("resource")
+    if resource is None:
+        return  # a DELETE in a transaction, a response without a body: no data
+    if isinstance(resource, dict) and resource.get("resourceType") == "OperationOutcome":
+        return  # searchset outcome messages are not data
+    if isinstance(resource, dict) and not resource.get("id"):
+        resource = _with_id_from_full_url(resource, entry.get("fullUrl"))
+    yield from _resources_of(resource, source, line, rejects, label)
+
+
+# -- big Bundles, entry by entry ----------------------------------------------------------------------
+
+_SPACE: Final = re.compile(r"[ \t\n\r]*")
+
+
+def _skip(text: str, at: int) -> int:
+    """The position of the first character at or after ``at`` that is not JSON whitespace."""
+    found = _SPACE.match(text, at)
+    return found.end() if found is not None else at
+
+
+def _bundle_text(data: bytes) -> str | None:
+    """The document as text for ``_entry_spans``, or None when it cannot be a streamed Bundle."""
+    if b'"Bundle"' not in data[:4096] and b'"Bundle"' not in data[-4096:]:
+        return None  # resourceType is first or last in every Bundle we have seen; else read it whole
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _entry_spans(text: str) -> list[tuple[int, int]] | None:
+    """Where each element of ``entry`` lies in ``text``, when it is one JSON object with
+    ``resourceType`` "Bundle" and an ``entry`` array; None otherwise (the caller then parses it whole,
+    with the usual rejects). The stdlib scanner finds the boundaries only (one element's objects at a
+    time); each element is then parsed by orjson, as every other input is."""
+    decoder = json.JSONDecoder()
+    kind: object = None
+    spans: list[tuple[int, int]] | None = None
+    try:
+        at = _skip(text, 0)
+        if text[at : at + 1] != "{":
+            return None
+        at = _skip(text, at + 1)
+        while text[at : at + 1] != "}":
+            key, at = decoder.raw_decode(text, at)
+            at = _skip(text, at)
+            if not isinstance(key, str) or text[at : at + 1] != ":":
+                return None
+            at = _skip(text, at + 1)
+            if key == "entry" and text[at : at + 1] == "[":
+                spans, at = _array_spans(decoder, text, at)
+            else:
+                value, at = decoder.raw_decode(text, at)
+                if key == "resourceType":
+                    kind = value
+            at = _skip(text, at)
+            if text[at : at + 1] == ",":
+                at = _skip(text, at + 1)
+            elif text[at : at + 1] != "}":
+                return None
+        if _skip(text, at + 1) != len(text):
+            return None
+    except (ValueError, RecursionError):
+        return None
+    return spans if kind == "Bundle" else None
+
+
+def _array_spans(decoder: json.JSONDecoder, text: str, at: int) -> tuple[list[tuple[int, int]], int]:
+    """The spans of the elements of the array opening at ``at``, and the position after it."""
+    spans: list[tuple[int, int]] = []
+    at = _skip(text, at + 1)
+    if text[at : at + 1] == "]":
+        return spans, at + 1
+    while True:
+        _, end = decoder.raw_decode(text, at)
+        spans.append((at, end))
+        at = _skip(text, end)
+        if text[at : at + 1] == "]":
+            return spans, at + 1
+        if text[at : at + 1] != ",":
+            raise ValueError("entry array: expected ',' or ']'")
+        at = _skip(text, at + 1)
+
+
+def _streamed_entries(
+    text: str,
+    spans: list[tuple[int, int]],
+    source: str,
+    line: int | None,
+    rejects: list[InputReject],
+    limits: InputLimits,
+) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """The resources of a big Bundle's entries, each parsed on its own: an entry over
+    ``limits.line_bytes`` or not valid JSON is a reject naming its position; the others are read."""
+    cap = limits.line_bytes
+    for position, (start, end) in enumerate(spans):
+        label = str(position)
+        piece = text[start:end]
+        size = len(piece.encode("utf-8")) if len(piece) * 4 > cap else len(piece)
+        if size > cap:
+            rejects.append(
+                InputReject(source, line, f"Bundle entry {label}: {size} bytes, over max_line_bytes ({cap})")
+            )
             continue
-        resource = entry.get("resource")
-        if resource is None:
-            continue  # a DELETE in a transaction, a response without a body: no data
-        if isinstance(resource, dict) and resource.get("resourceType") == "OperationOutcome":
-            continue  # searchset outcome messages are not data
-        if isinstance(resource, dict) and not resource.get("id"):
-            resource = _with_id_from_full_url(resource, entry.get("fullUrl"))
-        yield from _resources_of(resource, source, line, rejects, label)
+        try:
+            entry = orjson.loads(piece)
+        except orjson.JSONDecodeError as exc:
+            rejects.append(InputReject(source, line, f"Bundle entry {label}: not valid JSON: {exc}"))
+            continue
+        yield from _entry_resources(entry, label, source, line, rejects)
 
 
 def _missing_outputs(manifest: dict[str, Any], path: Path) -> Iterator[InputReject]:

@@ -63,6 +63,8 @@ from schemas.patient_identifiers import DEFAULT_PATIENT_IDENTIFIER_SYSTEMS
 from sync.config import load_settings
 from sync.errors import ConfigError
 from sync.inputs import (
+    DEFAULT_LIMITS,
+    InputLimits,
     InputReject,
     ReadMode,
     input_bytes,
@@ -121,6 +123,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--strict",
         action="store_true",
         help="validate every whole resource with fhir.resources first (default: the lean projection)",
+    )
+    parser.add_argument(
+        "--max-line-bytes",
+        type=int,
+        default=DEFAULT_LIMITS.line_bytes,
+        help="longest NDJSON line or Bundle entry read; a longer one is a reject (default: 64 MiB)",
+    )
+    parser.add_argument(
+        "--max-document-bytes",
+        type=int,
+        default=DEFAULT_LIMITS.document_bytes,
+        help="largest .json document read, decompressed; a larger one is a reject (default: 512 MiB)",
     )
     parser.set_defaults(handler=run)
 
@@ -284,6 +298,9 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.workers < 0 or args.partitions < 0:
         raise ConfigError("--workers and --partitions must be 0 (automatic) or more")
+    if args.max_line_bytes < 1024 or args.max_document_bytes < 1024:
+        raise ConfigError("--max-line-bytes and --max-document-bytes must be at least 1024")
+    limits = InputLimits(line_bytes=args.max_line_bytes, document_bytes=args.max_document_bytes)
     rules_text = read_rules_text(args.rules)
     rules = rules_from(rules_text, args.rules)
     rules_dir = rules_folder(args.rules) if args.rules is not None else None
@@ -302,10 +319,10 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers or os.cpu_count() or 1
     parts = args.partitions or min(MAX_PARTITIONS, math.ceil(input_bytes(args.inputs) / PARTITION_BYTES))
     if parts <= 1:
-        result = _map_here(args.inputs, options, rules, out=args.out)
+        result = _map_here(args.inputs, options, rules, out=args.out, limits=limits)
     else:
         result = _map_partitioned(
-            args.inputs, options, parts=max(parts, workers), workers=workers, out=args.out
+            args.inputs, options, parts=max(parts, workers), workers=workers, out=args.out, limits=limits
         )
     if args.out is not None:
         write_ndjson(rejects_path(args.out), result.rejects())
@@ -322,10 +339,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _map_here(inputs: Sequence[Path], options: MapOptions, rules: Rules, *, out: Path | None) -> MapRun:
+def _map_here(
+    inputs: Sequence[Path],
+    options: MapOptions,
+    rules: Rules,
+    *,
+    out: Path | None,
+    limits: InputLimits = DEFAULT_LIMITS,
+) -> MapRun:
     """Read everything and map it in this process (a small input)."""
     with _without_cyclic_gc():
-        loaded = load_resources(inputs, mode=options.mode)
+        loaded = load_resources(inputs, mode=options.mode, limits=limits)
         keyed, outcome = map_resources(loaded.resources, options, rules)
         count = loaded.read
         del loaded.resources[:]
@@ -334,11 +358,17 @@ def _map_here(inputs: Sequence[Path], options: MapOptions, rules: Rules, *, out:
 
 
 def _map_partitioned(
-    inputs: Sequence[Path], options: MapOptions, *, parts: int, workers: int, out: Path | None
+    inputs: Sequence[Path],
+    options: MapOptions,
+    *,
+    parts: int,
+    workers: int,
+    out: Path | None,
+    limits: InputLimits = DEFAULT_LIMITS,
 ) -> MapRun:
     """Split the input by patient into files, map them in worker processes, merge their sorted outputs."""
     with tempfile.TemporaryDirectory(prefix="iop-bridge-map-") as folder:
-        partitions = partition_resources(inputs, Path(folder), parts)
+        partitions = partition_resources(inputs, Path(folder), parts, limits=limits)
         jobs = [
             PartitionJob(
                 part=part,

@@ -224,3 +224,15 @@ def test_a_client_that_cannot_bootstrap_is_a_kafka_error_naming_the_servers() ->
     ) as caught:
         connect(no_bootstrap, what="producer", bootstrap="127.0.0.1:1")
     assert caught.value.exit_code == 5
+
+
+def test_an_oversized_event_is_refused_for_the_dead_letter_topic_naming_field_and_cap() -> None:
+    summary = PLANTED_NAME + " " + "x" * 200_000
+    oversized = {**DISCHARGE, "discharge": {**DISCHARGE["discharge"], "summary": summary}}
+    with pytest.raises(_NotValid) as caught:
+        decode(Record(orjson.dumps(oversized)), ("discharge", 1))
+    assert caught.value.reason == "schema_invalid: discharge.v1: discharge/summary: maxLength"
+    many = {**DISCHARGE, "patient": {"identifier": [{"system": "urn:mrn", "value": "1"}] * 1000}}
+    with pytest.raises(_NotValid) as caught:
+        decode(Record(orjson.dumps(many)), ("discharge", 1))
+    assert caught.value.reason == "schema_invalid: discharge.v1: patient/identifier: maxItems"

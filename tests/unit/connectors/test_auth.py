@@ -236,3 +236,97 @@ def test_secrets_never_show_in_repr_or_logs(
     bearer = BearerAuth("static-secret")
     assert "static-secret" not in repr(bearer)
     assert "static-secret" not in repr(make_ehr(auth={"kind": "bearer", "token": "static-secret"}))
+
+
+# -- the token endpoint must be https (issue 10, item 12) -------------------------------------------
+
+
+def test_a_configured_cleartext_token_url_is_refused_at_config(
+    make_ehr: Callable[..., EhrConfig], rsa_key: rsa.RSAPrivateKey
+) -> None:
+    with pytest.raises(ValueError, match=r"auth\.token_url .*http://auth\.example\.org.* https"):
+        _smart(make_ehr, rsa_key, token_url="http://auth.example.org/oauth2/token")
+
+
+def test_a_cleartext_token_url_passes_on_loopback_or_with_allow_insecure_http(
+    make_ehr: Callable[..., EhrConfig], rsa_key: rsa.RSAPrivateKey
+) -> None:
+    assert _smart(make_ehr, rsa_key, token_url="http://127.0.0.1:9000/token").auth.token_url
+    values = {
+        "kind": "smart",
+        "client_id": "c",
+        "private_key": pem_of(rsa_key),
+        "token_url": "http://t.test/t",
+    }
+    assert make_ehr(auth=values, allow_insecure_http=True).auth.token_url == "http://t.test/t"
+
+
+@pytest.mark.parametrize("insecure", [False, True])
+def test_a_discovered_cleartext_token_endpoint_on_another_origin_is_refused_and_gets_nothing(
+    httpx_mock: HTTPXMock,
+    make_ehr: Callable[..., EhrConfig],
+    rsa_key: rsa.RSAPrivateKey,
+    clock: FakeClock,
+    insecure: bool,
+) -> None:
+    httpx_mock.add_response(
+        url=f"{BASE}/.well-known/smart-configuration", json={"token_endpoint": "http://evil.example/token"}
+    )
+    values = {"kind": "smart", "client_id": "c", "private_key": pem_of(rsa_key)}
+    ehr = make_ehr(auth=values, allow_insecure_http=insecure)
+    with (
+        httpx.Client() as http,
+        pytest.raises(AuthError, match=r"token_endpoint .*evil\.example.* not https"),
+    ):
+        authenticator_for(ehr, http, clock=clock).auth_headers()
+    assert [r.method for r in httpx_mock.get_requests()] == ["GET"]  # no assertion went out
+
+
+def test_a_discovered_cleartext_token_endpoint_on_the_ehrs_own_loopback_origin_is_used(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], rsa_key: rsa.RSAPrivateKey, clock: FakeClock
+) -> None:
+    base = "http://127.0.0.1:8080/fhir"
+    httpx_mock.add_response(
+        url=f"{base}/.well-known/smart-configuration", json={"token_endpoint": "http://127.0.0.1:8080/token"}
+    )
+    httpx_mock.add_response(method="POST", url="http://127.0.0.1:8080/token", json={"access_token": "t"})
+    values = {"kind": "smart", "client_id": "c", "private_key": pem_of(rsa_key)}
+    with httpx.Client() as http:
+        auth = authenticator_for(make_ehr(base_url=base, auth=values), http, clock=clock)
+        assert auth.auth_headers() == {"Authorization": "Bearer t"}
+
+
+@pytest.mark.parametrize("endpoint", ["/oauth2/token", "ftp://auth.example.org/token", "https://"])
+def test_a_discovered_token_endpoint_that_is_not_an_absolute_url_is_refused(
+    httpx_mock: HTTPXMock,
+    make_ehr: Callable[..., EhrConfig],
+    rsa_key: rsa.RSAPrivateKey,
+    clock: FakeClock,
+    endpoint: str,
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/.well-known/smart-configuration", json={"token_endpoint": endpoint})
+    with httpx.Client() as http, pytest.raises(AuthError, match=r"token_endpoint"):
+        authenticator_for(_smart(make_ehr, rsa_key), http, clock=clock).auth_headers()
+    assert [r.method for r in httpx_mock.get_requests()] == ["GET"]
+
+
+@pytest.mark.parametrize("where", ["discovery", "token"])
+def test_an_oversized_answer_from_discovery_or_the_token_endpoint_is_refused(
+    httpx_mock: HTTPXMock,
+    make_ehr: Callable[..., EhrConfig],
+    rsa_key: rsa.RSAPrivateKey,
+    clock: FakeClock,
+    where: str,
+) -> None:
+    padding = "x" * (2 << 20)
+    discovery: dict[str, Any] = {"token_endpoint": TOKEN_URL}
+    if where == "discovery":
+        discovery["padding"] = padding
+    httpx_mock.add_response(url=f"{BASE}/.well-known/smart-configuration", json=discovery)
+    if where == "token":
+        httpx_mock.add_response(method="POST", url=TOKEN_URL, json={"access_token": "t", "padding": padding})
+    with (
+        httpx.Client() as http,
+        pytest.raises(AuthError, match=r"(discovery|token endpoint) answer is over 1048576 bytes"),
+    ):
+        authenticator_for(_smart(make_ehr, rsa_key), http, clock=clock).auth_headers()

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pytest_httpx import HTTPXMock, IteratorStream
 from structlog.testing import capture_logs
 
-from connectors.bulk import POLL_FRACTION, POLL_MIN, POLL_START, LineTooLong, _copy_lines, bulk_export
+from connectors.bulk import POLL_FRACTION, POLL_MIN, POLL_START, _copy_lines, bulk_export
 from connectors.config import EhrConfig
 from connectors.errors import BulkExportError
 from connectors.http import EhrClient
@@ -300,7 +300,7 @@ def test_an_export_that_never_finishes_is_cancelled(
 def test_copy_lines_is_independent_of_chunk_boundaries(lines: list[str], size: int) -> None:
     data = b"".join(orjson.dumps({"text": line}) + b"\n" for line in lines)  # raw U+2028 etc. stay inside
     sink = io.BytesIO()
-    written = _copy_lines(iter([data[i : i + size] for i in range(0, len(data), size)]), sink)
+    written = _copy_lines(iter([data[i : i + size] for i in range(0, len(data), size)]), sink).written
     assert written == len(lines)
     assert sink.getvalue() == data
 
@@ -523,30 +523,49 @@ def test_a_status_url_on_a_foreign_host_is_refused(
 # -- line caps (issue 10, item 16) ------------------------------------------------------------------
 
 
-def test_a_line_over_the_cap_is_refused_naming_the_line_and_the_cap() -> None:
-    chunks = iter([b'{"a":1}\n', b"x" * 40, b"y" * 40, b"\n"])
-    with pytest.raises(LineTooLong, match=r"line 2 is over 64 bytes"):
-        _copy_lines(chunks, io.BytesIO(), max_line_bytes=64)
+def test_a_line_over_the_cap_is_skipped_and_named_with_its_size_and_the_rest_is_kept() -> None:
+    chunks = iter([b'{"a":1}\n', b"x" * 40, b"y" * 40, b"\n", b'{"b":2}\n'])
+    sink = io.BytesIO()
+    copied = _copy_lines(chunks, sink, max_line_bytes=64)
+    assert copied.written == 2
+    assert copied.oversized == [(2, 80)]
+    assert sink.getvalue() == b'{"a":1}\n{"b":2}\n'
 
 
-def test_a_last_line_without_newline_over_the_cap_is_refused() -> None:
-    with pytest.raises(LineTooLong, match=r"line 1 is over 8 bytes"):
-        _copy_lines(iter([b"x" * 5, b"x" * 5]), io.BytesIO(), max_line_bytes=8)
+def test_a_last_line_without_newline_over_the_cap_is_skipped_with_its_size() -> None:
+    copied = _copy_lines(iter([b"x" * 5, b"x" * 5]), io.BytesIO(), max_line_bytes=8)
+    assert (copied.written, copied.oversized) == (0, [(1, 10)])
+
+
+def test_an_oversized_line_is_measured_to_its_end_across_many_chunks() -> None:
+    chunks = (b"x" * 1000 for _ in range(10_000))  # one 10 MB line in 1 kB chunks
+    copied = _copy_lines(chunks, io.BytesIO(), max_line_bytes=4096)
+    assert copied.oversized == [(1, 10_000_000)]
 
 
 def test_lines_up_to_the_cap_pass_whatever_the_chunking() -> None:
     sink = io.BytesIO()
-    assert _copy_lines(iter([b"abcd", b"efgh\nij", b"kl\r\n"]), sink, max_line_bytes=8) == 2
+    assert _copy_lines(iter([b"abcd", b"efgh\nij", b"kl\r\n"]), sink, max_line_bytes=8).written == 2
     assert sink.getvalue() == b"abcdefgh\nijkl\n"
 
 
-def test_a_bulk_file_with_a_line_over_the_cap_fails_with_a_clear_reason(
+def test_a_bulk_file_with_a_line_over_the_cap_keeps_the_rest_and_reports_the_line(
     httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps, tmp_path: Path
 ) -> None:
-    httpx_mock.add_response(url=f"{FILES}/p.ndjson", content=b'{"resourceType":"Patient"}\n' + b"x" * 5000)
-    with (
-        _token_client(make_ehr, sleeps, bulk_file_hosts=["files.example.net"], max_line_bytes=4096) as client,
-        pytest.raises(BulkExportError, match=r"Patient\.000\.ndjson.*line 2 is over 4096 bytes"),
-    ):
-        _export_with(httpx_mock, client, tmp_path, _one_file(f"{FILES}/p.ndjson"))
+    content = (
+        b'{"resourceType":"Patient","id":"a"}\n' + b"x" * 5000 + b'\n{"resourceType":"Patient","id":"b"}\n'
+    )
+    httpx_mock.add_response(url=f"{FILES}/p.ndjson", content=content)
+    with _token_client(
+        make_ehr, sleeps, bulk_file_hosts=["files.example.net"], max_line_bytes=4096
+    ) as client:
+        result = _export_with(httpx_mock, client, tmp_path, _one_file(f"{FILES}/p.ndjson"))
+    assert result.lines == {"Patient": 2}
+    assert [(o.file, o.resource_type, o.line, o.size) for o in result.oversized] == [
+        ("Patient.000.ndjson", "Patient", 2, 5000)
+    ]
+    assert "line 2 of Patient.000.ndjson (Patient) is 5000 bytes, over max_line_bytes (4096)" in (
+        result.oversized[0].reason(4096)
+    )
+    assert (tmp_path / "Patient.000.ndjson").read_bytes().count(b"\n") == 2
     assert not list(tmp_path.glob("*.part"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import gzip
 import ssl
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 import time_machine
-from pytest_httpx import HTTPXMock
+from pytest_httpx import HTTPXMock, IteratorStream
 
 from connectors.config import EhrConfig
 from connectors.errors import EhrError, TemporaryEhrError, TlsError
@@ -343,3 +344,87 @@ def test_server_free_text_is_kept_when_opted_in(
         pytest.raises(EhrError, match="relapsed on alcohol"),
     ):
         client.get_json("Encounter")
+
+
+# -- page caps (issue 10, item 16) ------------------------------------------------------------------
+
+
+def _big_bundle(size: int) -> bytes:
+    return b'{"resourceType":"Bundle","type":"searchset","entry":[],"pad":"' + b"x" * size + b'"}'
+
+
+def test_a_response_over_max_page_bytes_is_refused_naming_ehr_path_and_size(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    body = _big_bundle(10_000)
+    pieces = [body[i : i + 1000] for i in range(0, len(body), 1000)]
+    httpx_mock.add_response(url=f"{BASE}/Encounter?patient=p1", stream=IteratorStream(pieces))
+    with (
+        _client(make_ehr(max_page_bytes=4096), sleeps) as client,
+        pytest.raises(EhrError, match=r"test-ehr: GET /r4/tenant-1/Encounter: the response is over "
+                      r"max_page_bytes \(4096 bytes") as caught,
+    ):  # fmt: skip
+        client.get_json("Encounter", params={"patient": "p1"})
+    assert not caught.value.retriable
+    assert client.stats.requests == 1  # refused, not retried
+    assert "p1" not in str(caught.value)
+
+
+def test_a_content_length_over_the_cap_is_refused_before_reading_and_names_the_size(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/Encounter", content=_big_bundle(10_000))
+    with (
+        _client(make_ehr(max_page_bytes=4096), sleeps) as client,
+        pytest.raises(EhrError, match=r"Content-Length 10\d\d\d"),
+    ):
+        client.get_json("Encounter")
+
+
+def test_a_gzip_page_is_capped_on_its_decompressed_size(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    packed = gzip.compress(_big_bundle(1_000_000))  # ~1 MB of JSON in ~1 kB on the wire
+    httpx_mock.add_response(
+        url=f"{BASE}/Encounter", stream=IteratorStream([packed]), headers={"Content-Encoding": "gzip"}
+    )
+    with (
+        _client(make_ehr(max_page_bytes=64 * 1024), sleeps) as client,
+        pytest.raises(EhrError, match=r"over max_page_bytes \(65536 bytes"),
+    ):
+        client.get_json("Encounter")
+
+
+def test_a_page_up_to_the_cap_is_read_whole(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    body = _big_bundle(3000)
+    httpx_mock.add_response(url=f"{BASE}/Encounter", content=body)
+    with _client(make_ehr(max_page_bytes=len(body)), sleeps) as client:
+        assert client.get_json("Encounter")["resourceType"] == "Bundle"
+
+
+def test_an_error_body_over_the_cap_keeps_its_status_class(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/Encounter", status_code=403, content=b"x" * 20_000)
+    with (
+        _client(make_ehr(max_page_bytes=4096), sleeps) as client,
+        pytest.raises(EhrError, match=r"HTTP 403") as caught,
+    ):
+        client.get_json("Encounter")
+    assert caught.value.status == 403
+
+
+def test_a_streamed_download_error_body_is_cut_at_the_cap(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(url=f"{BASE}/files/1.ndjson", status_code=404, content=b"x" * 20_000)
+    with (
+        _client(make_ehr(max_page_bytes=4096), sleeps) as client,
+        pytest.raises(EhrError, match=r"HTTP 404") as caught,
+        client.stream("GET", "files/1.ndjson"),
+    ):
+        pass
+    assert caught.value.response is not None
+    assert len(caught.value.response.content) == 4096

@@ -667,6 +667,26 @@ def test_a_bulk_pull_of_several_files_validates_them_all_on_every_worker(
     assert not (tmp_path / "out" / ".bulk-staging").exists()
 
 
+def test_a_bulk_line_over_max_line_bytes_is_a_reject_and_the_rest_of_the_pull_goes_on(
+    httpx_mock: HTTPXMock, store: StateStore, make_ehr: Callable[..., EhrConfig], tmp_path: Path
+) -> None:
+    huge = orjson.dumps({**_encounter("big", "p1"), "note": "x" * 5000})
+    files = {"part-0.ndjson": _encounter_lines(range(0, 3)) + huge + b"\n" + _encounter_lines(range(3, 5))}
+    _bulk_export_of(httpx_mock, files)
+    ehr = make_ehr(resource_types=("Encounter",), mode="bulk", max_line_bytes=4096)
+    summary = pull(ehr, store, tmp_path / "out", client_factory=_client, workers=0, inline_limit=0)
+    assert summary.counts == {"Encounter": 5}
+    assert summary.rejected == 1
+    [reject] = _read(tmp_path / "out", "_rejected")
+    assert reject["resource"] == {
+        "resourceType": "Encounter", "file": "Encounter.000.ndjson", "line": 4, "bytes": len(huge)
+    }  # fmt: skip
+    assert reject["error"] == (
+        f"line 4 of Encounter.000.ndjson (Encounter) is {len(huge)} bytes, over max_line_bytes (4096)"
+    )
+    assert store.get_cursor(ehr.name, "Encounter") == "2026-03-01T11:00:00Z"
+
+
 def test_a_bulk_file_that_cannot_be_downloaded_fails_the_pull_and_commits_nothing(
     httpx_mock: HTTPXMock, store: StateStore, make_ehr: Callable[..., EhrConfig], tmp_path: Path
 ) -> None:

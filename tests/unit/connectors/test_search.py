@@ -208,3 +208,24 @@ def test_queries_are_hashable_values() -> None:
     two = SearchQuery("Encounter").since(datetime(2026, 1, 1, tzinfo=UTC))
     assert one == two
     assert hash(one) == hash(two)
+
+
+def test_a_page_over_max_page_bytes_stops_the_search_naming_type_page_and_cap(
+    httpx_mock: HTTPXMock, make_ehr: Callable[..., EhrConfig], sleeps: Sleeps
+) -> None:
+    next_url = f"{BASE}?_getpages=abc&_getpagesoffset=2"
+    httpx_mock.add_response(
+        url=f"{BASE}/Encounter?_count=2",
+        json=_bundle(_match({"resourceType": "Encounter", "id": "e1"}), next_url=next_url),
+    )
+    big = [
+        _match({"resourceType": "Encounter", "id": f"e{i}", "text": {"div": "x" * 100}}) for i in range(60)
+    ]
+    httpx_mock.add_response(url=next_url, json=_bundle(*big))
+    with EhrClient(make_ehr(page_size=2, max_page_bytes=4096), sleep=sleeps, clock=sleeps.clock) as client:
+        pages = search_pages(client, SearchQuery("Encounter"))
+        assert [r["id"] for r in next(pages).resources] == ["e1"]
+        with pytest.raises(
+            EhrError, match=r"Encounter search, page 2: test-ehr: GET .*max_page_bytes \(4096"
+        ):
+            next(pages)

@@ -10,6 +10,10 @@ error naming the field path and the problem, never the value (values may be PHI)
     uuid-version      a ``uuid`` that is not version 4 (kept as is)
     base64-padding    ``base64Binary`` without its ``=`` padding (normalised: padding added)
     number-as-string  a JSON number where a string belongs, e.g. ``versionId: 94`` (normalised: "94")
+    string-as-number  a JSON string holding a number where a number belongs, e.g. ``rank: "1"``
+                      (normalised: 1; ``fhir.resources`` would coerce it silently, so it is found first)
+
+The names and their texts are ``schemas.deviations``', shared with the lean reader (``mappers.projection``).
 
 The happy path is one ``model_validate``: the pull runs this in a process pool beside the download.
 The kept resource is the input JSON (plus normalisations), not a re-serialised model.
@@ -20,13 +24,18 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import decimal
 import re
-from collections.abc import Sequence
+import typing
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
+
+from schemas.deviations import collapsed_code, not_tolerated, number_from_text, number_text
 
 __all__ = ["Checked", "check_resource"]
 
@@ -39,14 +48,6 @@ _MAX_ROUNDS = 4  # normalising can reveal errors pydantic did not reach; a few r
 _MAX_REASONS = 3
 
 _Loc = tuple[str | int, ...]
-_NOT_TOLERATED = "({}, not tolerated for this EHR)"
-_DEVIATIONS = {
-    "id-format": "id with characters outside [A-Za-z0-9-.]",
-    "code-whitespace": "code with extra whitespace",
-    "uuid-version": "uuid that is not version 4",
-    "base64-padding": "base64 without padding",
-    "number-as-string": "number where a string belongs",
-}
 
 
 @dataclass
@@ -90,10 +91,19 @@ def check_resource(raw: object, *, tolerate: frozenset[str]) -> Checked:
         if "id-format" not in tolerate:
             return Checked(
                 None,
-                error=f"{label}: id: longer than {_ID_MAX} characters {_NOT_TOLERATED.format('id-format')}",
+                error=f"{label}: id: {not_tolerated('id-format')}",
             )
         warnings.append(f"id-format at id (longer than {_ID_MAX} characters)")
         placeholders.append(long_id)
+    numbers: list[_Fix] = []
+    for loc, number in _numbers_in_strings(model, raw, ()):
+        if "string-as-number" not in tolerate:
+            where = f"{_path(loc)}: {not_tolerated('string-as-number')}"
+            return Checked(None, error=f"{label}: {where}")
+        numbers.append(_Fix("string-as-number", loc, number, normalised=True))
+    if numbers:
+        kept = _with(kept, numbers)
+        warnings.extend(_warning(f) for f in numbers)
     candidate = _with(kept, placeholders) if placeholders else kept
     for _ in range(_MAX_ROUNDS):
         try:
@@ -113,8 +123,7 @@ def check_resource(raw: object, *, tolerate: frozenset[str]) -> Checked:
                 if fix is None:
                     reasons.append(f"{_path(loc)}: {_message(problem)}")
                 else:
-                    what = _DEVIATIONS[fix.deviation]
-                    reasons.append(f"{_path(loc)}: {what} {_NOT_TOLERATED.format(fix.deviation)}")
+                    reasons.append(f"{_path(loc)}: {not_tolerated(fix.deviation)}")
             else:
                 fixes.append(fix)
         if reasons:
@@ -137,8 +146,8 @@ def _classify(problem: Any, loc: _Loc) -> _Fix | None:
     if kind == "string_pattern_mismatch" and isinstance(value, str):
         if _ID_PATTERN in pattern:
             return _Fix("id-format", loc, _NOT_ID_CHAR.sub("-", value)[:_ID_MAX] or "x", normalised=False)
-        if pattern == _CODE_PATTERN and value.split():
-            return _Fix("code-whitespace", loc, " ".join(value.split()), normalised=True)
+        if pattern == _CODE_PATTERN and (collapsed := collapsed_code(value)) is not None:
+            return _Fix("code-whitespace", loc, collapsed, normalised=True)
     if kind == "uuid_version" and isinstance(value, str):
         prefix = "urn:uuid:" if value.startswith("urn:uuid:") else ""
         return _Fix("uuid-version", loc, prefix + _V4_UUID, normalised=False)
@@ -150,17 +159,86 @@ def _classify(problem: Any, loc: _Loc) -> _Fix | None:
             return None
         return _Fix("base64-padding", loc, padded, normalised=True)
     if kind == "string_type" and isinstance(value, int | float) and not isinstance(value, bool):
-        return _Fix("number-as-string", loc, _number_text(value), normalised=True)
+        return _Fix("number-as-string", loc, number_text(value), normalised=True)
     return None
+
+
+# -- string-as-number: found by walking the resource along its model's fields -------------------------
+
+_Kind = str | type  # "integer", "decimal", or the model class of a complex element
+
+
+def _numbers_in_strings(model: Any, node: object, loc: _Loc) -> Iterator[tuple[_Loc, int | float]]:
+    """Each string holding a number where ``model`` declares an integer or decimal, with the number.
+
+    ``fhir.resources`` coerces ``"1"`` into a ``positiveInt`` without a word; the lean reader sees the
+    string, so the strict one must name it too. A string that holds no number is left to pydantic.
+    """
+    if not isinstance(node, dict):
+        return
+    fields = _fields_of(model)
+    for key, value in node.items():
+        kind = fields.get(key)
+        if kind is None:
+            continue
+        values = enumerate(value) if isinstance(value, list) else ((None, value),)
+        for index, item in values:
+            where = (*loc, key) if index is None else (*loc, key, index)
+            if isinstance(kind, str):
+                if isinstance(item, str):
+                    number = number_from_text(item, integer=kind == "integer")
+                    if number is not None:
+                        yield where, number
+            elif isinstance(item, dict):
+                target = kind
+                if kind.__name__ == "Resource" and isinstance(item.get("resourceType"), str):
+                    target = _model_named(item["resourceType"]) or kind
+                yield from _numbers_in_strings(target, item, where)
+
+
+@lru_cache(maxsize=1024)
+def _fields_of(model: Any) -> dict[str, _Kind]:
+    """The JSON names of a model's numeric and complex fields, each with what it holds."""
+    fields: dict[str, _Kind] = {}
+    for name, info in model.model_fields.items():
+        kind = _kind_of(info.annotation)
+        if kind is not None:
+            fields[info.alias or name] = kind
+    return fields
+
+
+def _kind_of(annotation: Any) -> _Kind | None:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        base = typing.get_args(annotation)[0]
+        if base is decimal.Decimal:
+            return "decimal"
+        return "integer" if base is int else None
+    if origin is not None:  # Optional[...], Union[...], List[...]: the first argument that says
+        for argument in typing.get_args(annotation):
+            kind = _kind_of(argument)
+            if kind is not None:
+                return kind
+        return None
+    resolve = getattr(annotation, "get_model_klass", None)
+    if callable(resolve):
+        try:
+            return typing.cast(type, resolve())
+        except (AttributeError, ImportError, KeyError, ValueError):
+            return None
+    return None
+
+
+def _model_named(resource_type: str) -> Any:
+    try:
+        return get_fhir_model_class(resource_type)
+    except (ValueError, KeyError, AttributeError, ImportError):
+        return None
 
 
 def _message(problem: Any) -> str:
     message = str(problem["msg"])
     return message.removeprefix("Value error, ").rstrip(".")
-
-
-def _number_text(value: float) -> str:
-    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def _long_id(raw: dict[str, Any]) -> _Fix | None:

@@ -2,7 +2,7 @@
 
     iop-bridge map INPUT... [--out FILE] [--as-of ISO] [--rules FILE] [--format episodes|fhir|referrals]
                             [--explain] [--ehr NAME] [--timezone TZ] [--workers N] [--partitions N]
-                            [--strict]
+                            [--strict] [--vendor NAME | --config FILE]
 
 INPUT is any mix of NDJSON files, bulk-export folders and Bundle / resource JSON files (``sync.inputs``).
 Output is NDJSON, one record per line, to ``--out`` (written whole, then renamed into place) or stdout.
@@ -13,7 +13,9 @@ unreadable input, bad option).
 Reading: by default each resource is read as the mappers' lean projection (``mappers.projection``: only
 the fields they use, each type-checked, since ``pull`` validated every resource with ``fhir.resources``);
 a field of the wrong type rejects that resource with its path. ``--strict`` validates every whole
-resource with ``fhir.resources.R4B`` first (nothing tolerated) and rejects what fails, with the reasons.
+resource with ``fhir.resources.R4B`` first and rejects what fails, with the reasons. Both tolerate the
+named deviations of the vendor profile (``--vendor``, default generic; with ``--config``, the ``--ehr``'s
+``vendor``): a kept resource's deviations are counted in the summary, an untolerated one is a reject.
 
 Memory and cores: a small input is read whole and mapped in this process. A larger one is first streamed
 into partition files by patient (patients are independent) plus one file of shared resources (those of
@@ -51,6 +53,7 @@ import orjson
 import structlog
 
 from connectors.private import make_private_dir, open_private
+from connectors.vendors import VENDOR_NAMES, profile_named
 from mappers.episode_of_care import episode_of_care
 from mappers.episodes import map_episodes, sort_key
 from mappers.referrals import map_referrals
@@ -106,7 +109,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="validate every whole resource with fhir.resources first (default: the lean projection)",
     )
+    parser.add_argument(
+        "--vendor", choices=VENDOR_NAMES, help="vendor profile: the deviations tolerated (default: generic)"
+    )
+    parser.add_argument("--config", type=Path, help="take the vendor of --ehr from this config file")
     parser.set_defaults(handler=run)
+
+
+def _tolerated(args: argparse.Namespace) -> frozenset[str]:
+    """The named deviations of the run's vendor profile (``--vendor``, else the config's, else generic)."""
+    vendor = args.vendor
+    if vendor is None and args.config is not None:
+        from sync.config import load_settings
+
+        vendor = load_settings(args.config).ehr_named(args.ehr).vendor
+    return profile_named(vendor or "generic").tolerated_deviations
 
 
 @dataclass(frozen=True)
@@ -121,6 +138,8 @@ class MapOptions:
     rules_text: str | None = None
     #: How resources are read: the lean projection, or whole and validated (``--strict``).
     mode: ReadMode = "lean"
+    #: The named deviations both readers keep (the vendor profile's).
+    tolerate: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -137,8 +156,11 @@ class Outcome:
     #: Resources a worker could not read (projection or validation), as ``InputReject`` dicts.
     input_rejects: list[dict[str, Any]] = field(default_factory=list)
     referral_rejects: list[dict[str, Any]] = field(default_factory=list)
+    #: Tolerated deviations of the resources a worker kept, by name.
+    deviations: Counter[str] = field(default_factory=Counter)
 
     def add(self, other: Outcome) -> None:
+        self.deviations.update(other.deviations)
         self.records += other.records
         self.patients += other.patients
         self.episodes += other.episodes
@@ -244,6 +266,7 @@ def run(args: argparse.Namespace) -> int:
         explain=args.explain,
         rules_text=rules_text,
         mode="strict" if args.strict else "lean",
+        tolerate=_tolerated(args),
     )
     workers = args.workers or os.cpu_count() or 1
     parts = args.partitions or min(MAX_PARTITIONS, math.ceil(input_bytes(args.inputs) / PARTITION_BYTES))
@@ -271,8 +294,9 @@ def run(args: argparse.Namespace) -> int:
 def _map_here(inputs: Sequence[Path], options: MapOptions, rules: Rules, *, out: Path | None) -> MapRun:
     """Read everything and map it in this process (a small input)."""
     with _without_cyclic_gc():
-        loaded = load_resources(inputs, mode=options.mode)
+        loaded = load_resources(inputs, mode=options.mode, tolerate=options.tolerate)
         keyed, outcome = map_resources(loaded.resources, options, rules)
+        outcome.deviations = loaded.deviations
         count = loaded.read
         del loaded.resources[:]
     _write_output(out, (orjson.dumps(record) + b"\n" for _, record in keyed))
@@ -338,13 +362,19 @@ def _map_partition(job: PartitionJob) -> Outcome:
     rules = _rules(job.options.rules_text)
     mode, sources = job.options.mode, job.sources
     unreadable: list[InputReject] = []
+    counted: Counter[str] = Counter()
     shared = read_partition(
-        [job.shared], mode=mode, rejects=[] if job.without_shared else unreadable, sources=sources
-    )
-    own = read_partition([job.part], mode=mode, rejects=unreadable, sources=sources)
+        [job.shared], mode=mode, rejects=[] if job.without_shared else unreadable, sources=sources,
+        tolerate=job.options.tolerate, deviations=None if job.without_shared else counted,
+    )  # fmt: skip
+    own = read_partition(
+        [job.part], mode=mode, rejects=unreadable, sources=sources,
+        tolerate=job.options.tolerate, deviations=counted,
+    )  # fmt: skip
     keyed, outcome = map_resources([*own, *shared], job.options, rules)
     del own
     outcome.input_rejects = [r.to_dict() for r in unreadable]
+    outcome.deviations = counted
     lines = [orjson.dumps(key) + b"\t" + orjson.dumps(record) + b"\n" for key, record in keyed]
     del keyed
     if job.without_shared:
@@ -521,6 +551,7 @@ def summary(result: MapRun, *, args: argparse.Namespace, rules: Rules) -> str:
         f"referrals: {outcome.referrals:,}",
         f"rejects: {len(rejects):,} (input {len(result.unreadable()):,}, episodes "
         f"{len(outcome.episode_rejects):,}, referrals {len(outcome.referral_rejects):,})",
+        f"deviations kept: {_counts(sorted(outcome.deviations.items()))}",
     ]
     if args.explain and args.format != "episodes":
         lines.append(

@@ -48,6 +48,7 @@ _MAX_ROUNDS = 4  # normalising can reveal errors pydantic did not reach; a few r
 _MAX_REASONS = 3
 
 _Loc = tuple[str | int, ...]
+_TYPE_NAME = re.compile(r"[A-Z][A-Za-z]{0,63}")  # a resource type's shape (any other text is not shown)
 
 
 @dataclass
@@ -81,7 +82,8 @@ def check_resource(raw: object, *, tolerate: frozenset[str]) -> Checked:
     try:
         model = get_fhir_model_class(resource_type)
     except (ValueError, KeyError, AttributeError, ImportError):
-        return Checked(None, error=f"unknown resourceType {resource_type[:64]!r}")
+        shown = f" {resource_type!r}" if _TYPE_NAME.fullmatch(resource_type) else ""
+        return Checked(None, error=f"unknown resourceType{shown}")
     label = _label(raw)
     warnings: list[str] = []
     kept: dict[str, Any] = raw
@@ -236,9 +238,35 @@ def _model_named(resource_type: str) -> Any:
         return None
 
 
+#: An element name shown in a reason: FHIR's are lowerCamelCase ASCII (a key of another shape, a name
+#: sent as a key, is not shown).
+_ELEMENT_NAME = re.compile(r"[a-z][A-Za-z0-9_]{0,63}")
+
+
 def _message(problem: Any) -> str:
-    message = str(problem["msg"])
-    return message.removeprefix("Value error, ").rstrip(".")
+    """pydantic's message for one error, unless it quotes something from the input (a value, a type
+    named in the data): then only the error's kind (``string_pattern_mismatch``...)."""
+    message = str(problem["msg"]).removeprefix("Value error, ").rstrip(".")
+    if any(text in message for text in _texts_of(problem.get("input"))):
+        return f"invalid ({problem['type']})"
+    return message
+
+
+def _texts_of(value: object, limit: int = 256) -> Iterator[str]:
+    """The strings and numbers inside ``value`` (at most ``limit`` of them), as text of 3+ characters."""
+    stack, seen = [value], 0
+    while stack and seen < limit:
+        item = stack.pop()
+        seen += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str | int | float) and not isinstance(item, bool):
+            text = str(item).strip()
+            if len(text) >= 3:
+                yield text
 
 
 def _long_id(raw: dict[str, Any]) -> _Fix | None:
@@ -280,6 +308,8 @@ def _warning(fix: _Fix) -> str:
 def _path(loc: _Loc) -> str:
     text = ""
     for step in loc:
+        if isinstance(step, str) and not _ELEMENT_NAME.fullmatch(step):
+            step = "(field)"  # a key the data made up (an extra input): it may be a name
         text += f"[{step}]" if isinstance(step, int) else (f".{step}" if text else step)
     return text or "(resource)"
 

@@ -58,7 +58,9 @@ Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9\-.]{1,64}$")]
 
 class Coding(TypedDict, total=False):
     system: str | None
-    code: Code | None
+    # Not checked as a Code: the rules strip every code they compare (``mappers.codes``), and a pattern
+    # on each coding doubles the projection's cost. Every shipped profile tolerates code-whitespace.
+    code: str | None
     display: str | None
 
 

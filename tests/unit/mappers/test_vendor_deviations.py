@@ -256,3 +256,34 @@ def test_the_vendor_profile_decides_an_id_deviation_the_same_way_in_both_readers
     generic = _read(tmp_path, odd_id, mode, GENERIC)
     assert [r.reason.split(": ", 1)[1].split(":")[0] for r in generic.rejects] in (["id"], ["$.id"])
     assert "(id-format, not tolerated" in generic.rejects[0].reason
+
+
+def test_map_takes_the_vendor_of_the_ehr_from_the_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sync.cli import main
+
+    for name in [n for n in __import__("os").environ if n.startswith("IOP_BRIDGE_")]:
+        monkeypatch.delenv(name)
+    resources = _course()
+    _by_id(resources, "e1")["id"] = "E1_" + "9" * 70  # Epic tolerates long ids, generic does not
+    path = tmp_path / "in.ndjson"
+    path.write_text("".join(json.dumps(r) + "\n" for r in resources), "utf-8")
+    config = tmp_path / "iop.toml"
+    config.write_text('[[ehr]]\nname = "mercy"\nbase_url = "https://ehr.example.org/r4/"\nvendor = "epic"\n')
+    common = [
+        "map",
+        str(path),
+        "--out",
+        str(tmp_path / "out.ndjson"),
+        "--as-of",
+        "2026-06-01",
+        "--workers",
+        "1",
+    ]
+    assert main([*common, "--ehr", "mercy", "--config", str(config)]) == 0
+    assert "deviations kept: id-format 1" in capsys.readouterr().err
+    assert main([*common, "--ehr", "mercy"]) == 0
+    err = capsys.readouterr().err
+    assert "deviations kept: none" in err
+    assert "(id-format, not tolerated for this EHR)" in err

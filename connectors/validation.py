@@ -198,15 +198,43 @@ def _numbers_in_strings(model: Any, node: object, loc: _Loc) -> Iterator[tuple[_
                 yield from _numbers_in_strings(target, item, where)
 
 
+#: Extensions are not walked: the lean reader never reads them, and every element has them (walking
+#: them would visit every Coding and Reference for an Extension.valueInteger).
+_NOT_WALKED: frozenset[str] = frozenset({"extension", "modifierExtension"})
+
+
 @lru_cache(maxsize=1024)
 def _fields_of(model: Any) -> dict[str, _Kind]:
     """The JSON names of a model's numeric and complex fields, each with what it holds."""
     fields: dict[str, _Kind] = {}
     for name, info in model.model_fields.items():
+        if name in _NOT_WALKED:
+            continue
         kind = _kind_of(info.annotation)
-        if kind is not None:
+        if kind is not None and (isinstance(kind, str) or _holds_numbers(kind)):
             fields[info.alias or name] = kind
     return fields
+
+
+@lru_cache(maxsize=1024)
+def _holds_numbers(model: Any) -> bool:
+    """Whether a model has an integer or decimal field anywhere inside (Coding, Reference, Period…
+    have none, so the walk skips them): any model reachable from it with one of its own."""
+    seen, todo = {model}, [model]
+    while todo:
+        current = todo.pop()
+        if current.__name__ == "Resource":
+            return True  # contained resources: their own type decides
+        for name, info in current.model_fields.items():
+            if name in _NOT_WALKED:
+                continue
+            kind = _kind_of(info.annotation)
+            if isinstance(kind, str):
+                return True
+            if kind is not None and kind not in seen:
+                seen.add(kind)
+                todo.append(kind)
+    return False
 
 
 def _kind_of(annotation: Any) -> _Kind | None:

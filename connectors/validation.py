@@ -10,6 +10,10 @@ error naming the field path and the problem, never the value (values may be PHI)
     uuid-version      a ``uuid`` that is not version 4 (kept as is)
     base64-padding    ``base64Binary`` without its ``=`` padding (normalised: padding added)
     number-as-string  a JSON number where a string belongs, e.g. ``versionId: 94`` (normalised: "94")
+    string-as-number  a JSON string holding a number where a number belongs, e.g. ``rank: "1"``
+                      (normalised: 1; ``fhir.resources`` would coerce it silently, so it is found first)
+
+The names and their texts are ``schemas.deviations``', shared with the lean reader (``mappers.projection``).
 
 The happy path is one ``model_validate``: the pull runs this in a process pool beside the download.
 The kept resource is the input JSON (plus normalisations), not a re-serialised model.
@@ -20,14 +24,18 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import decimal
 import re
-from collections.abc import Sequence
+import typing
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
+from schemas.deviations import collapsed_code, not_tolerated, number_from_text, number_text
 from schemas.identifiers import bad_id_reason, is_path_safe_id
 
 __all__ = ["Checked", "check_resource"]
@@ -41,14 +49,7 @@ _MAX_ROUNDS = 4  # normalising can reveal errors pydantic did not reach; a few r
 _MAX_REASONS = 3
 
 _Loc = tuple[str | int, ...]
-_NOT_TOLERATED = "({}, not tolerated for this EHR)"
-_DEVIATIONS = {
-    "id-format": "id with characters outside [A-Za-z0-9-.]",
-    "code-whitespace": "code with extra whitespace",
-    "uuid-version": "uuid that is not version 4",
-    "base64-padding": "base64 without padding",
-    "number-as-string": "number where a string belongs",
-}
+_TYPE_NAME = re.compile(r"[A-Z][A-Za-z]{0,63}")  # a resource type's shape (any other text is not shown)
 
 
 @dataclass
@@ -82,7 +83,8 @@ def check_resource(raw: object, *, tolerate: frozenset[str]) -> Checked:
     try:
         model = get_fhir_model_class(resource_type)
     except (ValueError, KeyError, AttributeError, ImportError):
-        return Checked(None, error=f"unknown resourceType {resource_type[:64]!r}")
+        shown = f" {resource_type!r}" if _TYPE_NAME.fullmatch(resource_type) else ""
+        return Checked(None, error=f"unknown resourceType{shown}")
     if "id" in raw and not is_path_safe_id(raw["id"]):
         # Never tolerated: an id like ``..`` or ``p1?x`` would reach a URL path (the value may be PHI).
         return Checked(None, error=f"{resource_type}: id: {bad_id_reason(raw['id'])}")
@@ -95,10 +97,19 @@ def check_resource(raw: object, *, tolerate: frozenset[str]) -> Checked:
         if "id-format" not in tolerate:
             return Checked(
                 None,
-                error=f"{label}: id: longer than {_ID_MAX} characters {_NOT_TOLERATED.format('id-format')}",
+                error=f"{label}: id: {not_tolerated('id-format')}",
             )
         warnings.append(f"id-format at id (longer than {_ID_MAX} characters)")
         placeholders.append(long_id)
+    numbers: list[_Fix] = []
+    for loc, number in _numbers_in_strings(model, raw, ()):
+        if "string-as-number" not in tolerate:
+            where = f"{_path(loc)}: {not_tolerated('string-as-number')}"
+            return Checked(None, error=f"{label}: {where}")
+        numbers.append(_Fix("string-as-number", loc, number, normalised=True))
+    if numbers:
+        kept = _with(kept, numbers)
+        warnings.extend(_warning(f) for f in numbers)
     candidate = _with(kept, placeholders) if placeholders else kept
     for _ in range(_MAX_ROUNDS):
         try:
@@ -118,8 +129,7 @@ def check_resource(raw: object, *, tolerate: frozenset[str]) -> Checked:
                 if fix is None:
                     reasons.append(f"{_path(loc)}: {_message(problem)}")
                 else:
-                    what = _DEVIATIONS[fix.deviation]
-                    reasons.append(f"{_path(loc)}: {what} {_NOT_TOLERATED.format(fix.deviation)}")
+                    reasons.append(f"{_path(loc)}: {not_tolerated(fix.deviation)}")
             else:
                 fixes.append(fix)
         if reasons:
@@ -142,8 +152,8 @@ def _classify(problem: Any, loc: _Loc) -> _Fix | None:
     if kind == "string_pattern_mismatch" and isinstance(value, str):
         if _ID_PATTERN in pattern:
             return _Fix("id-format", loc, _NOT_ID_CHAR.sub("-", value)[:_ID_MAX] or "x", normalised=False)
-        if pattern == _CODE_PATTERN and value.split():
-            return _Fix("code-whitespace", loc, " ".join(value.split()), normalised=True)
+        if pattern == _CODE_PATTERN and (collapsed := collapsed_code(value)) is not None:
+            return _Fix("code-whitespace", loc, collapsed, normalised=True)
     if kind == "uuid_version" and isinstance(value, str):
         prefix = "urn:uuid:" if value.startswith("urn:uuid:") else ""
         return _Fix("uuid-version", loc, prefix + _V4_UUID, normalised=False)
@@ -155,17 +165,140 @@ def _classify(problem: Any, loc: _Loc) -> _Fix | None:
             return None
         return _Fix("base64-padding", loc, padded, normalised=True)
     if kind == "string_type" and isinstance(value, int | float) and not isinstance(value, bool):
-        return _Fix("number-as-string", loc, _number_text(value), normalised=True)
+        return _Fix("number-as-string", loc, number_text(value), normalised=True)
     return None
 
 
+# -- string-as-number: found by walking the resource along its model's fields -------------------------
+
+_Kind = str | type  # "integer", "decimal", or the model class of a complex element
+
+
+def _numbers_in_strings(model: Any, node: object, loc: _Loc) -> Iterator[tuple[_Loc, int | float]]:
+    """Each string holding a number where ``model`` declares an integer or decimal, with the number.
+
+    ``fhir.resources`` coerces ``"1"`` into a ``positiveInt`` without a word; the lean reader sees the
+    string, so the strict one must name it too. A string that holds no number is left to pydantic.
+    """
+    if not isinstance(node, dict):
+        return
+    fields = _fields_of(model)
+    for key, value in node.items():
+        kind = fields.get(key)
+        if kind is None:
+            continue
+        values = enumerate(value) if isinstance(value, list) else ((None, value),)
+        for index, item in values:
+            where = (*loc, key) if index is None else (*loc, key, index)
+            if isinstance(kind, str):
+                if isinstance(item, str):
+                    number = number_from_text(item, integer=kind == "integer")
+                    if number is not None:
+                        yield where, number
+            elif isinstance(item, dict):
+                target = kind
+                if kind.__name__ == "Resource" and isinstance(item.get("resourceType"), str):
+                    target = _model_named(item["resourceType"]) or kind
+                yield from _numbers_in_strings(target, item, where)
+
+
+#: Extensions are not walked: the lean reader never reads them, and every element has them (walking
+#: them would visit every Coding and Reference for an Extension.valueInteger).
+_NOT_WALKED: frozenset[str] = frozenset({"extension", "modifierExtension"})
+
+
+@lru_cache(maxsize=1024)
+def _fields_of(model: Any) -> dict[str, _Kind]:
+    """The JSON names of a model's numeric and complex fields, each with what it holds."""
+    fields: dict[str, _Kind] = {}
+    for name, info in model.model_fields.items():
+        if name in _NOT_WALKED:
+            continue
+        kind = _kind_of(info.annotation)
+        if kind is not None and (isinstance(kind, str) or _holds_numbers(kind)):
+            fields[info.alias or name] = kind
+    return fields
+
+
+@lru_cache(maxsize=1024)
+def _holds_numbers(model: Any) -> bool:
+    """Whether a model has an integer or decimal field anywhere inside (Coding, Reference, Period…
+    have none, so the walk skips them): any model reachable from it with one of its own."""
+    seen, todo = {model}, [model]
+    while todo:
+        current = todo.pop()
+        if current.__name__ == "Resource":
+            return True  # contained resources: their own type decides
+        for name, info in current.model_fields.items():
+            if name in _NOT_WALKED:
+                continue
+            kind = _kind_of(info.annotation)
+            if isinstance(kind, str):
+                return True
+            if kind is not None and kind not in seen:
+                seen.add(kind)
+                todo.append(kind)
+    return False
+
+
+def _kind_of(annotation: Any) -> _Kind | None:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        base = typing.get_args(annotation)[0]
+        if base is decimal.Decimal:
+            return "decimal"
+        return "integer" if base is int else None
+    if origin is not None:  # Optional[...], Union[...], List[...]: the first argument that says
+        for argument in typing.get_args(annotation):
+            kind = _kind_of(argument)
+            if kind is not None:
+                return kind
+        return None
+    resolve = getattr(annotation, "get_model_klass", None)
+    if callable(resolve):
+        try:
+            return typing.cast(type, resolve())
+        except (AttributeError, ImportError, KeyError, ValueError):
+            return None
+    return None
+
+
+def _model_named(resource_type: str) -> Any:
+    try:
+        return get_fhir_model_class(resource_type)
+    except (ValueError, KeyError, AttributeError, ImportError):
+        return None
+
+
+#: An element name shown in a reason: FHIR's are lowerCamelCase ASCII (a key of another shape, a name
+#: sent as a key, is not shown).
+_ELEMENT_NAME = re.compile(r"[a-z][A-Za-z0-9_]{0,63}")
+
+
 def _message(problem: Any) -> str:
-    message = str(problem["msg"])
-    return message.removeprefix("Value error, ").rstrip(".")
+    """pydantic's message for one error, unless it quotes something from the input (a value, a type
+    named in the data): then only the error's kind (``string_pattern_mismatch``...)."""
+    message = str(problem["msg"]).removeprefix("Value error, ").rstrip(".")
+    if any(text in message for text in _texts_of(problem.get("input"))):
+        return f"invalid ({problem['type']})"
+    return message
 
 
-def _number_text(value: float) -> str:
-    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+def _texts_of(value: object, limit: int = 256) -> Iterator[str]:
+    """The strings and numbers inside ``value`` (at most ``limit`` of them), as text of 3+ characters."""
+    stack, seen = [value], 0
+    while stack and seen < limit:
+        item = stack.pop()
+        seen += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str | int | float) and not isinstance(item, bool):
+            text = str(item).strip()
+            if len(text) >= 3:
+                yield text
 
 
 def _long_id(raw: dict[str, Any]) -> _Fix | None:
@@ -207,6 +340,8 @@ def _warning(fix: _Fix) -> str:
 def _path(loc: _Loc) -> str:
     text = ""
     for step in loc:
+        if isinstance(step, str) and not _ELEMENT_NAME.fullmatch(step):
+            step = "(field)"  # a key the data made up (an extra input): it may be a name
         text += f"[{step}]" if isinstance(step, int) else (f".{step}" if text else step)
     return text or "(resource)"
 

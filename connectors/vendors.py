@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from connectors.config import EhrConfig
+from schemas.deviations import DEVIATIONS, LOSSLESS
 
-__all__ = ["DEVIATION_CLASSES", "VendorProfile", "profile_for"]
+__all__ = ["DEVIATION_CLASSES", "VENDOR_NAMES", "VendorProfile", "profile_for", "profile_named"]
 
-# Deviation classes known to connectors.validation (see there for what each one means).
-DEVIATION_CLASSES: frozenset[str] = frozenset(
-    {"id-format", "code-whitespace", "uuid-version", "base64-padding", "number-as-string"}
-)
+# The named deviations both readers know (``schemas.deviations`` says what each one means).
+DEVIATION_CLASSES: frozenset[str] = frozenset(DEVIATIONS)
 
 # Types both Epic and Oracle Millennium refuse to search without a patient (or an _id).
 _PATIENT_SCOPED: frozenset[str] = frozenset(
@@ -73,8 +72,10 @@ class VendorProfile:
 
 
 _PROFILES: dict[str, VendorProfile] = {
-    "generic": VendorProfile(name="generic"),
-    "hapi": VendorProfile(name="hapi"),
+    # Lossless normalisations only (a code's stray space, a number sent as a string or the reverse):
+    # the value means the same after it; ids, uuids and base64 are identity and stay strict.
+    "generic": VendorProfile(name="generic", tolerated_deviations=LOSSLESS),
+    "hapi": VendorProfile(name="hapi", tolerated_deviations=LOSSLESS),
     "epic": VendorProfile(
         name="epic",
         # Epic's CarePlan.Search needs a category; "assess-plan" is the longitudinal care plan.
@@ -97,6 +98,15 @@ _PROFILES: dict[str, VendorProfile] = {
         reads_history_deletes=False,
     ),
 }
+
+
+#: The vendor profiles by name (``[ehr] vendor``, ``map --vendor``).
+VENDOR_NAMES: tuple[str, ...] = tuple(_PROFILES)
+
+
+def profile_named(name: str) -> VendorProfile:
+    """The profile called ``name``; raises ``KeyError`` for an unknown one."""
+    return _PROFILES[name]
 
 
 def profile_for(ehr: EhrConfig) -> VendorProfile:

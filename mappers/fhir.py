@@ -48,14 +48,14 @@ def _parse_datetime(value: str, zone: tzinfo) -> datetime:
             return moment if moment.tzinfo is not None else moment.replace(tzinfo=zone)
     match = _DATETIME.match(value.strip())
     if match is None:
-        raise FhirValueError(f"unparsable date {value!r}")
+        raise FhirValueError("unparsable date")  # never the value: it may be a name or a birth date
     parts = match.groupdict()
     try:
         day = date(int(parts["y"]), int(parts["m"] or 1), int(parts["d"] or 1))
         fraction = (parts["f"] or "0")[:6].ljust(6, "0")
         clock = time(int(parts["H"] or 0), int(parts["M"] or 0), int(parts["S"] or 0), int(fraction))
     except ValueError as exc:
-        raise FhirValueError(f"unparsable date {value!r}") from exc
+        raise FhirValueError("unparsable date") from exc
     offset = parts["tz"]
     if offset is None:
         return datetime.combine(day, clock).replace(tzinfo=zone)
@@ -67,7 +67,7 @@ def _parse_datetime(value: str, zone: tzinfo) -> datetime:
     try:
         return datetime.combine(day, clock).replace(tzinfo=timezone(sign * delta))
     except ValueError as exc:
-        raise FhirValueError(f"unparsable date {value!r}") from exc
+        raise FhirValueError("unparsable date") from exc
 
 
 def rfc3339(moment: datetime) -> str:

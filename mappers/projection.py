@@ -8,6 +8,13 @@ everything else is skipped unread, and every kept value is checked against its d
 the wrong type is a ``ProjectionError`` naming the resource (type and id when readable), the path of the
 field (``$.period.start``) and what is wrong; the resource is then rejected, never half-read.
 
+Named deviations (``schemas.deviations``): a ``code`` with stray whitespace (``status: "finished "``), a
+JSON number where a string belongs (``versionId: 2``) and a string holding a number where a number belongs
+(``rank: "1"``) are what the strict reader (``connectors.validation``) names too. The caller says which
+it tolerates (its vendor profile's): a tolerated one is normalised, the resource kept and the deviation's
+name added to ``deviations``; an untolerated one is a ``ProjectionError`` naming it. The fast path is
+unchanged: only a resource msgspec refuses is looked at again.
+
 JSON ``null`` is accepted wherever a value is (``fhir.resources`` accepts it too, and the mappers treat it
 as absent). Types the mappers do not read beyond their identity (Practitioner, Appointment…) keep only
 ``resourceType``, ``id``, ``meta`` and ``status``. ``map --strict`` validates every whole resource with
@@ -18,10 +25,14 @@ Pure: bytes or dicts in, dicts out; no I/O.
 
 from __future__ import annotations
 
+import copy
+import re
 from collections.abc import Mapping
-from typing import Any, Final, TypedDict
+from typing import Annotated, Any, Final, TypedDict
 
 import msgspec
+
+from schemas.deviations import collapsed_code, not_tolerated, number_from_text, number_text
 
 __all__ = ["LEAN_TYPES", "ProjectionError", "project", "project_line", "resource_type_of"]
 
@@ -38,9 +49,17 @@ class ProjectionError(ValueError):
 
 # -- data types (only the elements read) ---------------------------------------------------------------
 
+#: A FHIR ``code``: no leading, trailing or double whitespace (what ``fhir.resources`` checks too).
+_CODE_PATTERN: Final = r"^[^\s]+(\s[^\s]+)*$"
+Code = Annotated[str, msgspec.Meta(pattern=_CODE_PATTERN)]
+#: A FHIR ``id``: 1 to 64 of [A-Za-z0-9-.] (the ``id-format`` deviation when not).
+Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9\-.]{1,64}$")]
+
 
 class Coding(TypedDict, total=False):
     system: str | None
+    # Not checked as a Code: the rules strip every code they compare (``mappers.codes``), and a pattern
+    # on each coding doubles the projection's cost. Every shipped profile tolerates code-whitespace.
     code: str | None
     display: str | None
 
@@ -89,12 +108,12 @@ class Hospitalization(TypedDict, total=False):
 
 
 class Repeat(TypedDict, total=False):
-    frequency: int | float | None
-    dayOfWeek: list[str] | None
+    frequency: int | None
+    dayOfWeek: list[Code] | None
     period: int | float | None
-    periodUnit: str | None
+    periodUnit: Code | None
     duration: int | float | None
-    durationUnit: str | None
+    durationUnit: Code | None
 
 
 class Timing(TypedDict, total=False):
@@ -102,7 +121,7 @@ class Timing(TypedDict, total=False):
 
 
 class ActivityDetail(TypedDict, total=False):
-    status: str | None
+    status: Code | None
     scheduledTiming: Timing | None
 
 
@@ -115,9 +134,9 @@ class Activity(TypedDict, total=False):
 
 class _Resource(TypedDict, total=False):
     resourceType: str
-    id: str | None
+    id: Id | None
     meta: Meta | None
-    status: str | None
+    status: Code | None
 
 
 class Other(_Resource, total=False):
@@ -130,9 +149,9 @@ Encounter = TypedDict(
     "Encounter",
     {
         "resourceType": str,
-        "id": str | None,
+        "id": Id | None,
         "meta": Meta | None,
-        "status": str | None,
+        "status": Code | None,
         "class": Coding | None,
         "type": list[CodeableConcept] | None,
         "serviceType": CodeableConcept | None,
@@ -217,8 +236,8 @@ class Observation(_Resource, total=False):
 
 
 class ServiceRequest(_Resource, total=False):
-    intent: str | None
-    priority: str | None
+    intent: Code | None
+    priority: Code | None
     category: list[CodeableConcept] | None
     code: CodeableConcept | None
     locationCode: list[CodeableConcept] | None
@@ -235,9 +254,9 @@ Task = TypedDict(
     "Task",
     {
         "resourceType": str,
-        "id": str | None,
+        "id": Id | None,
         "meta": Meta | None,
-        "status": str | None,
+        "status": Code | None,
         "businessStatus": CodeableConcept | None,
         "focus": Reference | None,
         "basedOn": list[Reference] | None,
@@ -288,16 +307,25 @@ def resource_type_of(line: bytes) -> str | None:
     return kind if isinstance(kind, str) and kind else None
 
 
-def project_line(line: bytes, resource_type: str) -> dict[str, Any]:
+def project_line(
+    line: bytes,
+    resource_type: str,
+    *,
+    tolerate: frozenset[str] = frozenset(),
+    deviations: list[str] | None = None,
+) -> dict[str, Any]:
     """The lean projection of one resource's JSON, known to be a ``resource_type``.
 
-    Raises ``ProjectionError`` naming the field that has the wrong type (or the JSON error).
+    Tolerated deviations are normalised and named in ``deviations``; raises ``ProjectionError`` naming
+    the field that has the wrong type or an untolerated deviation (or the JSON error).
     """
     decoder = _DECODERS.get(resource_type, _OTHER)
     try:
         projected: dict[str, Any] = decoder.decode(line)
     except msgspec.ValidationError as exc:
-        raise ProjectionError(resource_type, _id_of(line), _reason(exc)) from None
+        raw = msgspec.json.decode(line)
+        kind = LEAN_TYPES.get(resource_type, Other)
+        projected = _tolerant(raw, kind, resource_type, exc, tolerate, deviations)
     except msgspec.DecodeError as exc:
         raise ProjectionError(resource_type, None, f"not valid JSON: {exc}") from None
     if projected.get("resourceType") != resource_type:
@@ -305,18 +333,113 @@ def project_line(line: bytes, resource_type: str) -> dict[str, Any]:
     return projected
 
 
-def project(resource: Mapping[str, Any]) -> dict[str, Any]:
-    """The lean projection of a resource already parsed (a Bundle entry, a single-resource file)."""
+def project(
+    resource: Mapping[str, Any],
+    *,
+    tolerate: frozenset[str] = frozenset(),
+    deviations: list[str] | None = None,
+) -> dict[str, Any]:
+    """The lean projection of a resource already parsed (a Bundle entry, a single-resource file); see
+    ``project_line`` for ``tolerate`` and ``deviations``."""
     kind = resource.get("resourceType")
     resource_type = kind if isinstance(kind, str) else "unknown"
+    lean = LEAN_TYPES.get(resource_type, Other)
     try:
-        projected: dict[str, Any] = msgspec.convert(resource, LEAN_TYPES.get(resource_type, Other))
+        projected: dict[str, Any] = msgspec.convert(resource, lean)
     except msgspec.ValidationError as exc:
-        raw_id = resource.get("id")
-        raise ProjectionError(
-            resource_type, raw_id if isinstance(raw_id, str) else None, _reason(exc)
-        ) from None
+        projected = _tolerant(resource, lean, resource_type, exc, tolerate, deviations)
     return projected
+
+
+#: At most this many deviations are normalised in one resource (msgspec names one error at a time).
+_MAX_FIXES: Final = 64
+_AT: Final = re.compile(r"^(?P<what>.*) - at `(?P<path>\$[^`]*)`$", re.DOTALL)
+_STEP: Final = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+
+def _tolerant(
+    raw: Any,
+    lean: type,
+    resource_type: str,
+    error: msgspec.ValidationError,
+    tolerate: frozenset[str],
+    deviations: list[str] | None,
+) -> dict[str, Any]:
+    """``raw`` projected after normalising each tolerated deviation msgspec stops at, one by one."""
+    raw_id = raw.get("id") if isinstance(raw, Mapping) else None
+    resource_id = raw_id if isinstance(raw_id, str) and raw_id else None
+    fixed: Any = None
+    found: list[str] = []
+    as_sent: list[tuple[list[str | int], Any]] = []  # kept as sent: checked with a stand-in, put back
+    for _ in range(_MAX_FIXES):
+        located = _deviation(error, raw if fixed is None else fixed)
+        if located is None:
+            raise ProjectionError(resource_type, resource_id, _reason(error)) from None
+        name, steps, value = located
+        if name not in tolerate:
+            raise ProjectionError(resource_type, resource_id, f"{_shown(steps)}: {not_tolerated(name)}")
+        if fixed is None:
+            fixed = copy.deepcopy(dict(raw))
+        if name == "id-format":
+            as_sent.append((steps, _get(fixed, steps)))
+        _set(fixed, steps, value)
+        found.append(name)
+        try:
+            projected: dict[str, Any] = msgspec.convert(fixed, lean)
+        except msgspec.ValidationError as exc:
+            error = exc
+            continue
+        for where, original in as_sent:
+            _set(projected, where, original)
+        if deviations is not None:
+            deviations.extend(found)
+        return projected
+    raise ProjectionError(resource_type, resource_id, f"more than {_MAX_FIXES} deviations")
+
+
+def _deviation(error: msgspec.ValidationError, raw: Any) -> tuple[str, list[str | int], Any] | None:
+    """The named deviation msgspec's error is (its name, the field's path, the normalised value)."""
+    match = _AT.match(str(error))
+    if match is None:
+        return None
+    steps: list[str | int] = [key if key else int(index) for key, index in _STEP.findall(match["path"][1:])]
+    value = _get(raw, steps)
+    what = match["what"]
+    if what.startswith("Expected `str` matching regex") and steps == ["id"] and isinstance(value, str):
+        return "id-format", steps, "x"
+    if what.startswith("Expected `str` matching regex") and isinstance(value, str):
+        collapsed = collapsed_code(value)
+        return None if collapsed is None else ("code-whitespace", steps, collapsed)
+    expected, _, got = what.partition(", got ")
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if expected.startswith("Expected `str") and got.strip("`") in ("int", "float") and is_number:
+        return "number-as-string", steps, number_text(value)
+    if expected.startswith("Expected `int") and got == "`str`" and isinstance(value, str):
+        number = number_from_text(value, integer="float" not in expected)
+        if number is not None:
+            return "string-as-number", steps, number
+    return None
+
+
+def _get(node: Any, steps: list[str | int]) -> Any:
+    for step in steps:
+        found = (isinstance(step, int) and isinstance(node, list) and 0 <= step < len(node)) or (
+            isinstance(step, str) and isinstance(node, Mapping) and step in node
+        )
+        if not found:
+            return None
+        node = node[step]
+    return node
+
+
+def _set(node: Any, steps: list[str | int], value: Any) -> None:
+    for step in steps[:-1]:
+        node = node[step]
+    node[steps[-1]] = value
+
+
+def _shown(steps: list[str | int]) -> str:
+    return "$" + "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in steps)
 
 
 def _id_of(line: bytes) -> str | None:

@@ -496,7 +496,9 @@ def _record(
         reason = "no subject" if not request.get("subject") else "subject is not a Patient reference"
         return Reject("ServiceRequest", request_id, reason)
     if not subject.startswith("Patient/"):
-        return Reject("ServiceRequest", request_id, f"subject is a {subject.split('/')[0]}, not a Patient")
+        kind = subject.split("/")[0]
+        shown = kind if kind.isalpha() and kind.isascii() and len(kind) <= 64 else "reference"
+        return Reject("ServiceRequest", request_id, f"subject is a {shown}, not a Patient")
     authored: date | None = None
     if request.get("authoredOn") is not None:
         try:

@@ -18,8 +18,9 @@ read raises ``InputError`` (a ``ConfigError``: the run cannot start).
 How each resource is read (``mode``): ``"full"`` keeps the whole parsed JSON; ``"lean"`` keeps the lean
 projection of ``mappers.projection`` (only the fields the mappers read, each type-checked; a value of the
 wrong type is an ``InputReject`` naming the resource, the field path and the problem); ``"strict"``
-validates the whole resource with ``fhir.resources.R4B`` (``connectors.validation``, nothing tolerated)
-and rejects what fails, with the reasons.
+validates the whole resource with ``fhir.resources.R4B`` (``connectors.validation``) and rejects what
+fails, with the reasons. Both tolerate the same named deviations (``tolerate``: the vendor profile's,
+``schemas.deviations``): a kept resource's deviations are counted by name in ``deviations``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import io
 import json
 import re
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,10 +116,16 @@ class Loaded:
     #: Resources read from the files, those the read mode then rejected included (``Partitions`` counts
     #: the same), so "inputs" means one thing whichever way ``map`` ran.
     read: int = 0
+    #: Tolerated deviations of the kept resources, by name (``schemas.deviations``).
+    deviations: Counter[str] = field(default_factory=Counter)
 
 
 def load_resources(
-    paths: Iterable[Path | str], *, mode: ReadMode = "full", limits: InputLimits = DEFAULT_LIMITS
+    paths: Iterable[Path | str],
+    *,
+    mode: ReadMode = "full",
+    limits: InputLimits = DEFAULT_LIMITS,
+    tolerate: frozenset[str] = frozenset(),
 ) -> Loaded:
     """Every resource of ``paths`` in one list (see the module docstring for the accepted inputs)."""
     loaded = Loaded()
@@ -127,7 +135,10 @@ def load_resources(
         source = str(path)
         for resource, entry, number in _read_file_raw(path, loaded.rejects, limits):
             loaded.read += 1
-            admitted = admit(resource, mode, source, number, loaded.rejects, entry=entry)
+            admitted = admit(
+                resource, mode, source, number, loaded.rejects, entry=entry,
+                tolerate=tolerate, deviations=loaded.deviations,
+            )  # fmt: skip
             if admitted is not None:
                 loaded.resources.append(admitted)
     log.info("inputs_read", files=loaded.files, resources=len(loaded.resources), rejects=len(loaded.rejects))
@@ -262,24 +273,33 @@ def admit(
     rejects: list[InputReject],
     *,
     entry: str | None = None,
+    tolerate: frozenset[str] = frozenset(),
+    deviations: Counter[str] | None = None,
 ) -> dict[str, Any] | None:
     """A parsed resource as ``mode`` reads it (None, with a reject, when it does not pass); ``entry``
-    is its position in a Bundle (``"2"``, ``"2.0"`` nested), named in the reject."""
+    is its position in a Bundle (``"2"``, ``"2.0"`` nested), named in the reject. The deviations in
+    ``tolerate`` are kept (normalised) and counted in ``deviations``."""
     if mode == "full":
         return resource
+    found: list[str] = []
     if mode == "lean":
         try:
-            return project(resource)
+            projected = project(resource, tolerate=tolerate, deviations=found)
         except ProjectionError as exc:
             rejects.append(InputReject(source, line, _entry_reason(entry, str(exc))))
             return None
+        if found and deviations is not None:
+            deviations.update(found)
+        return projected
     # Imported here: fhir.resources' models cost ~25 MB in every process, and only --strict needs them.
     from connectors.validation import check_resource
 
-    checked = check_resource(resource, tolerate=frozenset())
+    checked = check_resource(resource, tolerate=tolerate)
     if checked.resource is None:
         reason = _entry_reason(entry, str(checked.error))  # names the resource and the field
         rejects.append(InputReject(source, line, reason))
+    elif checked.warnings and deviations is not None:
+        deviations.update(w.split(" ", 1)[0] for w in checked.warnings)  # "<name> at <path> (…)"
     return checked.resource
 
 
@@ -293,11 +313,15 @@ def read_partition(
     mode: ReadMode = "full",
     rejects: list[InputReject] | None = None,
     sources: Sequence[str] = (),
+    tolerate: frozenset[str] = frozenset(),
+    deviations: Counter[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The resources of partition files written by ``partition_resources``, read as ``mode`` says;
-    what does not pass goes to ``rejects`` naming the input file (``sources``) and line."""
+    what does not pass goes to ``rejects`` naming the input file (``sources``) and line; tolerated
+    deviations are counted in ``deviations``."""
     resources: list[dict[str, Any]] = []
     found = rejects if rejects is not None else []
+    named: list[str] = []
     loads = orjson.loads
     for path in paths:
         with path.open("rb") as handle:
@@ -305,7 +329,8 @@ def read_partition(
                 for line in handle:
                     kind, index, number, entry, body = line.split(b"\t", 4)
                     try:
-                        resources.append(project_line(body, _kind_of_header(kind)))
+                        kept = project_line(body, _kind_of_header(kind), tolerate=tolerate, deviations=named)
+                        resources.append(kept)
                     except ProjectionError as exc:
                         reason = _entry_reason(entry.decode() or None, str(exc))
                         found.append(InputReject(_source(sources, index), int(number) or None, reason))
@@ -314,10 +339,12 @@ def read_partition(
                 kind, index, number, entry, body = line.split(b"\t", 4)
                 resource = admit(
                     loads(body), mode, _source(sources, index), int(number) or None, found,
-                    entry=entry.decode() or None,
+                    entry=entry.decode() or None, tolerate=tolerate, deviations=deviations,
                 )  # fmt: skip
                 if resource is not None:
                     resources.append(resource)
+    if named and deviations is not None:
+        deviations.update(named)
     return resources
 
 

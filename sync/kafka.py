@@ -222,10 +222,19 @@ def contract_problems(name: str, version: int, record: Any) -> list[str]:
             detail = "missing " + ", ".join(missing)
         elif error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
             allowed = set(error.schema.get("properties", {}))
-            extra = sorted(str(p) for p in error.instance if p not in allowed)
+            extra = sorted({_field_name(p) for p in error.instance if p not in allowed})
             detail = "unexpected " + ", ".join(extra)
         problems.append(f"{where}: {detail}")
     return sorted(problems)
+
+
+_FIELD_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+def _field_name(key: object) -> str:
+    """An unexpected key as a reason shows it: a contract-style name, else only that there was one
+    (a key of any other shape may be a value: a name, a birth date)."""
+    return key if isinstance(key, str) and _FIELD_NAME.fullmatch(key) else "(a field)"
 
 
 def check_contract(name: str, version: int, record: Any) -> None:

@@ -2,7 +2,7 @@
 
     iop-bridge map INPUT... [--out FILE] [--as-of ISO] [--rules FILE] [--format episodes|fhir|referrals]
                             [--explain] [--ehr NAME] [--timezone TZ] [--workers N] [--partitions N]
-                            [--strict] [--config FILE]
+                            [--strict] [--vendor NAME] [--config FILE]
 
 INPUT is any mix of NDJSON files, bulk-export folders and Bundle / resource JSON files (``sync.inputs``).
 Output is NDJSON, one record per line, to ``--out`` (written whole, then renamed into place) or stdout.
@@ -17,7 +17,9 @@ it: its ``patient_identifier_systems`` decide which patient identifiers the reco
 Reading: by default each resource is read as the mappers' lean projection (``mappers.projection``: only
 the fields they use, each type-checked, since ``pull`` validated every resource with ``fhir.resources``);
 a field of the wrong type rejects that resource with its path. ``--strict`` validates every whole
-resource with ``fhir.resources.R4B`` first (nothing tolerated) and rejects what fails, with the reasons.
+resource with ``fhir.resources.R4B`` first and rejects what fails, with the reasons. Both tolerate the
+named deviations of the vendor profile (``--vendor``, default generic; with ``--config``, the ``--ehr``'s
+``vendor``): a kept resource's deviations are counted in the summary, an untolerated one is a reject.
 
 Memory and cores: a small input is read whole and mapped in this process. A larger one is first streamed
 into partition files by patient (patients are independent) plus one file of shared resources (those of
@@ -54,6 +56,7 @@ import orjson
 import structlog
 
 from connectors.private import make_private_dir, open_private
+from connectors.vendors import VENDOR_NAMES, profile_named
 from mappers.episode_of_care import episode_of_care
 from mappers.episodes import map_episodes, sort_key
 from mappers.referrals import map_referrals
@@ -136,7 +139,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=DEFAULT_LIMITS.document_bytes,
         help="largest .json document read, decompressed; a larger one is a reject (default: 512 MiB)",
     )
+    parser.add_argument(
+        "--vendor",
+        choices=VENDOR_NAMES,
+        help="vendor profile: the deviations tolerated (default: the config's EHR's, else generic)",
+    )
     parser.set_defaults(handler=run)
+
+
+def _tolerated(vendor: str | None) -> frozenset[str]:
+    """The named deviations of the run's vendor profile (``--vendor``, else the config's, else generic)."""
+    return profile_named(vendor or "generic").tolerated_deviations
 
 
 @dataclass(frozen=True)
@@ -157,6 +170,8 @@ class MapOptions:
     patient_identifier_systems: tuple[str, ...] = DEFAULT_PATIENT_IDENTIFIER_SYSTEMS
     #: The configured EHR's episode settings (``--config``); None: the model's defaults.
     episode_settings: EpisodeSettings | None = None
+    #: The named deviations both readers keep (the vendor profile's).
+    tolerate: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -173,8 +188,11 @@ class Outcome:
     #: Resources a worker could not read (projection or validation), as ``InputReject`` dicts.
     input_rejects: list[dict[str, Any]] = field(default_factory=list)
     referral_rejects: list[dict[str, Any]] = field(default_factory=list)
+    #: Tolerated deviations of the resources a worker kept, by name.
+    deviations: Counter[str] = field(default_factory=Counter)
 
     def add(self, other: Outcome) -> None:
+        self.deviations.update(other.deviations)
         self.records += other.records
         self.patients += other.patients
         self.episodes += other.episodes
@@ -259,18 +277,24 @@ def _identity(item: Any) -> bytes:
     return item if isinstance(item, bytes) else orjson.dumps(item)
 
 
-def _configured(
-    args: argparse.Namespace,
-) -> tuple[str, str, tuple[str, ...], EpisodeSettings | None, Path | None]:
-    """(EHR name, time zone, patient identifier systems, episode settings, rules file) from the flags
-    and, with ``--config``, the configured EHR they name (``--rules`` wins over the config's)."""
+@dataclass(frozen=True)
+class _Configured:
+    """What the flags and, with ``--config``, the configured EHR they name say about the run."""
+
+    ehr: str
+    timezone: str
+    identifier_systems: tuple[str, ...] = DEFAULT_PATIENT_IDENTIFIER_SYSTEMS
+    episode_settings: EpisodeSettings | None = None
+    rules: Path | None = None
+    vendor: str | None = None
+
+
+def _configured(args: argparse.Namespace) -> _Configured:
+    """The run's EHR, zone, identifier systems, episode settings, rules file and vendor: the flags win
+    over the configured EHR's (``--config``), which win over the defaults."""
     if args.config is None:
-        return (
-            args.ehr or "default",
-            args.timezone or "UTC",
-            DEFAULT_PATIENT_IDENTIFIER_SYSTEMS,
-            None,
-            args.rules,
+        return _Configured(
+            args.ehr or "default", args.timezone or "UTC", rules=args.rules, vendor=args.vendor
         )
     settings = load_settings(args.config)
     if args.ehr is not None:
@@ -281,13 +305,19 @@ def _configured(
         configured = ", ".join(e.name for e in settings.ehr) or "none"
         raise ConfigError(f"say which EHR to map as with --ehr (configured: {configured})")
     configured_rules = settings.rules_file(ehr.name)
-    rules = args.rules or (Path(configured_rules) if configured_rules else None)
-    episode = settings.episode_settings(ehr)
-    return ehr.name, args.timezone or ehr.timezone, tuple(ehr.patient_identifier_systems), episode, rules
+    return _Configured(
+        ehr.name,
+        args.timezone or ehr.timezone,
+        tuple(ehr.patient_identifier_systems),
+        settings.episode_settings(ehr),
+        args.rules or (Path(configured_rules) if configured_rules else None),
+        args.vendor or ehr.vendor,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    args.ehr, args.timezone, identifier_systems, episode_settings, args.rules = _configured(args)
+    configured = _configured(args)
+    args.ehr, args.timezone, args.rules = configured.ehr, configured.timezone, configured.rules
     zone = parse_timezone(args.timezone)
     as_of = parse_as_of(args.as_of, zone) if args.as_of else datetime.now(UTC)
     if not _EHR_NAME.match(args.ehr):
@@ -313,8 +343,9 @@ def run(args: argparse.Namespace) -> int:
         rules_text=rules_text,
         rules_dir=rules_dir,
         mode="strict" if args.strict else "lean",
-        patient_identifier_systems=identifier_systems,
-        episode_settings=episode_settings,
+        patient_identifier_systems=configured.identifier_systems,
+        episode_settings=configured.episode_settings,
+        tolerate=_tolerated(configured.vendor),
     )
     workers = args.workers or os.cpu_count() or 1
     parts = args.partitions or min(MAX_PARTITIONS, math.ceil(input_bytes(args.inputs) / PARTITION_BYTES))
@@ -349,8 +380,9 @@ def _map_here(
 ) -> MapRun:
     """Read everything and map it in this process (a small input)."""
     with _without_cyclic_gc():
-        loaded = load_resources(inputs, mode=options.mode, limits=limits)
+        loaded = load_resources(inputs, mode=options.mode, limits=limits, tolerate=options.tolerate)
         keyed, outcome = map_resources(loaded.resources, options, rules)
+        outcome.deviations = loaded.deviations
         count = loaded.read
         del loaded.resources[:]
     _write_output(out, (orjson.dumps(record) + b"\n" for _, record in keyed))
@@ -422,13 +454,19 @@ def _map_partition(job: PartitionJob) -> Outcome:
     rules = rules_from_text(job.options.rules_text, job.options.rules_dir)
     mode, sources = job.options.mode, job.sources
     unreadable: list[InputReject] = []
+    counted: Counter[str] = Counter()
     shared = read_partition(
-        [job.shared], mode=mode, rejects=[] if job.without_shared else unreadable, sources=sources
-    )
-    own = read_partition([job.part], mode=mode, rejects=unreadable, sources=sources)
+        [job.shared], mode=mode, rejects=[] if job.without_shared else unreadable, sources=sources,
+        tolerate=job.options.tolerate, deviations=None if job.without_shared else counted,
+    )  # fmt: skip
+    own = read_partition(
+        [job.part], mode=mode, rejects=unreadable, sources=sources,
+        tolerate=job.options.tolerate, deviations=counted,
+    )  # fmt: skip
     keyed, outcome = map_resources([*own, *shared], job.options, rules)
     del own
     outcome.input_rejects = [r.to_dict() for r in unreadable]
+    outcome.deviations = counted
     lines = [orjson.dumps(key) + b"\t" + orjson.dumps(record) + b"\n" for key, record in keyed]
     del keyed
     if job.without_shared:
@@ -603,6 +641,7 @@ def summary(result: MapRun, *, args: argparse.Namespace, rules: Rules) -> str:
         f"referrals: {outcome.referrals:,}",
         f"rejects: {len(rejects):,} (input {len(result.unreadable()):,}, episodes "
         f"{len(outcome.episode_rejects):,}, referrals {len(outcome.referral_rejects):,})",
+        f"deviations kept: {_counts(sorted(outcome.deviations.items()))}",
     ]
     if args.explain and args.format != "episodes":
         lines.append(

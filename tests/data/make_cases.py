@@ -580,7 +580,7 @@ case(
         }
     ],
     rejects=[
-        {"resourceType": "Encounter", "id": "baddate", "reason": "period: unparsable date '05/02/2025'"},
+        {"resourceType": "Encounter", "id": "baddate", "reason": "period: unparsable date"},
         {"resourceType": "Encounter", "id": "nosubj", "reason": "no subject"},
     ],
 )

@@ -53,8 +53,9 @@ def oracle(make_ehr: Callable[..., EhrConfig]) -> frozenset[str]:
 
 
 @pytest.fixture
-def strict(make_ehr: Callable[..., EhrConfig]) -> frozenset[str]:
-    return profile_for(make_ehr(vendor="generic")).tolerated_deviations
+def strict() -> frozenset[str]:
+    """A profile tolerating nothing (generic tolerates the lossless deviations: ``schemas.deviations``)."""
+    return frozenset()
 
 
 @pytest.mark.parametrize(("deviation", "resource", "where"), _oracle_style())

@@ -65,9 +65,15 @@ def test_projection_keeps_only_the_fields_the_mappers_read() -> None:
 def test_a_wrong_type_names_the_resource_the_field_path_and_the_problem() -> None:
     error = _error({**ENCOUNTER, "period": {"start": 20260504}})
     assert (error.resource_type, error.id) == ("Encounter", "e1")
-    assert str(error) == "Encounter/e1: $.period.start: expected `str`, got `int`"
+    assert str(error) == (
+        "Encounter/e1: $.period.start: JSON number where a string belongs"
+        " (number-as-string, not tolerated for this EHR)"
+    )
     nested = _error({**ENCOUNTER, "diagnosis": [{"condition": {"reference": "Condition/c"}, "rank": "1"}]})
-    assert nested.reason == "$.diagnosis[0].rank: expected `int`, got `str`"
+    assert nested.reason == (
+        "$.diagnosis[0].rank: JSON string holding a number where a number belongs"
+        " (string-as-number, not tolerated for this EHR)"
+    )
     listed = _error({**ENCOUNTER, "type": {"coding": []}})
     assert listed.reason == "$.type: expected `array`, got `object`"
 
@@ -75,10 +81,11 @@ def test_a_wrong_type_names_the_resource_the_field_path_and_the_problem() -> Non
 def test_an_unreadable_id_is_named_as_missing() -> None:
     error = _error({**ENCOUNTER, "id": 7})
     assert error.id is None
-    assert str(error) == "Encounter/(no id): $.id: expected `str`, got `int`"
+    reason = "$.id: JSON number where a string belongs (number-as-string, not tolerated for this EHR)"
+    assert str(error) == f"Encounter/(no id): {reason}"
     with pytest.raises(ProjectionError) as caught:
         project({**ENCOUNTER, "id": 7})
-    assert caught.value.reason == "$.id: expected `str`, got `int`"
+    assert caught.value.reason == reason
 
 
 def test_bad_json_and_a_type_other_than_the_files_are_rejected() -> None:
@@ -161,7 +168,7 @@ def system(tmp_path: Path) -> Path:
     for resource in _journeys():
         by_type.setdefault(str(resource["resourceType"]), []).append(_line(resource))
     odd = {**ENCOUNTER, "id": "odd-unread", "priority": "urgent"}  # FHIR: priority is a CodeableConcept
-    bad = {**ENCOUNTER, "id": "bad-read", "period": {"start": 5}}
+    bad = {**ENCOUNTER, "id": "bad-read", "period": {"start": True}}
     by_type["Encounter"] += [_line(odd), _line(bad)]
     for kind, lines in by_type.items():
         (folder / f"{kind}.ndjson").write_bytes(b"\n".join(lines) + b"\n")
@@ -180,13 +187,15 @@ def test_lean_rejects_a_wrong_type_and_strict_also_what_lean_does_not_read(
         {
             "source": str(encounters),
             "line": last,
-            "reason": "Encounter/bad-read: $.period.start: expected `str`, got `int`",
+            "reason": "Encounter/bad-read: $.period.start: expected `str`, got `bool`",
         }
     ]
-    # fhir.resources reads the number as a time (pydantic's lax mode); the mapper then rejects it.
-    assert strict_rejects[1:] == [
-        {"resourceType": "Encounter", "id": "bad-read", "reason": "period: not a date: int"}
-    ]
+    assert strict_rejects[1] == {
+        "source": str(encounters),
+        "line": last,
+        "reason": "Encounter/bad-read: period.start: Input should be a valid datetime",
+    }
+    assert len(strict_rejects) == 2
     assert strict_rejects[0]["source"] == str(encounters)
     assert strict_rejects[0]["line"] == last - 1
     assert strict_rejects[0]["reason"].startswith("Encounter/odd-unread: priority: ")

@@ -308,7 +308,7 @@ def test_entered_in_error_vanishes_and_the_newest_version_wins() -> None:
         ({"subject": None}, "no subject"),
         ({"subject": {"reference": "Group/g1"}}, "subject is a Group, not a Patient"),
         ({"subject": {"display": "Jane"}}, "subject is not a Patient reference"),
-        ({"authoredOn": "02/03/2026"}, "authoredOn: unparsable date '02/03/2026'"),
+        ({"authoredOn": "02/03/2026"}, "authoredOn: unparsable date"),
     ],
 )
 def test_unusable_referrals_are_rejected_with_a_reason(fields: dict[str, Any], reason: str) -> None:

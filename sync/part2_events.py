@@ -16,17 +16,30 @@ to Part 2 care.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import structlog
 
 from mappers.part2 import is_part2
 from schemas.topics import Topics
-from sync.deadletter import SourceRecord
 from sync.state import SyncState
 
 log = structlog.get_logger()
+
+
+class Origin(Protocol):
+    """What the decision reads of a record (a consumed record, or a dead letter's original)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def value(self) -> bytes | None: ...
+
 
 #: ``(ehr, episode_id) -> part2`` of the published episode; None when there is no such episode.
 EpisodeLookup = Callable[[str, str], bool | None]
@@ -68,7 +81,7 @@ def event_is_part2(topics: Topics, topic: str, body: Mapping[str, Any] | None, l
     return False
 
 
-def record_is_part2(topics: Topics, record: SourceRecord, lookup: EpisodeLookup) -> bool:
+def record_is_part2(topics: Topics, record: Origin, lookup: EpisodeLookup) -> bool:
     """Whether a consumed record is a Part 2 record; True when ``lookup`` fails (kept restricted)."""
     try:
         return event_is_part2(topics, record.topic, _body(record.value), lookup)

@@ -25,6 +25,15 @@ DISCHARGES: Final = "iop.discharges.v1"
 #: Records we could not process for a reason no retry will fix, with that reason (``deadletter.v1``),
 #: so nothing is lost and ``iop-bridge dlq replay`` can re-publish them once the cause is fixed.
 DEADLETTER: Final = "iop.deadletter.v1"
+#: Attendance, discharges and dead letters of 42 CFR Part 2 episodes, apart from the general ones for the
+#: same reason as the episodes: a program sends an episode's events to the Part 2 topics when the episode
+#: record it received says ``part2: true`` (it came on ``iop.episodes.part2.v1``); we dead-letter an event
+#: to ``iop.deadletter.part2.v1`` when it came on a Part 2 topic or belongs to a Part 2 episode
+#: (``sync.part2_events``). A Part 2 episode's event on a general topic is still written (nothing is lost)
+#: and counted as misrouted; a general episode's event on a Part 2 topic is written like any other.
+ATTENDANCE_PART2: Final = "iop.attendance.part2.v1"
+DISCHARGES_PART2: Final = "iop.discharges.part2.v1"
+DEADLETTER_PART2: Final = "iop.deadletter.part2.v1"
 
 #: Every topic name and the contract (schema name, version) of its values. Consumers validate each
 #: record against its topic's contract, not against what the record's headers claim.
@@ -36,8 +45,15 @@ CONTRACT_OF_TOPIC: Final[dict[str, tuple[str, int]]] = {
     ATTENDANCE: ("attendance", 1),
     DISCHARGES: ("discharge", 1),
     DEADLETTER: ("deadletter", 1),
+    ATTENDANCE_PART2: ("attendance", 1),
+    DISCHARGES_PART2: ("discharge", 1),
+    DEADLETTER_PART2: ("deadletter", 1),
 }
 TOPICS: Final = tuple(CONTRACT_OF_TOPIC)
+#: The topics that carry only 42 CFR Part 2 records (guard them with broker ACLs).
+PART2_TOPICS: Final = frozenset(
+    {EPISODES_PART2, REFERRALS_PART2, ATTENDANCE_PART2, DISCHARGES_PART2, DEADLETTER_PART2}
+)
 
 #: Header names. The value is the JSON contract itself; headers let a consumer route, de-duplicate and
 #: trace a record without parsing it.
@@ -131,6 +147,30 @@ class Topics:
     @property
     def deadletter(self) -> str:
         return self.name(DEADLETTER)
+
+    @property
+    def attendance_part2(self) -> str:
+        return self.name(ATTENDANCE_PART2)
+
+    @property
+    def discharges_part2(self) -> str:
+        return self.name(DISCHARGES_PART2)
+
+    @property
+    def deadletter_part2(self) -> str:
+        return self.name(DEADLETTER_PART2)
+
+    def writeback_topics(self) -> tuple[str, ...]:
+        """The topics we consume and write back from (general, then Part 2): also the only topics
+        ``dlq replay`` re-publishes to."""
+        return (self.attendance, self.discharges, self.attendance_part2, self.discharges_part2)
+
+    def is_part2(self, full_name: str) -> bool:
+        """Whether a topic (full name) carries only 42 CFR Part 2 records; False for names not ours."""
+        try:
+            return self.unprefixed(full_name) in PART2_TOPICS
+        except ValueError:
+            return False
 
     def all(self) -> tuple[str, ...]:
         return tuple(self.prefix + topic for topic in TOPICS)

@@ -9,7 +9,9 @@
   (``enable_idempotence``, ``acks=all``), so its own retries never duplicate a record.
 - ``EventProducer.republish`` sends a dead letter's original record back to its topic (replay).
 - ``EventProducer.dead_letter`` sends a record we cannot process to ``iop.deadletter.v1`` with its
-  original key, value, headers, topic, partition, offset and the reason (``sync.deadletter``).
+  original key, value, headers, topic, partition, offset and the reason (``sync.deadletter``); a 42 CFR
+  Part 2 record (``part2=True``) to ``iop.deadletter.part2.v1`` only. The consumer decides: a record of a
+  Part 2 topic always, any other when its ``part2`` classifier says so (``sync.part2_events``).
 - ``EventConsumer`` processes records at least once: auto-commit off; every record is decoded and
   validated against its topic's contract (an invalid one is dead-lettered and the partition moves on);
   the handler runs; only then is ``offset + 1`` committed for that partition. A handler failure is
@@ -65,7 +67,6 @@ from kafka import errors as kafka_errors
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from schemas import (
-    DEADLETTER,
     HEADER_EVENT_ID,
     HEADER_SCHEMA,
     HEADER_SCHEMA_VERSION,
@@ -320,13 +321,15 @@ class EventProducer:
         reason: str,
         *,
         contract: tuple[str, int] | None = None,
+        part2: bool = False,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         """Produce ``record`` to the dead-letter topic with ``reason`` and wait for the acknowledgement
-        (the caller commits past the record only after this returns). ``reason`` must hold no PHI."""
+        (the caller commits past the record only after this returns). ``reason`` must hold no PHI.
+        A Part 2 record (``part2``) goes to the Part 2 dead-letter topic, never the general one."""
         failed_at = now()
         value = deadletter.envelope(record, reason, failed_at=failed_at, contract=contract)
-        topic = self.topics.name(DEADLETTER)
+        topic = self.topics.deadletter_part2 if part2 else self.topics.deadletter
         try:
             self._send_dead_letter(topic, record, value, reason)
         except KafkaError as exc:
@@ -342,6 +345,7 @@ class EventProducer:
             partition=record.partition,
             offset=record.offset,
             event_id=value["event_id"],
+            part2=part2,
         )
 
     def _send_dead_letter(
@@ -566,6 +570,7 @@ class EventConsumer:
         retry_max_attempts: int = 10,
         retry_max_seconds: float = 3600.0,
         concurrency: int = 1,
+        part2: Callable[[deadletter.SourceRecord], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         **overrides: Any,
@@ -573,7 +578,9 @@ class EventConsumer:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         names = Topics(config.topic_prefix)
+        self._names = names
         self._contracts = {topic: names.contract(topic) for topic in topics}
+        self._part2 = part2  # is a record of a general topic Part 2? (a Part 2 topic's always is)
         self._producer = producer
         self._permanent = permanent
         self._retry_pause_s = retry_pause_s
@@ -736,8 +743,9 @@ class EventConsumer:
     def _dead_letter(
         self, record: Any, reason: str, contract: tuple[str, int], context: dict[str, Any]
     ) -> str:
+        part2 = self._names.is_part2(record.topic) or (self._part2 is not None and self._part2(record))
         try:
-            self._producer.dead_letter(record, reason, contract=contract)
+            self._producer.dead_letter(record, reason, contract=contract, part2=part2)
         except KafkaError:
             log.warning("dead_letter_failed", **context)
             return "failed"

@@ -46,6 +46,12 @@ class Metrics:
             ["topic"],
             registry=self.registry,
         )
+        self.part2_on_general_topic = Counter(
+            "iop_bridge_part2_on_general_topic",
+            "Events of 42 CFR Part 2 episodes that came on a general write-back topic (written all the same)",
+            ["ehr", "topic"],
+            registry=self.registry,
+        )
         self.consumer_lag = Gauge(
             "iop_bridge_consumer_lag",
             "Records behind the end of each consumed partition",

@@ -7,6 +7,9 @@
 - ``render_text(...)`` -> the same facts as short plain text for the terminal.
 
 It is a local file for the user, but still shows no names: patients appear by their FHIR reference.
+42 CFR Part 2 records (episodes and referrals flagged ``part2``, the write-backs of those episodes, the
+dead letters marked ``part2``) are left out unless ``include_part2``; the report then says how many
+were left out, so a general reader learns that there are some, never what they are.
 Everything is a pure function of its arguments (``as_of`` included), so the same data gives the same
 bytes.
 """
@@ -67,6 +70,54 @@ class DeadLetterRow:
     event_id: str
     topic: str
     reason: str
+    #: The dead letter of a 42 CFR Part 2 record (on the Part 2 dead-letter topic).
+    part2: bool = False
+
+
+@dataclass(frozen=True)
+class _Shown:
+    """What a report shows, and how many 42 CFR Part 2 records it left out."""
+
+    episodes: Sequence[Mapping[str, Any]]
+    referrals: Sequence[Mapping[str, Any]]
+    writebacks: Sequence[WriteBackRow]
+    dead_letters: Sequence[DeadLetterRow]
+    hidden: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    def hidden_text(self) -> str | None:
+        """The line that says what was left out; None when nothing was."""
+        if not any(self.hidden):
+            return None
+        episodes, referrals, writebacks, dead = self.hidden
+        return (
+            f"42 CFR Part 2 records not shown: {episodes} episodes, {referrals} referrals, "
+            f"{writebacks} write-backs, {dead} dead letters (include them with --part2)"
+        )
+
+
+def _shown(
+    episodes: Sequence[Mapping[str, Any]],
+    referrals: Sequence[Mapping[str, Any]],
+    writebacks: Sequence[WriteBackRow],
+    dead_letters: Sequence[DeadLetterRow],
+    include_part2: bool,
+) -> _Shown:
+    if include_part2:
+        return _Shown(episodes, referrals, writebacks, dead_letters)
+    part2_ids = {str(e["episode_id"]) for e in episodes if e.get("part2")}
+    kept = _Shown(
+        [e for e in episodes if not e.get("part2")],
+        [r for r in referrals if not r.get("part2")],
+        [w for w in writebacks if w.episode_id not in part2_ids],
+        [d for d in dead_letters if not d.part2],
+    )
+    hidden = (
+        len(episodes) - len(kept.episodes),
+        len(referrals) - len(kept.referrals),
+        len(writebacks) - len(kept.writebacks),
+        len(dead_letters) - len(kept.dead_letters),
+    )
+    return _Shown(kept.episodes, kept.referrals, kept.writebacks, kept.dead_letters, hidden)
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
@@ -155,9 +206,19 @@ def render_text(
     dead_letters: Sequence[DeadLetterRow],
     *,
     as_of: datetime,
+    include_part2: bool = False,
 ) -> str:
-    """The report as plain text for the terminal."""
+    """The report as plain text for the terminal (42 CFR Part 2 records only with ``include_part2``)."""
+    shown = _shown(episodes, referrals, writebacks, dead_letters, include_part2)
+    episodes, referrals, writebacks, dead_letters = (
+        shown.episodes,
+        shown.referrals,
+        shown.writebacks,
+        shown.dead_letters,
+    )
     lines = [f"iop-bridge report as of {as_of.isoformat(timespec='seconds')}", ""]
+    if (note := shown.hidden_text()) is not None:
+        lines += [note, ""]
     by_episode: dict[str, list[WriteBackRow]] = defaultdict(list)
     for row in writebacks:
         by_episode[row.episode_id].append(row)
@@ -527,8 +588,18 @@ def render_report(
     dead_letters: Sequence[DeadLetterRow],
     *,
     as_of: datetime,
+    include_part2: bool = False,
 ) -> str:
-    """The report as one self-contained HTML document."""
+    """The report as one self-contained HTML document (42 CFR Part 2 records only with
+    ``include_part2``)."""
+    shown = _shown(episodes, referrals, writebacks, dead_letters, include_part2)
+    episodes, referrals, writebacks, dead_letters = (
+        shown.episodes,
+        shown.referrals,
+        shown.writebacks,
+        shown.dead_letters,
+    )
+    note = shown.hidden_text()
     by_episode: dict[str, list[WriteBackRow]] = defaultdict(list)
     for row in writebacks:
         by_episode[row.episode_id].append(row)
@@ -563,7 +634,9 @@ def render_report(
         f"<header><h1>iop-bridge report</h1><p>As of {_e(as_of.isoformat(timespec='seconds'))} · "
         f"{len(patients)} patients · {n_episodes} episodes · {len(referrals)} referrals · "
         f"{len(written)} write-backs · {len(writebacks) - len(written)} duplicates · "
-        f"{len(dead_letters)} dead letters. Patients are shown by FHIR reference only.</p></header><main>"
+        f"{len(dead_letters)} dead letters. Patients are shown by FHIR reference only.</p>"
+        + (f'<p class="hidden-part2">{_e(note)}</p>' if note else "")
+        + "</header><main>"
         + "".join(sections)
         + '<section class="patient" id="referrals"><h2>Referrals</h2>'
         + (

@@ -12,9 +12,13 @@ A cycle for one EHR:
 5. where the vendor allows it, write each changed episode's ``EpisodeOfCare`` to the EHR (conditional
    update on ``urn:iop-bridge:episode-id``) so that write-backs can reference it.
 
-Write-back consumes ``iop.attendance.v1`` and ``iop.discharges.v1`` and hands each event to the
-``WriteBack`` of its EHR; permanent failures go to the dead-letter topic, temporary ones pause the
-partition and are retried. ``service.writeback_concurrency`` events run at once (different patients; one
+Write-back consumes ``iop.attendance.v1`` and ``iop.discharges.v1``, and their 42 CFR Part 2 twins
+``iop.attendance.part2.v1`` and ``iop.discharges.part2.v1``, and hands each event to the ``WriteBack`` of
+its EHR; permanent failures go to the dead-letter topic (``iop.deadletter.part2.v1`` for the events of
+Part 2 topics or Part 2 episodes, ``sync.part2_events``), temporary ones pause the partition and are
+retried. A Part 2 episode's event that came on a general topic is still written, and counted
+(``iop_bridge_part2_on_general_topic``, a warning with ids only) so the program can be fixed.
+``service.writeback_concurrency`` events run at once (different patients; one
 patient's in order, see ``sync.kafka``), on an HTTP client whose connection pool holds that many.
 """
 
@@ -44,7 +48,7 @@ from mappers import (
 )
 from schemas.identifiers import EPISODE_ID_SYSTEM, is_fhir_id, resource_path, token
 from schemas.topics import Topics
-from sync import event_authority, fhir_writes, writeback
+from sync import event_authority, fhir_writes, part2_events, writeback
 from sync.capabilities import discover_targets
 from sync.config import Settings, open_store
 from sync.episode_config import settings_fingerprint
@@ -403,10 +407,11 @@ class Service:
             self.metrics.dead_letters.labels(topic=event.topic).inc()
             raise
         target = self._writeback_for(ehr_name)
+        self._flag_misrouted_part2(event, ehr_name)
         try:
-            if event.topic == self.topics.attendance:
+            if event.topic in (self.topics.attendance, self.topics.attendance_part2):
                 result = target.attendance(event.value, topic=event.topic, key=event.key)
-            elif event.topic == self.topics.discharges:
+            elif event.topic in (self.topics.discharges, self.topics.discharges_part2):
                 result = target.discharge(event.value, topic=event.topic, key=event.key)
             else:
                 raise PermanentEventError(f"no write-back for topic {event.topic}")
@@ -416,11 +421,29 @@ class Service:
             raise
         self.metrics.writebacks.labels(ehr=ehr_name, outcome=str(result.outcome)).inc()
 
+    def _flag_misrouted_part2(self, event: Event, ehr_name: str) -> None:
+        """A Part 2 episode's event on a general topic: written all the same (nothing lost), but counted
+        and logged (ids only), since general consumers of that topic may have read it."""
+        if self.topics.is_part2(event.topic):
+            return
+        lookup = part2_events.published_episode_part2(self.state)
+        if part2_events.event_is_part2(self.topics, event.topic, event.value, lookup):
+            self.metrics.part2_on_general_topic.labels(ehr=ehr_name, topic=event.topic).inc()
+            log.warning(
+                "part2_event_on_general_topic",
+                ehr=ehr_name,
+                topic=event.topic,
+                event_id=event.event_id,
+                episode_id=str(event.value.get("episode_id", "")),
+            )
+
     def consumer(self) -> EventConsumer:
+        lookup = part2_events.published_episode_part2(self.state)
         return EventConsumer(
             self.settings.kafka,
-            [self.topics.attendance, self.topics.discharges],
+            list(self.topics.writeback_topics()),
             self.producer,
+            part2=lambda record: part2_events.record_is_part2(self.topics, record, lookup),
             permanent=(PermanentEventError,),
             retry_pause_s=self._retry_pause_s,
             retry_max_attempts=self.settings.service.retry_max_attempts,
@@ -429,7 +452,8 @@ class Service:
         )
 
     def drain_writebacks(self, max_seconds: float = 120.0) -> PollStats:
-        """Consume attendance and discharge events until the topics are idle (``run --once``)."""
+        """Consume attendance and discharge events (general and Part 2) until the topics are idle
+        (``run --once``)."""
         with self.consumer() as consumer:
             return consumer.drain(self.handle_event, max_seconds=max_seconds)
 

@@ -1,7 +1,8 @@
 """A simulated IOP program: what a program would send back about the episodes we published.
 
 The demo and the end-to-end tests need the other side of the loop (``iop.attendance.v1`` and
-``iop.discharges.v1``) without a real program, so this module plays one, deterministically:
+``iop.discharges.v1``; for a 42 CFR Part 2 episode ``iop.attendance.part2.v1`` and
+``iop.discharges.part2.v1``) without a real program, so this module plays one, deterministically:
 
 - **attendance**: an active episode's program keeps meeting after the EHR's data ends. For every day in
   ``(since, as_of]`` on the weekdays the episode met on (up to ``since``), at the time and length of its
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, tzinfo
 from typing import Any, Final
 
-from schemas.topics import ATTENDANCE, DISCHARGES, Topics, message_key
+from schemas.topics import Topics, message_key
 from sync.publisher import EventProducer
 
 ATTENDANCE_SCHEMA: Final = ("attendance", 1)
@@ -76,6 +77,8 @@ class ProgramEvent:
 
     kind: str
     value: dict[str, Any]
+    #: The episode is a 42 CFR Part 2 record: its events go to the Part 2 topics.
+    part2: bool = False
 
     @property
     def event_id(self) -> str:
@@ -195,7 +198,7 @@ def _attendance(
         "patient": _patient(episode),
         "session": session,
     }
-    return ProgramEvent("attendance", value)
+    return ProgramEvent("attendance", value, part2=bool(episode.get("part2")))
 
 
 def discharge_reason(exit_: Mapping[str, Any]) -> str:
@@ -253,18 +256,20 @@ def discharge_event(episode: Mapping[str, Any], *, as_of: datetime) -> ProgramEv
         "patient": _patient(episode),
         "discharge": discharge,
     }
-    return ProgramEvent("discharge", value)
+    return ProgramEvent("discharge", value, part2=bool(episode.get("part2")))
 
 
 def publish_events(producer: EventProducer, events: Iterable[ProgramEvent], topics: Topics) -> int:
-    """Produce the events to the attendance and discharge topics (key ``{ehr}|Patient/{id}``), wait for
-    the broker's acknowledgement, and return how many were sent."""
+    """Produce the events to the attendance and discharge topics (key ``{ehr}|Patient/{id}``), those of
+    a Part 2 episode to the Part 2 ones, as a program must; wait for the broker's acknowledgement, and
+    return how many were sent."""
     count = 0
     for event in events:
+        topic = event_topic(event, topics)
         if event.kind == "attendance":
-            topic, (schema, version) = topics.name(ATTENDANCE), ATTENDANCE_SCHEMA
+            schema, version = ATTENDANCE_SCHEMA
         elif event.kind == "discharge":
-            topic, (schema, version) = topics.name(DISCHARGES), DISCHARGE_SCHEMA
+            schema, version = DISCHARGE_SCHEMA
         else:
             raise ValueError(f"event {event.event_id}: unknown kind {event.kind!r}")
         key = message_key(str(event.value["ehr"]), str(event.value["patient"]["reference"]))
@@ -272,3 +277,13 @@ def publish_events(producer: EventProducer, events: Iterable[ProgramEvent], topi
         count += 1
     producer.flush()
     return count
+
+
+def event_topic(event: ProgramEvent, topics: Topics) -> str:
+    """Where a program sends an event: the Part 2 topic of its kind when its episode record says
+    ``part2``, the general one otherwise."""
+    if event.kind == "attendance":
+        return topics.attendance_part2 if event.part2 else topics.attendance
+    if event.kind == "discharge":
+        return topics.discharges_part2 if event.part2 else topics.discharges
+    raise ValueError(f"event {event.event_id}: unknown kind {event.kind!r}")

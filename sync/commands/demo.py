@@ -1,7 +1,7 @@
 """``iop-bridge demo``: the whole loop on this machine, in one command.
 
     iop-bridge demo [--report PATH] [--anchor DATE] [--state-dir DIR] [--kafka HOST:PORT]
-                    [--fhir-url URL] [--stop-services] [--verbose]
+                    [--fhir-url URL] [--part2] [--stop-services] [--verbose]
 
 1. starts (or reuses) the local Kafka broker and the HAPI FHIR sandbox with their launchers
    (``deploy/kafka/run start``, ``deploy/fhir-sandbox/run start``; the address is their last line), unless
@@ -12,7 +12,7 @@
    ago, so the simulated program has a week of sessions the EHR has not seen);
 4. runs one pull-map-publish cycle, lets the program simulator (``sync.simulator``) answer with
    attendance and discharge events, and drains the write-back consumers;
-5. prints a short report and writes the HTML report.
+5. prints a short report and writes the HTML report (42 CFR Part 2 records only with ``--part2``).
 
 Running it again re-sends the same events (their ids are derived from the episodes): write-back's ledger
 reports them as duplicates and nothing new is written. The services are left running for the next run
@@ -48,7 +48,7 @@ from sync.kafka import client_kwargs, ensure_topics
 from sync.logs import configure_logging
 from sync.report import DeadLetterRow, WriteBackRow, render_report, render_text
 from sync.service import Service
-from sync.simulator import ProgramEvent, publish_events, simulate
+from sync.simulator import ProgramEvent, event_topic, publish_events, simulate
 from sync.state import ledger, published
 
 log = structlog.get_logger()
@@ -94,6 +94,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--verbose",
         action="store_true",
         help="show the service's log lines at --log-level (default: warnings only, so the report stands out)",
+    )
+    parser.add_argument(
+        "--part2",
+        action="store_true",
+        help="include 42 CFR Part 2 records in the report (default: left out, with a count)",
     )
     parser.add_argument(
         "--stop-services",
@@ -221,11 +226,15 @@ def dead_letter_reasons(
     Only called when some events were not written, so a long dead-letter topic costs nothing otherwise.
     """
     wanted = set(event_ids)
-    topic = Topics(config.topic_prefix).deadletter
+    names = Topics(config.topic_prefix)
     consumer = KafkaConsumer(**client_kwargs(config), group_id=None, enable_auto_commit=False)
     found: dict[str, tuple[str, str]] = {}
     try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in (names.deadletter, names.deadletter_part2)
+            for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
         if not partitions:
             return found
         consumer.assign(partitions)
@@ -272,11 +281,11 @@ def writeback_rows(
         elif event.event_id in after:
             outcome, refs = after[event.event_id]
         else:
-            topic = topics.attendance if event.kind == "attendance" else topics.discharges
-            topic, reason = dead_letters.get(
-                event.event_id, (topic, f"not written (nothing on {topics.deadletter} yet)")
-            )
-            dead.append(DeadLetterRow(event.event_id, topic, reason))
+            topic = event_topic(event, topics)
+            where = topics.deadletter_part2 if event.part2 else topics.deadletter
+            topic, reason = dead_letters.get(event.event_id, (topic, f"not written (nothing on {where} yet)"))
+            part2 = event.part2 or topics.is_part2(topic)
+            dead.append(DeadLetterRow(event.event_id, topic, reason, part2=part2))
             continue
         rows.append(
             WriteBackRow(event.event_id, event.kind, event.episode_id, _detail(event), outcome, tuple(refs))
@@ -380,11 +389,18 @@ def _loop(
     )
 
     print()
-    print(render_text(episodes, referrals, writebacks, dead_letters, as_of=now), end="")
+    include_part2 = bool(getattr(args, "part2", False))
+    print(
+        render_text(episodes, referrals, writebacks, dead_letters, as_of=now, include_part2=include_part2),
+        end="",
+    )
     report_path: Path = args.report
     make_private_dir(report_path.parent)  # the report holds (synthetic) patient data: 0700 / 0600
     with open_private(report_path) as page:
-        page.write(render_report(episodes, referrals, writebacks, dead_letters, as_of=now).encode())
+        document = render_report(
+            episodes, referrals, writebacks, dead_letters, as_of=now, include_part2=include_part2
+        )
+        page.write(document.encode())
     return config, report_path
 
 

@@ -173,7 +173,7 @@ def _produce(stack: Stack, events: list[tuple[str, dict[str, Any]]]) -> None:
     with EventProducer(stack.settings.kafka) as producer:
         for topic, event in events:
             key = message_key(EHR, event["patient"]["reference"])
-            schema = "attendance" if topic == stack.topics.attendance else "discharge"
+            schema = stack.topics.contract(topic)[0]
             producer.publish(topic, key, event, schema=schema, version=1, event_id=event["event_id"])
         producer.flush()
 
@@ -466,6 +466,73 @@ def test_dead_letters_are_replayed_once_the_cause_is_fixed(
 
     assert main(["dlq", "replay", "--config", str(stack.config), "--reason", missing]) == 0
     assert "replayed 0 dead letters (1 already replayed before" in capsys.readouterr().out
+
+
+def test_part2_write_backs_and_dead_letters_stay_on_the_part2_topics(
+    stack: Stack, published: dict[str, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 10 item 9: a Part 2 episode's attendance on the Part 2 topic is written back; its bad events
+    (on the Part 2 topic, or misrouted to the general one) land on the Part 2 dead-letter topic, never on
+    the general one; a misrouted good one is still written; ``dlq list`` shows them only with --part2."""
+    sud = published["pt-sud-part2/iop/1"]
+    assert sud["part2"]
+    good, misrouted_good = unique_id("P2"), unique_id("P2")
+    wrong_patient = _attendance(sud, unique_id("P2"))
+    wrong_patient["patient"] = {"reference": f"Patient/pt-{PREFIX}active-iop"}
+    misrouted_bad = _attendance(sud, unique_id("P2"))
+    misrouted_bad["patient"] = {"reference": f"Patient/pt-{PREFIX}active-iop"}
+    malformed = unique_id("p2-broken")
+    key = message_key(EHR, sud["patient"]["reference"])
+    _produce_raw(
+        stack, stack.topics.attendance_part2, key, json.dumps({"event_id": malformed, "session": {}}).encode()
+    )
+    _produce(
+        stack,
+        [
+            (stack.topics.attendance_part2, _attendance(sud, good)),
+            (stack.topics.attendance_part2, wrong_patient),
+            (stack.topics.attendance, _attendance(sud, misrouted_good)),
+            (stack.topics.attendance, misrouted_bad),
+        ],
+    )
+    with Service(stack.settings, as_of=AS_OF, retry_pause_s=1) as service:
+        stats = service.drain_writebacks(max_seconds=120)
+        misrouted = service.metrics.part2_on_general_topic.labels(ehr=EHR, topic=stack.topics.attendance)
+        assert misrouted._value.get() == 2  # the good and the bad one that came on the general topic
+    assert stats.dead_lettered >= 3
+
+    for session in (good, misrouted_good):
+        (encounter,) = _count(stack.fhir, "Encounter", SESSION_ID_SYSTEM, session)
+        assert encounter["subject"] == {"reference": f"Patient/pt-{PREFIX}sud-part2"}
+        assert "42CFRPart2" in {label["code"] for label in encounter["meta"].get("security", [])}
+
+    import base64
+
+    def by_event(topic: str) -> dict[str, dict[str, Any]]:
+        """Dead letters by the event id in their original value (a malformed one has no header)."""
+        found: dict[str, dict[str, Any]] = {}
+        for record in _all_records(stack.settings.kafka.bootstrap_servers, topic):
+            letter = json.loads(record.value)
+            original = json.loads(base64.b64decode(letter["value_base64"] or "e30="))
+            found[str(original.get("event_id"))] = letter
+        return found
+
+    bad = {wrong_patient["event_id"], misrouted_bad["event_id"], malformed}
+    part2_letters = by_event(stack.topics.deadletter_part2)
+    assert bad <= set(part2_letters)
+    assert part2_letters[misrouted_bad["event_id"]]["topic"] == stack.topics.attendance
+    assert "session" in part2_letters[malformed]["reason"]
+    general = by_event(stack.topics.deadletter)
+    assert not bad & set(general)
+    assert not any(PREFIX + "sud-part2" in str(letter.get("key")) for letter in general.values())
+
+    capsys.readouterr()
+    assert main(["dlq", "list", "--config", str(stack.config)]) == 0
+    listed = capsys.readouterr().out
+    assert not any(event_id in listed for event_id in bad)
+    assert "dead letters of 42 CFR Part 2 records not shown" in listed
+    assert main(["dlq", "list", "--config", str(stack.config), "--part2"]) == 0
+    assert misrouted_bad["event_id"] in capsys.readouterr().out
 
 
 def test_replay_never_follows_an_envelope_to_another_topic(

@@ -23,6 +23,9 @@ def test_the_issue_s_topic_names() -> None:
         "iop.attendance.v1",
         "iop.discharges.v1",
         "iop.deadletter.v1",
+        "iop.attendance.part2.v1",
+        "iop.discharges.part2.v1",
+        "iop.deadletter.part2.v1",
     )
 
 

@@ -57,7 +57,7 @@ def _writebacks(records: list[dict[str, Any]]) -> list[WriteBackRow]:
 def _report(records: list[dict[str, Any]] | None = None) -> str:
     records = episodes() if records is None else records
     dead = [DeadLetterRow("sim-att-9", "iop.attendance.v1", "unknown episode x at EHR 'harbor-general'")]
-    return render_report(records, referrals(), _writebacks(records), dead, as_of=NOW)
+    return render_report(records, referrals(), _writebacks(records), dead, as_of=NOW, include_part2=True)
 
 
 def test_every_episode_has_its_own_element() -> None:
@@ -208,7 +208,7 @@ def test_write_backs_and_dead_letters_are_listed() -> None:
 
 def test_text_report_has_entry_exit_sessions_hours_billing_referrals_and_write_backs() -> None:
     records = episodes()
-    text = render_text(records, referrals(), _writebacks(records), [], as_of=NOW)
+    text = render_text(records, referrals(), _writebacks(records), [], as_of=NOW, include_part2=True)
     stepdown = text[text.index("Patient/pt-stepdown-inpatient") :]
     stepdown = stepdown[: stepdown.index("\n\n")]
     record = next(e for e in records if e["patient"]["reference"] == "Patient/pt-stepdown-inpatient")
@@ -227,3 +227,33 @@ def test_text_report_has_entry_exit_sessions_hours_billing_referrals_and_write_b
     assert "[42 CFR Part 2]" in text
     assert text.startswith(f"iop-bridge report as of {NOW.isoformat(timespec='seconds')}")
     assert AS_OF.date().isoformat() in render_report(records, [], [], [], as_of=AS_OF)
+
+
+def test_part2_records_stay_out_of_the_report_unless_asked() -> None:
+    """42 CFR Part 2 episodes, referrals, their write-backs and dead letters (issue 10 item 9)."""
+    records = episodes()
+    part2 = [r for r in records if r["part2"]]
+    assert part2
+    part2_ids = {str(r["episode_id"]) for r in part2}
+    rows = [
+        *_writebacks(records),
+        WriteBackRow("sim-att-p2", "attendance", part2[0]["episode_id"], "2026-06-02 attended", "created"),
+    ]
+    dead = [
+        DeadLetterRow("sim-att-9", "iop.attendance.v1", "unknown episode"),
+        DeadLetterRow("sim-att-p2x", "iop.attendance.part2.v1", "sud-reason", part2=True),
+    ]
+    refs = referrals()
+    part2_refs = [r for r in refs if r.get("part2")]
+    text = render_text(records, refs, rows, dead, as_of=NOW)
+    document = render_report(records, refs, rows, dead, as_of=NOW)
+    for shown in (text, document):
+        assert not any(episode_id in shown for episode_id in part2_ids)
+        assert "sim-att-p2" not in shown
+        assert "sud-reason" not in shown
+        assert "42 CFR Part 2 records not shown" in shown
+    assert f"{len(part2)} episodes, {len(part2_refs)} referrals, 1 write-backs, 1 dead letters" in text
+    with_part2 = render_text(records, refs, rows, dead, as_of=NOW, include_part2=True)
+    assert all(episode_id in with_part2 for episode_id in part2_ids)
+    assert "sud-reason" in with_part2
+    assert "not shown" not in with_part2

@@ -86,3 +86,14 @@ def test_rows_say_written_duplicate_or_dead_lettered_with_the_reason() -> None:
     ]
     assert rows[1].episode_id == second.episode_id
     assert rows[1].detail.startswith(second.value["discharge"]["date"])
+
+
+def test_a_part2_episodes_dead_letters_are_marked_part2() -> None:
+    events = simulate(episodes(), since=SINCE, as_of=AS_OF)
+    part2 = next(e for e in events if e.part2)
+    general = next(e for e in events if not e.part2)
+    topics = Topics("p.")
+    _, dead_rows = writeback_rows([part2, general], {}, {}, {}, topics)
+    assert [(d.event_id, d.part2) for d in dead_rows] == [(part2.event_id, True), (general.event_id, False)]
+    assert topics.is_part2(dead_rows[0].topic)
+    assert dead_rows[0].reason == "not written (nothing on p.iop.deadletter.part2.v1 yet)"

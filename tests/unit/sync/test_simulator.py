@@ -211,7 +211,12 @@ def test_publish_events_to_their_topics_with_the_patient_key_then_flush() -> Non
     assert publish_events(producer, events, topics) == len(events)
     assert producer.flushed == 1
     for event, (topic, key, value, schema, version, event_id) in zip(events, producer.sent, strict=True):
-        assert topic == (topics.attendance if event.kind == "attendance" else topics.discharges)
+        if event.part2:  # a 42 CFR Part 2 episode's events go to the Part 2 topics (issue 10 item 9)
+            assert topic == (
+                topics.attendance_part2 if event.kind == "attendance" else topics.discharges_part2
+            )
+        else:
+            assert topic == (topics.attendance if event.kind == "attendance" else topics.discharges)
         assert parse_message_key(key) == ("harbor-general", value["patient"]["reference"][len("Patient/") :])
         assert (schema, version, event_id) == (event.kind, 1, event.event_id)
         assert value == event.value

@@ -63,6 +63,7 @@ from mappers.referrals import map_referrals
 from mappers.rules import Rules, RulesError
 from mappers.settings import EpisodeSettings
 from schemas.patient_identifiers import DEFAULT_PATIENT_IDENTIFIER_SYSTEMS
+from sync import rules_files
 from sync.config import load_settings
 from sync.errors import ConfigError
 from sync.inputs import (
@@ -559,20 +560,9 @@ def parse_as_of(text: str, zone: tzinfo) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=zone)
 
 
-def read_rules(path: Path | None) -> Rules:
-    return rules_from(read_rules_text(path), path)
-
-
 def read_rules_text(path: Path | None) -> str | None:
     """The rules file's text (None: the default rules)."""
-    if path is None:
-        return None
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read rules file {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"rules file {path} is not UTF-8 text") from exc
+    return None if path is None else rules_files.read_rules_text(path)
 
 
 def rules_from(text: str | None, path: Path | None) -> Rules:

@@ -34,7 +34,7 @@ from sync.kafka import EventProducer, ensure_topics
 from sync.publisher import stage_records
 from sync.service import Service
 from tests.integration.fhir_fixtures import unique_id
-from tests.integration.kafka_fixtures import consume_records
+from tests.integration.kafka_fixtures import consume_records, records_to_end
 from tests.integration.smart_proxy import SmartProxy
 
 pytestmark = pytest.mark.integration
@@ -108,26 +108,6 @@ def published(stack: Stack) -> dict[str, dict[str, Any]]:
     return episodes
 
 
-def _all_records(bootstrap: str, topic: str) -> list[Any]:
-    """Every record of a topic, up to its current end (the service publishes the whole shared sandbox)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
-    try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        ends = consumer.end_offsets(partitions)
-        found: list[Any] = []
-        deadline = time.monotonic() + 60
-        while any(consumer.position(tp) < ends[tp] for tp in partitions) and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500).values():
-                found.extend(batch)
-        return found
-    finally:
-        consumer.close()
-
-
 def _count(fhir: httpx.Client, resource_type: str, system: str, value: str) -> list[dict[str, Any]]:
     if system != SESSION_ID_SYSTEM:
         bundle = fhir.get(f"{resource_type}?identifier={quote(system + '|' + value, safe='')}").json()
@@ -190,8 +170,8 @@ def test_episodes_are_published_and_part2_kept_apart(
     stack: Stack, published: dict[str, dict[str, Any]]
 ) -> None:
     settings = stack.settings
-    plain = _all_records(settings.kafka.bootstrap_servers, stack.topics.episodes)
-    part2 = _all_records(settings.kafka.bootstrap_servers, stack.topics.episodes_part2)
+    plain = records_to_end(settings.kafka.bootstrap_servers, stack.topics.episodes)
+    part2 = records_to_end(settings.kafka.bootstrap_servers, stack.topics.episodes_part2)
     assert len([r for r in plain if PREFIX in r.key.decode()]) >= 15
     plain_ids = {json.loads(r.value)["episode_id"] for r in plain}
     (sud,) = [json.loads(r.value) for r in part2 if PREFIX in r.key.decode()]
@@ -511,7 +491,7 @@ def test_part2_write_backs_and_dead_letters_stay_on_the_part2_topics(
     def by_event(topic: str) -> dict[str, dict[str, Any]]:
         """Dead letters by the event id in their original value (a malformed one has no header)."""
         found: dict[str, dict[str, Any]] = {}
-        for record in _all_records(stack.settings.kafka.bootstrap_servers, topic):
+        for record in records_to_end(stack.settings.kafka.bootstrap_servers, topic):
             letter = json.loads(record.value)
             original = json.loads(base64.b64decode(letter["value_base64"] or "e30="))
             found[str(original.get("event_id"))] = letter
@@ -556,7 +536,7 @@ def test_replay_never_follows_an_envelope_to_another_topic(
         "value_base64": base64.b64encode(body).decode(), "headers": [],
     }  # fmt: skip
     headers = [("dlq_topic", target.encode()), ("dlq_partition", b"0"), ("dlq_offset", b"0")]
-    before = len(_all_records(stack.settings.kafka.bootstrap_servers, target))
+    before = len(records_to_end(stack.settings.kafka.bootstrap_servers, target))
     producer = KafkaProducer(bootstrap_servers=stack.settings.kafka.bootstrap_servers)
     producer.send(stack.topics.deadletter, value=json.dumps(envelope).encode(), headers=headers).get(30)
     producer.close()
@@ -564,7 +544,7 @@ def test_replay_never_follows_an_envelope_to_another_topic(
     capsys.readouterr()
     assert main(["dlq", "replay", "--config", str(stack.config), "--reason", marker]) == 0
     assert "replayed 0 dead letters" in capsys.readouterr().out
-    assert len(_all_records(stack.settings.kafka.bootstrap_servers, target)) == before
+    assert len(records_to_end(stack.settings.kafka.bootstrap_servers, target)) == before
 
 
 def test_sigterm_stops_the_service_cleanly(stack: Stack) -> None:

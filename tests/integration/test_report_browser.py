@@ -92,7 +92,9 @@ def test_report_loads_without_console_messages_and_shows_every_episode(tmp_path:
     dead = [DeadLetterRow("sim-att-2", "iop.attendance.v1", "unknown episode")]
     page = tmp_path / "report.html"
     page.write_text(
-        render_report(records, referrals(), writebacks, dead, as_of=datetime(2026, 6, 8, tzinfo=UTC)),
+        render_report(
+            records, referrals(), writebacks, dead, as_of=datetime(2026, 6, 8, tzinfo=UTC), include_part2=True
+        ),
         encoding="utf-8",
     )
     loaded = load_in_chromium(page, tmp_path / "profile")
